@@ -1,0 +1,37 @@
+"""Contract between the control API and the running relay (implemented by `pipeline.relay.Relay`)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from pipeline.frames import Pcm
+
+
+class QueueFull(Exception):
+    """The relay cannot accept more messages right now (maps to HTTP 503)."""
+
+
+class RelayHandle(Protocol):
+    async def submit_text(self, text: str, *, inference_id: str | None = None, done: bool = True,
+                          through_transforms: bool = True) -> list[str]:
+        """Queue text for the sink like recognised speech. Returns the inference ids queued (a long
+        text may become several messages); [] when a transform dropped it. Raises QueueFull."""
+        ...
+
+    async def submit_audio(self, pcm: Pcm, sample_rate: int, *, inference_id: str | None = None,
+                           done: bool = True) -> list[str]:
+        """Queue int16 mono PCM (any rate; resampled to sink.audio_sample_rate) as audio echo.
+        Returns the inference id(s) queued. Raises QueueFull."""
+        ...
+
+    async def interrupt(self) -> None:
+        """Send conversation.interrupt through the sink."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """Room state, conversation id, model, queue depths, counters, last utterances (JSON-able)."""
+        ...
+
+    def readiness(self) -> dict[str, bool]:
+        """{'model_loaded': ..., 'sink_ready': ...}: ready when all are true."""
+        ...

@@ -1,0 +1,114 @@
+"""Data that flows between stages.
+
+Audio inside the relay is always 16 kHz mono int16 (`SAMPLE_RATE`); positions are sample indices
+counted from the first sample of the source stream, so `pos / SAMPLE_RATE` is seconds into the stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+SAMPLE_RATE = 16_000  # Whisper's rate; every source resamples to it
+Pcm = npt.NDArray[np.int16]
+
+
+def samples_to_s(samples: int) -> float:
+    return samples / SAMPLE_RATE
+
+
+def s_to_samples(seconds: float) -> int:
+    return round(seconds * SAMPLE_RATE)
+
+
+@dataclass(frozen=True, slots=True)
+class AudioFrame:
+    """A block of 16 kHz mono int16 audio and its position in the source stream."""
+
+    samples: Pcm
+    start: int  # sample index of samples[0] in the stream
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.samples)
+
+    @property
+    def start_s(self) -> float:
+        return samples_to_s(self.start)
+
+
+EndReason = Literal["silence", "sentence_end", "max_length", "end_of_stream"]
+
+
+@dataclass(slots=True)
+class Utterance:
+    """One stretch of speech closed by the VAD segmenter.
+
+    `audio` starts at `start` (pre-roll included) and ends at `end` (hangover included);
+    `speech_start`/`speech_end` are the VAD's own speech bounds inside it.
+    """
+
+    id: str
+    audio: Pcm
+    start: int
+    speech_start: int
+    speech_end: int
+    reason: EndReason = "silence"
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.audio)
+
+    @property
+    def audio_start_s(self) -> float:
+        return samples_to_s(self.speech_start)
+
+    @property
+    def audio_end_s(self) -> float:
+        return samples_to_s(self.speech_end)
+
+    @property
+    def duration_s(self) -> float:
+        return samples_to_s(self.speech_end - self.speech_start)
+
+
+@dataclass(slots=True)
+class Transcript:
+    """What an ASR engine returns for one utterance.
+
+    `text` is empty when nothing was recognised or the hallucination gate dropped it
+    (`dropped_reason` then says why). `confidence` is in [0, 1].
+    """
+
+    text: str
+    confidence: float = 1.0
+    language: str | None = None
+    no_speech_prob: float = 0.0
+    avg_logprob: float = 0.0
+    # Probability the model gave the final . ? ! token (None when the text does not end a sentence
+    # or the engine cannot tell); the endpointer uses it to finish confident sentences early.
+    final_punct_prob: float | None = None
+    decode_s: float = 0.0
+    dropped_reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class UtteranceMeta:
+    """Metadata handed to ASR engines and transform steps alongside the audio or text."""
+
+    utterance_id: str
+    audio_start_s: float
+    audio_end_s: float
+    reason: EndReason = "silence"
+    asr_text: str = ""
+    confidence: float = 1.0
+    language: str | None = None
+    # Room state the transforms may use (e.g. whether the replica is speaking).
+    room: dict[str, Any] = field(default_factory=dict)
+    # Transforms may set this to ask the sink to send audio instead of text (audio echo).
+    modality: Literal["text", "audio"] = "text"
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,39 @@
+"""Source interface: produce 16 kHz mono int16 `AudioFrame`s with stream positions."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+
+from pipeline.frames import AudioFrame
+
+
+class SourceError(Exception):
+    """The source cannot start or has failed for good (bad file, no device). Message is user-facing."""
+
+
+class Source(ABC):
+    """An audio source.
+
+    Capture threads (sounddevice, daily-python) only hand data to the event loop with
+    `loop.call_soon_threadsafe`; `frames()` is consumed on the loop.
+    """
+
+    name: str = "source"
+
+    @abstractmethod
+    def frames(self) -> AsyncIterator[AudioFrame]:
+        """Yield frames in stream order until the stream ends (files) or `close()` is called."""
+
+    @abstractmethod
+    def now_s(self) -> float:
+        """Stream clock: seconds since the first sample was captured, on the same scale as frame
+        positions (for a paced file at speed 2, stream seconds, not wall seconds). Used for
+        `emitted_at_s`."""
+
+    async def close(self) -> None:
+        """Stop capturing; `frames()` ends after what was already captured."""
+
+    def stats(self) -> dict[str, int]:
+        """Counters for metrics (overflows, reopens, dropped blocks, ...)."""
+        return {}
