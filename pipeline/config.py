@@ -284,6 +284,20 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[last] = value
 
 
+def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> None:
+    """Paths written in a config file are relative to that file, not to the working directory."""
+    source = tree.get("source")
+    if isinstance(source, dict) and isinstance(source.get("spec"), str) and source["spec"].startswith("file:"):
+        path = Path(source["spec"][5:]).expanduser()
+        if not path.is_absolute():
+            source["spec"] = "file:" + str(base / path)
+    asr = tree.get("asr")
+    if isinstance(asr, dict) and isinstance(asr.get("models_dir"), str):
+        models = Path(asr["models_dir"]).expanduser()
+        if not models.is_absolute():
+            asr["models_dir"] = str(base / models)
+
+
 def load_settings(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
                   env: Mapping[str, str] | None = None) -> Settings:
     """Read YAML (or nothing), fill env refs, apply dotted CLI overrides, validate."""
@@ -308,6 +322,7 @@ def load_settings(path: str | Path | None = None, overrides: Mapping[str, Any] |
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p} must be a mapping of sections (source, vad, asr, ...)")
         tree = expand_env(loaded, env)
+        _resolve_relative_paths(tree, p.resolve().parent)
     for dotted, value in (overrides or {}).items():
         if value is not None:
             set_dotted(tree, dotted, value)

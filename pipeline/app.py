@@ -1,0 +1,174 @@
+"""Build the stages from settings and run the daemon (signals, control API, exit statuses)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.asr import make_asr_engine
+from pipeline.asr.base import AsrEngine, AsrError
+from pipeline.config import ConfigError, Settings
+from pipeline.frames import UtteranceMeta
+from pipeline.logs import register_secret
+from pipeline.metrics import Metrics
+from pipeline.relay import Relay
+from pipeline.sink import Sink, SinkError, make_sink
+from pipeline.source import make_source
+from pipeline.source.base import SourceError
+from pipeline.source.file import decode_file
+from pipeline.transform import build_chain
+from pipeline.vad import VadStage, make_vad_stage
+
+log = logging.getLogger("echo_relay")
+
+# Exit statuses (documented in the README and `echo-relay --help`).
+EXIT_OK = 0
+EXIT_RUNTIME = 1  # the relay failed while running (sink gave up for good, room ended with an error)
+EXIT_CONFIG = 2  # configuration or usage mistake (names the key)
+EXIT_INPUT = 3  # audio input problem: missing/corrupt/empty file, no device
+EXIT_MODEL = 4  # ASR model missing or corrupt, ASR server unreachable at start
+EXIT_PORT = 5  # control API cannot listen (port in use, refused public bind)
+EXIT_REMOTE = 6  # Tavus/Daily refused: key rejected, invalid room URL, replica never joined
+EXIT_INTERRUPTED = 130  # second Ctrl-C: exit at once
+
+
+class StartupError(Exception):
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def register_settings_secrets(settings: Settings) -> None:
+    for secret in (settings.tavus.api_key, settings.tavus.meeting_token, settings.control.token,
+                   settings.asr.openai_http.api_key):
+        if secret is not None:
+            register_secret(secret.get_secret_value())
+
+
+@dataclass
+class Components:
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    source: Any = None
+    sink: Sink | None = None
+    asr: AsrEngine | None = None
+
+
+def build_relay(settings: Settings, *, metrics: Metrics | None = None, source: Any = None,
+                sink: Sink | None = None, asr: AsrEngine | None = None) -> Relay:
+    """Construct every stage (nothing is started). Raises ConfigError/SourceError/SinkError/AsrError."""
+    metrics = metrics or Metrics()
+    chain = build_chain(settings.transform, metrics)
+    vad = make_vad_stage(settings)
+    return Relay(settings, source=source or make_source(settings, metrics), sink=sink or make_sink(settings, metrics),
+                 asr=asr or make_asr_engine(settings.asr, metrics), vad=vad, chain=chain, metrics=metrics)
+
+
+async def run_daemon(settings: Settings, relay: Relay | None = None) -> int:
+    """`echo-relay run`: start everything, relay until the source ends or a signal, drain, exit."""
+    register_settings_secrets(settings)
+    try:
+        relay = relay or build_relay(settings)
+    except ConfigError:
+        raise
+    except SourceError as exc:
+        raise StartupError(str(exc), EXIT_INPUT) from None
+    except SinkError as exc:
+        raise StartupError(str(exc), EXIT_CONFIG) from None
+    loop = asyncio.get_running_loop()
+    control = None
+    interrupted = 0
+
+    def on_signal(signame: str) -> None:
+        nonlocal interrupted
+        interrupted += 1
+        if interrupted == 1:
+            log.warning("%s: stopping capture, delivering what is pending (again to exit at once)", signame)
+            relay.stop()
+        else:
+            log.warning("%s again: exiting now", signame)
+            os._exit(EXIT_INTERRUPTED)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+    try:
+        try:
+            if settings.control.enabled:
+                from pipeline.control.server import ControlServerError, start_control_server
+                try:
+                    control = await start_control_server(relay, relay.metrics, settings)
+                except ControlServerError as exc:
+                    raise StartupError(str(exc), EXIT_PORT) from None
+            await relay.start()
+        except AsrError as exc:
+            raise StartupError(str(exc), EXIT_MODEL) from None
+        except SinkError as exc:
+            raise StartupError(str(exc), EXIT_REMOTE) from None
+        except SourceError as exc:
+            raise StartupError(str(exc), EXIT_INPUT) from None
+        try:
+            await relay.run()
+        except SourceError as exc:
+            raise StartupError(str(exc), EXIT_INPUT) from None
+    finally:
+        if control is not None:
+            await control.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+    ledger = relay.ledger
+    log.info("done: %d utterance(s), %d delivered, %d dropped %s, %d undeliverable", ledger.closed,
+             ledger.delivered, sum(ledger.dropped.values()), ledger.dropped or "", ledger.undeliverable)
+    return EXIT_RUNTIME if relay.failed else EXIT_OK
+
+
+# ------------------------------------------------------------------------------ transcribe
+@dataclass
+class FileTranscript:
+    path: str
+    text: str
+    duration_s: float
+    utterances: list[dict[str, Any]]
+    decode_s: float
+
+
+async def transcribe_files(paths: list[Path], settings: Settings) -> list[FileTranscript]:
+    """`echo-relay transcribe`: the same VAD and ASR as `run`, as fast as possible, no transforms."""
+    metrics = Metrics()
+    asr = make_asr_engine(settings.asr, metrics)
+    try:
+        await asr.load()
+    except AsrError:
+        await asr.close()
+        raise
+    results: list[FileTranscript] = []
+    try:
+        for path in paths:
+            try:
+                audio = await asyncio.to_thread(decode_file, path)
+            except SourceError:
+                raise
+            vad: VadStage = make_vad_stage(settings)
+            utterances = vad.segment(audio)
+            items: list[dict[str, Any]] = []
+            decode_s = 0.0
+            for utt in utterances:
+                meta = UtteranceMeta(utterance_id=utt.id, audio_start_s=utt.audio_start_s,
+                                     audio_end_s=utt.audio_end_s, reason=utt.reason)
+                tr = await asr.transcribe(utt.audio, meta)
+                decode_s += tr.decode_s
+                items.append({"id": utt.id, "start_s": round(utt.audio_start_s, 3),
+                              "end_s": round(utt.audio_end_s, 3), "text": tr.text,
+                              "dropped": tr.dropped_reason})
+            text = " ".join(i["text"] for i in items if i["text"])
+            results.append(FileTranscript(str(path), text, len(audio) / 16000, items, decode_s))
+    finally:
+        await asr.close()
+    return results

