@@ -100,10 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("name", help="tiny.en, base.en, small.en, distil-large-v3, ...")
 
     from pipeline.tavus.cli import add_tavus_parser
-    tavus = sub.add_parser("tavus", help="manage Tavus personas and conversations",
-                           description="Tavus REST API (key from TAVUS_API_KEY).")
-    _add_config_arg(tavus)
-    add_tavus_parser(tavus)
+    _add_config_arg(add_tavus_parser(sub))
     return parser
 
 
