@@ -156,12 +156,12 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
 def _cmd_devices(args: argparse.Namespace) -> int:
     from pipeline.app import EXIT_INPUT
     from pipeline.source.base import SourceError
-    from pipeline.source.mic import format_devices, list_input_devices
+    from pipeline.source.mic import format_input_devices, list_input_devices
     try:
         devices = list_input_devices()
     except SourceError as exc:
         return _fail(str(exc), EXIT_INPUT)
-    print(json.dumps(devices, indent=2) if args.json else format_devices(devices))
+    print(json.dumps(devices, indent=2) if args.json else format_input_devices(devices))
     return 0
 
 

@@ -1,0 +1,189 @@
+"""Small, pure audio helpers over numpy arrays (no I/O, no global state).
+
+Conventions:
+- int16 PCM <-> float32 in [-1, 1) uses the 32768 scale, so `int16_to_float` then `float_to_int16`
+  round-trips exactly; floats outside [-1, 1] are clipped, never wrapped.
+- Multi-channel audio is shaped (n_samples, n_channels), as sounddevice and soundfile deliver it.
+- Resampling is soxr ("HQ" quality). `resample` is one-shot; `StreamResampler` keeps the filter
+  state between chunks so chunked device audio has no clicks at chunk boundaries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import soxr
+
+from pipeline.frames import AudioFrame
+
+Int16Array = npt.NDArray[np.int16]
+FloatArray = npt.NDArray[np.float32]
+
+SILENCE_DBFS = -120.0  # rms_dbfs of digital silence (and of anything quieter)
+_INT16_SCALE = 32768.0
+
+
+def to_mono(x: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """(n,) -> unchanged; (n, ch) -> (n,) channel mean. int16 stays int16 (rounded), floats -> float32."""
+    a = np.asarray(x)
+    if a.ndim == 1:
+        return a
+    if a.ndim != 2:
+        raise ValueError(f"expected (n,) or (n, channels) audio, got shape {a.shape}")
+    if a.shape[1] == 1:
+        return a[:, 0]
+    mean = a.mean(axis=1, dtype=np.float64)
+    if a.dtype == np.int16:
+        # The mean of int16 values is always inside the int16 range: no clipping needed.
+        return np.rint(mean).astype(np.int16)
+    return mean.astype(np.float32)
+
+
+def int16_to_float(x: npt.NDArray[np.int16]) -> FloatArray:
+    """int16 PCM -> float32 in [-1, 1)."""
+    return (np.asarray(x, dtype=np.float32) / np.float32(_INT16_SCALE)).astype(np.float32, copy=False)
+
+
+def float_to_int16(x: npt.NDArray[Any]) -> Int16Array:
+    """float audio (nominally [-1, 1]) -> int16 PCM, rounded and clipped to [-32768, 32767]. NaN -> 0."""
+    a = np.nan_to_num(np.asarray(x, dtype=np.float64), nan=0.0, posinf=1.0, neginf=-1.0)
+    return np.clip(np.rint(a * _INT16_SCALE), -32768, 32767).astype(np.int16)
+
+
+def resample(x: npt.NDArray[Any], from_rate: int, to_rate: int, quality: str = "HQ") -> npt.NDArray[Any]:
+    """One-shot resampling of a whole signal, (n,) or (n, ch).
+
+    int16 in -> int16 out (soxr clips); any float in -> float32 out. Equal rates return a copy.
+    """
+    a = np.asarray(x)
+    if from_rate <= 0 or to_rate <= 0:
+        raise ValueError(f"sample rates must be positive, got {from_rate} -> {to_rate}")
+    if a.dtype != np.int16:
+        a = a.astype(np.float32, copy=False)
+    if from_rate == to_rate:
+        return a.copy()
+    if a.shape[0] == 0:
+        return a.copy()
+    return np.asarray(soxr.resample(np.ascontiguousarray(a), from_rate, to_rate, quality=quality))
+
+
+class StreamResampler:
+    """Resample a stream arriving in chunks of any size (device callbacks) without boundary clicks.
+
+    Wraps `soxr.ResampleStream`, which keeps the filter state between calls. Output sizes vary per
+    chunk (the filter has a delay, ~1-2 ms at HQ); `flush()` returns the tail held back by the delay.
+    Input is (n,) or (n, channels) of `dtype` (int16 or float32); output has the same dtype.
+    Equal rates are a pass-through (copies, so callers may keep the result).
+    """
+
+    def __init__(self, from_rate: int, to_rate: int, channels: int = 1, dtype: Any = np.int16,
+                 quality: str = "HQ") -> None:
+        if from_rate <= 0 or to_rate <= 0:
+            raise ValueError(f"sample rates must be positive, got {from_rate} -> {to_rate}")
+        self.from_rate = int(from_rate)
+        self.to_rate = int(to_rate)
+        self.channels = int(channels)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.dtype(np.int16), np.dtype(np.float32)):
+            raise ValueError(f"StreamResampler supports int16 and float32, not {self.dtype}")
+        self.samples_in = 0
+        self.samples_out = 0
+        self._stream: Any = None
+        if self.from_rate != self.to_rate:
+            self._stream = soxr.ResampleStream(self.from_rate, self.to_rate, self.channels,
+                                               dtype=self.dtype.name, quality=quality)
+
+    @property
+    def passthrough(self) -> bool:
+        return self._stream is None
+
+    def process(self, chunk: npt.NDArray[Any], last: bool = False) -> npt.NDArray[Any]:
+        a = np.ascontiguousarray(np.asarray(chunk, dtype=self.dtype))
+        self.samples_in += a.shape[0]
+        out = a.copy() if self._stream is None else np.asarray(self._stream.resample_chunk(a, last=last))
+        self.samples_out += out.shape[0]
+        return out
+
+    def flush(self) -> npt.NDArray[Any]:
+        """End of stream: the samples still held in the filter. The resampler can then be `reset()`."""
+        shape = (0,) if self.channels == 1 else (0, self.channels)
+        return self.process(np.zeros(shape, dtype=self.dtype), last=True)
+
+    def reset(self) -> None:
+        if self._stream is not None:
+            self._stream.clear()
+        self.samples_in = 0
+        self.samples_out = 0
+
+
+def rms_dbfs(x: npt.NDArray[Any]) -> float:
+    """RMS level in dBFS (a full-scale square wave is 0 dBFS, a full-scale sine about -3 dBFS).
+
+    int16 is scaled by 32768, floats are taken as [-1, 1]. Empty input and digital silence give
+    `SILENCE_DBFS` (-120.0) instead of -inf, so the value is always usable in arithmetic and metrics.
+    """
+    a = np.asarray(x)
+    if a.size == 0:
+        return SILENCE_DBFS
+    f = a.astype(np.float64)
+    if np.issubdtype(a.dtype, np.integer):
+        f /= _INT16_SCALE
+    ms = float(np.mean(f * f))
+    if not np.isfinite(ms) or ms <= 0.0:
+        return SILENCE_DBFS
+    return max(SILENCE_DBFS, 10.0 * float(np.log10(ms)))
+
+
+class Reblocker:
+    """Accumulate chunks of any size and cut them into fixed-size `AudioFrame`s with stream positions.
+
+    Positions count the samples pushed: the first frame starts at `start`, each next one where the
+    previous ended. Samples that do not fill a block wait for the next `push`; `flush()` returns
+    them as one shorter final frame (no padding: the stream length stays exact).
+    """
+
+    def __init__(self, block: int, start: int = 0) -> None:
+        if block <= 0:
+            raise ValueError(f"block size must be positive, got {block}")
+        self.block = int(block)
+        self.position = int(start)  # stream position of the next frame's first sample
+        self._pending: Int16Array = np.zeros(0, dtype=np.int16)
+
+    @property
+    def pending(self) -> int:
+        """Samples waiting for a full block."""
+        return len(self._pending)
+
+    def push(self, chunk: npt.NDArray[Any]) -> list[AudioFrame]:
+        a = np.asarray(chunk, dtype=np.int16).reshape(-1)
+        if len(a) == 0:
+            return []
+        buf = np.concatenate((self._pending, a)) if len(self._pending) else a
+        n_full = len(buf) // self.block
+        frames: list[AudioFrame] = []
+        for i in range(n_full):
+            # Copies, so a frame never aliases the caller's buffer (device buffers get reused).
+            frames.append(AudioFrame(buf[i * self.block:(i + 1) * self.block].copy(), self.position))
+            self.position += self.block
+        self._pending = buf[n_full * self.block:].copy()
+        return frames
+
+    def flush(self) -> AudioFrame | None:
+        if len(self._pending) == 0:
+            return None
+        frame = AudioFrame(self._pending, self.position)
+        self.position += len(self._pending)
+        self._pending = np.zeros(0, dtype=np.int16)
+        return frame
+
+
+def reblock(x: npt.NDArray[Any], block: int, start: int = 0) -> Iterator[AudioFrame]:
+    """Cut a whole signal into `block`-sample frames from position `start`; the last may be shorter."""
+    r = Reblocker(block, start)
+    yield from r.push(x)
+    tail = r.flush()
+    if tail is not None:
+        yield tail
