@@ -295,11 +295,9 @@ class Relay:
         else:
             text = job.text
         if job.kind == "speech" or job.through_transforms:
-            t0 = time.perf_counter()
-            outcome = await self.chain.run(text, meta)
-            self.metrics.stage_latency.labels(stage="transform").observe(time.perf_counter() - t0)
+            outcome = await self.chain.run(text, meta)  # the chain counts its own drops and timings
             if outcome.text is None:
-                self._drop(meta, f"transform:{outcome.dropped_by or 'unknown'}")
+                self._drop(meta, f"transform:{outcome.dropped_by or 'unknown'}", counted=True)
                 return
             text = outcome.text
         if job.kind == "speech" and (meta.modality == "audio" or self.settings.sink.mode == "audio"):
@@ -390,9 +388,10 @@ class Relay:
                             "audio_end_s": job.meta.audio_end_s, "asr_text": job.meta.asr_text, "text": text,
                             "status": "delivered" if ok else "undeliverable"})
 
-    def _drop(self, meta: UtteranceMeta, reason: str) -> None:
-        stage, _, why = reason.partition(":")
-        self.metrics.drop(stage, why or reason)
+    def _drop(self, meta: UtteranceMeta, reason: str, counted: bool = False) -> None:
+        if not counted:
+            stage, _, why = reason.partition(":")
+            self.metrics.drop(stage, why or reason)
         self.ledger.drop(reason)
         log.debug("dropped %s (%s)", meta.utterance_id, reason)
         self.recent.append({"utterance_id": meta.utterance_id, "asr_text": meta.asr_text, "status": f"dropped: {reason}"})

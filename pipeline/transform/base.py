@@ -13,4 +13,4 @@ from typing import TypeAlias
 from pipeline.frames import UtteranceMeta
 
 StepResult: TypeAlias = "str | None"
-Step: TypeAlias = Callable[[str, UtteranceMeta], "str | None | Awaitable[str | None]"]
+Step: TypeAlias = Callable[[str, UtteranceMeta], "str | Awaitable[str | None] | None"]
