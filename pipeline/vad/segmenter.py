@@ -1,0 +1,449 @@
+"""Frame decisions -> utterances: a pure state machine (no I/O, no clock, no asyncio).
+
+Feed it one fixed-size frame at a time with its stream position and the engine's speech
+probability; it returns events. Everything is measured in samples (16 kHz), so a run over the same
+frames always gives the same utterances, positions and ids.
+
+States::
+
+              speech             start_samples of speech
+    QUIET ────────────▶ STARTING ────────────────────────▶ SPEAKING ◀───┐
+      ▲                    │ two non-speech frames in a row    │          │ speech
+      ├────────────────────┘                        non-speech │          │
+      │                                                        ▼          │
+      └──────── silence reaches hangover_samples ─────────── PAUSING ─────┘
+
+- QUIET keeps a ring buffer of the last `pre_roll_samples` of audio, so an utterance's audio starts
+  that long before the first speech frame and first words are never clipped.
+- STARTING counts speech frames of one start run; a single non-speech frame inside the run is
+  tolerated (it counts as neither), two in a row abandon it. Since every tolerated gap must be
+  followed by speech, a run that opens spans at most 2 * start_frames - 1 frames.
+- SPEAKING/PAUSING: `speech_end` follows the end of the last speech frame. When the silence after
+  it reaches `speculative_samples`, `SpeechPaused` is emitted once (with a snapshot of the utterance
+  as it would be if it ended there) and `SpeechResumed` if speech comes back. When it reaches
+  `hangover_samples` the utterance ends. Its audio stops `min(speech_pad, silence)` after
+  `speech_end`: the rest of the hangover is not sent to the ASR.
+- Utterances whose speech (`speech_end - speech_start`) is shorter than `min_utterance_samples`
+  become `Discarded(reason="too_short")` instead of `UtteranceEnded`.
+- Speech reaching `max_utterance_samples` (from `speech_start`) is split at the quietest frame of
+  the last `split_search_samples` (non-speech frames preferred, lowest RMS first, cut in the middle
+  of that frame). The first part ends with reason "max_length"; the rest continues as a new
+  utterance (new id, `SpeechStarted.continues` set) that stays open, unless the cut fell in a pause
+  with no speech after it, in which case nothing continues.
+- A jump forward in positions (audio lost upstream) counts as that much silence; a jump longer than
+  the pre-roll and hangover closes what is open and starts afresh. Positions going back are an error.
+
+Memory is bounded: at most `pre_roll + max_utterance + 2 frames` of audio are held (frames are
+copied on push, so callers may reuse their buffers).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.config import VadSettings
+from pipeline.frames import SAMPLE_RATE, EndReason, Pcm, Utterance
+
+DEFAULT_SPECULATIVE_MS = 150  # matches EndpointSettings.speculative_ms
+
+
+def ms_to_samples(ms: float) -> int:
+    return round(ms * SAMPLE_RATE / 1000)
+
+
+# ------------------------------------------------------------------------------------------ events
+@dataclass(frozen=True, slots=True)
+class SpeechStarted:
+    """An utterance opened. `pos` is its `speech_start` (the onset, not the detection time).
+
+    `continues` is the id of the utterance this one continues after a max-length split (the
+    speaker did not stop, so e.g. barge-in may want to ignore it); None for a fresh start."""
+
+    utterance_id: str
+    pos: int
+    continues: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechPaused:
+    """The silence inside an open utterance reached `speculative_samples` (emitted once per pause).
+
+    `pos` is the utterance's current `speech_end`; `snapshot` is the utterance as it would be if it
+    ended now (same id, audio up to `speech_end + min(speech_pad, silence)`, reason "silence")."""
+
+    utterance_id: str
+    pos: int
+    snapshot: Utterance
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechResumed:
+    """Speech came back after a `SpeechPaused`; `pos` is the start of the first new speech frame."""
+
+    utterance_id: str
+    pos: int
+
+
+@dataclass(frozen=True, slots=True)
+class UtteranceEnded:
+    utterance: Utterance
+
+
+@dataclass(frozen=True, slots=True)
+class Discarded:
+    """An opened utterance that was thrown away (its id is not reused); counted by the relay."""
+
+    utterance_id: str
+    reason: str = "too_short"
+    speech_start: int = 0
+    speech_end: int = 0
+
+
+Event = SpeechStarted | SpeechPaused | SpeechResumed | UtteranceEnded | Discarded
+
+
+# ------------------------------------------------------------------------------------------ params
+@dataclass(frozen=True, slots=True)
+class SegmenterParams:
+    """Segmenter thresholds, all in samples at 16 kHz (see `VadSettings` for their meaning)."""
+
+    frame_samples: int
+    threshold: float = 0.5  # prob >= threshold is speech
+    pre_roll_samples: int = ms_to_samples(300)
+    start_samples: int = ms_to_samples(90)
+    hangover_samples: int = ms_to_samples(1000)
+    min_utterance_samples: int = ms_to_samples(200)
+    max_utterance_samples: int = 20 * SAMPLE_RATE
+    split_search_samples: int = 3 * SAMPLE_RATE
+    speech_pad_samples: int = ms_to_samples(150)
+    speculative_samples: int | None = ms_to_samples(DEFAULT_SPECULATIVE_MS)  # None: no SpeechPaused
+
+    def __post_init__(self) -> None:
+        if self.frame_samples <= 0:
+            raise ValueError(f"frame_samples must be positive (got {self.frame_samples})")
+        for name in ("pre_roll_samples", "start_samples", "min_utterance_samples", "speech_pad_samples"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative (got {getattr(self, name)})")
+        for name in ("hangover_samples", "split_search_samples"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
+        if self.max_utterance_samples < 2 * self.frame_samples:
+            raise ValueError("max_utterance_samples must be at least two frames "
+                             f"(got {self.max_utterance_samples})")
+        if self.speculative_samples is not None and self.speculative_samples <= 0:
+            raise ValueError(f"speculative_samples must be positive or None (got {self.speculative_samples})")
+
+    @classmethod
+    def from_settings(cls, settings: VadSettings, frame_samples: int, *, threshold: float | None = None,
+                      speculative_ms: int | None = DEFAULT_SPECULATIVE_MS) -> SegmenterParams:
+        """`threshold` defaults to `settings.threshold` (pass the engine's own); `speculative_ms`
+        None disables `SpeechPaused` (endpointing off)."""
+        return cls(
+            frame_samples=frame_samples,
+            threshold=settings.threshold if threshold is None else threshold,
+            pre_roll_samples=ms_to_samples(settings.pre_roll_ms),
+            start_samples=ms_to_samples(settings.start_ms),
+            hangover_samples=ms_to_samples(settings.hangover_ms),
+            min_utterance_samples=ms_to_samples(settings.min_utterance_ms),
+            max_utterance_samples=round(settings.max_utterance_s * SAMPLE_RATE),
+            split_search_samples=round(settings.split_search_s * SAMPLE_RATE),
+            speech_pad_samples=ms_to_samples(settings.speech_pad_ms),
+            speculative_samples=None if speculative_ms is None else ms_to_samples(speculative_ms),
+        )
+
+    @property
+    def start_frames(self) -> int:
+        """Speech frames a start run needs (at least one)."""
+        return max(1, math.ceil(self.start_samples / self.frame_samples))
+
+
+class State(enum.Enum):
+    QUIET = "quiet"
+    STARTING = "starting"
+    SPEAKING = "speaking"
+    PAUSING = "pausing"
+
+
+@dataclass(slots=True)
+class _Frame:
+    start: int
+    samples: Pcm
+    speech: bool
+    energy: float  # RMS
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.samples)
+
+
+def _rms(samples: Pcm) -> float:
+    x = samples.astype(np.float32)
+    return float(np.sqrt(np.dot(x, x) / len(x))) if len(x) else 0.0
+
+
+# --------------------------------------------------------------------------------------- segmenter
+class Segmenter:
+    """Pure utterance segmenter. Not thread-safe; one instance per stream."""
+
+    def __init__(self, params: SegmenterParams) -> None:
+        self.params = params
+        self.state = State.QUIET
+        self._frames: deque[_Frame] = deque()  # contiguous audio: pre-roll history or the open utterance
+        self._buffered = 0  # samples in _frames
+        self._pos: int | None = None  # expected start of the next frame
+        self._floor: int | None = None  # the next utterance's audio may not start before this
+        self._count = 0  # utterance ids handed out
+        # STARTING
+        self._onset = 0
+        self._run_speech = 0
+        self._run_gap = 0
+        # SPEAKING / PAUSING
+        self._uid: str | None = None
+        self._audio_start = 0
+        self._speech_start = 0
+        self._speech_end = 0
+        self._paused_sent = False
+
+    # ------------------------------------------------------------------------------ inspection
+    @property
+    def utterance_id(self) -> str | None:
+        """Id of the open utterance (SPEAKING or PAUSING), else None."""
+        return self._uid
+
+    @property
+    def position(self) -> int | None:
+        """End of the last frame pushed (None before the first)."""
+        return self._pos
+
+    @property
+    def buffered_samples(self) -> int:
+        return self._buffered
+
+    @property
+    def silence_samples(self) -> int:
+        """Silence since the last speech frame of the open utterance (0 when none is open)."""
+        return 0 if self._uid is None or self._pos is None else self._pos - self._speech_end
+
+    # ------------------------------------------------------------------------------------ input
+    def push(self, samples: Pcm, start: int, prob: float) -> list[Event]:
+        """One frame of exactly `frame_samples` samples at stream position `start`."""
+        p = self.params
+        if len(samples) != p.frame_samples or samples.dtype != np.int16:
+            raise ValueError(f"expected a frame of {p.frame_samples} int16 samples, "
+                             f"got {len(samples)} {samples.dtype}")
+        events: list[Event] = []
+        if self._pos is not None and start != self._pos:
+            if start < self._pos:
+                raise ValueError(f"frame at {start} goes back in the stream (expected {self._pos})")
+            self._gap(start - self._pos, events)
+        frame = _Frame(start, samples.copy(), prob >= p.threshold, _rms(samples))
+        self._step(frame, events)
+        return events
+
+    def end_now(self, reason: EndReason = "sentence_end") -> Utterance | None:
+        """Close the open utterance at its last speech frame (+ the pad of silence seen so far).
+
+        Returns None when no utterance is open. `min_utterance_samples` is not applied: the caller
+        has decided (SpeechPaused, which precedes a speculative decode, is only emitted for
+        utterances that are long enough). Speech after this point starts a new utterance."""
+        if self._uid is None:
+            return None
+        utterance = self._build(self._uid, reason)
+        self._to_quiet(utterance.end)
+        return utterance
+
+    def flush(self) -> list[Event]:
+        """End of stream: close what is open (reason "end_of_stream"), then start afresh.
+
+        An unfinished start run is dropped silently (it never became an utterance). Ids keep
+        counting, so a later stream on the same instance gets fresh ids."""
+        events: list[Event] = []
+        if self._uid is not None:
+            events.append(self._close("end_of_stream"))
+        self._reset()
+        return events
+
+    # ----------------------------------------------------------------------------- internals
+    def _reset(self) -> None:
+        self.state = State.QUIET
+        self._frames.clear()
+        self._buffered = 0
+        self._pos = None
+        self._floor = None
+        self._uid = None
+
+    def _append(self, frame: _Frame) -> None:
+        self._frames.append(frame)
+        self._buffered += len(frame.samples)
+        self._pos = frame.end
+
+    def _drop_before(self, pos: int) -> None:
+        """Forget frames that end at or before `pos`."""
+        while self._frames and self._frames[0].end <= pos:
+            self._buffered -= len(self._frames.popleft().samples)
+
+    def _trim_pre_roll(self) -> None:
+        if self._floor is not None:
+            self._drop_before(self._floor)
+        keep = self.params.pre_roll_samples
+        while self._frames and self._buffered - len(self._frames[0].samples) >= keep:
+            self._buffered -= len(self._frames.popleft().samples)
+
+    def _gap(self, gap: int, events: list[Event]) -> None:
+        """Audio missing upstream: treat it as silence (zeros), or start afresh if it is long."""
+        p = self.params
+        assert self._pos is not None
+        if gap <= max(p.pre_roll_samples, p.hangover_samples) + p.frame_samples:
+            end = self._pos + gap
+            for at in range(self._pos, end, p.frame_samples):
+                self._step(_Frame(at, np.zeros(min(p.frame_samples, end - at), dtype=np.int16), False, 0.0),
+                           events)
+            return
+        if self._uid is not None:
+            events.append(self._close("silence"))
+        self._reset()
+
+    def _step(self, frame: _Frame, events: list[Event]) -> None:
+        p = self.params
+        self._append(frame)
+        if self.state is State.QUIET:
+            if frame.speech:
+                self.state = State.STARTING
+                self._onset, self._run_speech, self._run_gap = frame.start, 1, 0
+                self._maybe_open(events)
+            else:
+                self._trim_pre_roll()
+        elif self.state is State.STARTING:
+            if frame.speech:
+                self._run_speech += 1
+                self._run_gap = 0
+                self._maybe_open(events)
+            else:
+                self._run_gap += 1
+                if self._run_gap > 1:
+                    self.state = State.QUIET
+                    self._trim_pre_roll()
+        else:
+            assert self._uid is not None
+            if frame.speech:
+                if self._paused_sent:
+                    events.append(SpeechResumed(self._uid, frame.start))
+                self._paused_sent = False
+                self._speech_end = frame.end
+                self.state = State.SPEAKING
+            else:
+                self.state = State.PAUSING
+                silence = frame.end - self._speech_end
+                if silence >= p.hangover_samples:
+                    events.append(self._close("silence"))
+                    return
+                if (p.speculative_samples is not None and not self._paused_sent
+                        and silence >= p.speculative_samples
+                        and self._speech_end - self._speech_start >= p.min_utterance_samples):
+                    self._paused_sent = True
+                    snapshot = self._build(self._uid, "silence")
+                    events.append(SpeechPaused(self._uid, self._speech_end, snapshot))
+            if frame.end - self._speech_start >= p.max_utterance_samples:
+                self._split(events)
+
+    def _maybe_open(self, events: list[Event]) -> None:
+        if self._run_speech < self.params.start_frames:
+            return
+        assert self._pos is not None
+        self._count += 1
+        self._open(f"u{self._count}", self._onset, self._pos, continues=None, events=events)
+
+    def _open(self, uid: str, speech_start: int, speech_end: int, *, continues: str | None,
+              events: list[Event]) -> None:
+        audio_start = speech_start - self.params.pre_roll_samples
+        if self._floor is not None:
+            audio_start = max(audio_start, self._floor)
+        if self._frames:
+            audio_start = max(audio_start, self._frames[0].start)
+        self._drop_before(audio_start)
+        self._uid = uid
+        self._audio_start, self._speech_start, self._speech_end = audio_start, speech_start, speech_end
+        self._paused_sent = False
+        assert self._pos is not None
+        self.state = State.SPEAKING if speech_end == self._pos else State.PAUSING
+        events.append(SpeechStarted(uid, speech_start, continues))
+
+    def _audio(self, start: int, end: int) -> Pcm:
+        parts = [f.samples[max(start - f.start, 0):min(end, f.end) - f.start]
+                 for f in self._frames if f.end > start and f.start < end]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
+
+    def _build(self, uid: str, reason: EndReason) -> Utterance:
+        assert self._pos is not None
+        end = self._speech_end + min(self.params.speech_pad_samples, self._pos - self._speech_end)
+        return Utterance(id=uid, audio=self._audio(self._audio_start, end), start=self._audio_start,
+                         speech_start=self._speech_start, speech_end=self._speech_end, reason=reason)
+
+    def _judge(self, utterance: Utterance) -> UtteranceEnded | Discarded:
+        if utterance.speech_end - utterance.speech_start < self.params.min_utterance_samples:
+            return Discarded(utterance.id, "too_short", utterance.speech_start, utterance.speech_end)
+        return UtteranceEnded(utterance)
+
+    def _close(self, reason: EndReason) -> UtteranceEnded | Discarded:
+        assert self._uid is not None
+        utterance = self._build(self._uid, reason)
+        self._to_quiet(utterance.end)
+        return self._judge(utterance)
+
+    def _to_quiet(self, floor: int) -> None:
+        self.state = State.QUIET
+        self._uid = None
+        self._paused_sent = False
+        self._floor = floor
+        self._trim_pre_roll()
+
+    def _split(self, events: list[Event]) -> None:
+        """Max length reached: end the first part at the quietest recent frame, continue with the rest."""
+        p = self.params
+        assert self._uid is not None and self._pos is not None
+        first_cut = self._speech_start + p.frame_samples  # the first part keeps at least its onset frame
+        lo = max(self._pos - p.split_search_samples, first_cut)
+        candidates = [f for f in self._frames if f.start >= lo and len(f.samples) > 1]
+        preferred = [f for f in candidates if f.start >= self._speech_start + p.min_utterance_samples]
+        pool = preferred or candidates
+        pool = [f for f in pool if not f.speech] or pool
+        if pool:
+            quietest = min(f.energy for f in pool)
+            tied = [f for f in pool if f.energy <= quietest]
+            cut_frame = tied[len(tied) // 2]  # middle of a run of equally quiet frames (e.g. zeros)
+            cut = cut_frame.start + len(cut_frame.samples) // 2
+        else:  # pragma: no cover - max_utterance >= 2 frames always leaves a candidate
+            cut = self._pos
+
+        # Split the frame containing the cut, so both parts keep exact audio.
+        for i, f in enumerate(self._frames):
+            if f.start < cut < f.end:
+                k = cut - f.start
+                self._frames[i] = _Frame(f.start, f.samples[:k], f.speech, f.energy)
+                self._frames.insert(i + 1, _Frame(cut, f.samples[k:], f.speech, f.energy))
+                break
+
+        before = [f for f in self._frames if f.end <= cut and f.speech]
+        after = [f for f in self._frames if f.start >= cut and f.speech]
+        first_end = before[-1].end if before else self._speech_start
+        end1 = min(cut, first_end + p.speech_pad_samples)
+        first = Utterance(id=self._uid, audio=self._audio(self._audio_start, end1), start=self._audio_start,
+                          speech_start=self._speech_start, speech_end=first_end, reason="max_length")
+        events.append(self._judge(first))
+        uid1 = self._uid
+        self._floor = end1
+        if not after:  # the rest is silence: nothing continues
+            self._uid = None
+            self._paused_sent = False
+            self.state = State.QUIET
+            self._trim_pre_roll()
+            return
+        self._count += 1
+        self._drop_before(cut)
+        self._floor = cut
+        self._open(f"u{self._count}", after[0].start, after[-1].end, continues=uid1, events=events)

@@ -1,0 +1,85 @@
+"""Silero VAD v6 engine: the ONNX model that faster-whisper ships, run frame by frame.
+
+The model takes 512 new samples (32 ms at 16 kHz) preceded by the last 64 samples of the previous
+frame (its "context"), plus the LSTM state `h`, `c`, and returns a speech probability and the new
+state. This is exactly what `faster_whisper.vad.SileroVADModel` does for a whole file at once; here
+the context and state are carried from one call to the next so it works on a live stream.
+
+ONNX Runtime runs with one intra-op and one inter-op thread: the default thread pool makes a
+per-frame model slower, not faster, and steals cores from Whisper (reference/anchors.md, 2.6).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.frames import Pcm
+from pipeline.vad.base import VadEngine
+
+DEFAULT_THRESHOLD = 0.5  # faster-whisper's and Silero's default
+MODEL_FILE = "silero_vad_v6.onnx"
+FRAME_SAMPLES = 512  # the v5/v6 model's window at 16 kHz
+CONTEXT_SAMPLES = 64  # samples of the previous window prepended to each input
+STATE_SHAPE = (1, 1, 128)
+
+
+def bundled_model_path() -> Path:
+    """Path of the Silero ONNX model inside the installed faster-whisper package."""
+    # find_spec locates the package without importing it (faster_whisper imports CTranslate2).
+    spec = importlib.util.find_spec("faster_whisper")
+    if spec is None or not spec.submodule_search_locations:  # pragma: no cover - a hard dependency
+        raise RuntimeError("the silero VAD needs faster-whisper, which ships its ONNX model")
+    path = Path(next(iter(spec.submodule_search_locations))) / "assets" / MODEL_FILE
+    if not path.is_file():
+        raise RuntimeError(f"the silero VAD model is missing from faster-whisper: {path} does not exist")
+    return path
+
+
+class SileroVad(VadEngine):
+    """Speech probability per 512-sample frame; recurrent state kept across calls until `reset()`."""
+
+    name = "silero"
+    frame_samples = FRAME_SAMPLES
+
+    def __init__(self, threshold: float = DEFAULT_THRESHOLD, model_path: str | Path | None = None) -> None:
+        import onnxruntime  # imported here so `import pipeline.vad` stays cheap
+
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"silero threshold must be between 0 and 1 (got {threshold!r})")
+        self.threshold = threshold
+        self.model_path = Path(model_path) if model_path is not None else bundled_model_path()
+        opts = onnxruntime.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3  # errors only
+        self._session: Any = onnxruntime.InferenceSession(
+            str(self.model_path), providers=["CPUExecutionProvider"], sess_options=opts)
+        # One preallocated input row: [64 samples of context | 512 new samples], float32 in [-1, 1).
+        self._input = np.zeros((1, CONTEXT_SAMPLES + FRAME_SAMPLES), dtype=np.float32)
+        self._h = np.zeros(STATE_SHAPE, dtype=np.float32)
+        self._c = np.zeros(STATE_SHAPE, dtype=np.float32)
+
+    def speech_prob(self, frame: Pcm) -> float:
+        if len(frame) != FRAME_SAMPLES:
+            raise ValueError(f"silero VAD expects {FRAME_SAMPLES} samples per frame, got {len(frame)}")
+        x = self._input
+        x[0, :CONTEXT_SAMPLES] = x[0, -CONTEXT_SAMPLES:]  # context = tail of the previous frame
+        np.multiply(frame, 1.0 / 32768.0, out=x[0, CONTEXT_SAMPLES:], casting="unsafe")
+        prob, self._h, self._c = self._session.run(None, {"input": x, "h": self._h, "c": self._c})
+        return float(prob.reshape(-1)[0])
+
+    def reset(self) -> None:
+        self._input.fill(0.0)
+        self._h = np.zeros(STATE_SHAPE, dtype=np.float32)
+        self._c = np.zeros(STATE_SHAPE, dtype=np.float32)
+
+    def describe(self) -> str:
+        return f"silero v6 (threshold {self.threshold:g}, 32 ms frames, 1 thread)"
+
+    def __repr__(self) -> str:
+        return f"SileroVad(threshold={self.threshold!r})"
