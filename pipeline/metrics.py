@@ -38,6 +38,8 @@ class Metrics:
                                      registry=r)
         self.queue_depth = Gauge(p + "queue_depth", "items waiting, by queue", ["queue"], registry=r)
         self.input_level = Gauge(p + "audio_input_dbfs", "input level of the last block (dBFS)", registry=r)
+        self.control_requests = Counter(p + "control_requests", "control API requests by endpoint and status",
+                                        ["endpoint", "status"], registry=r)
         self.model_loaded = Gauge(p + "model_loaded", "1 once the ASR model is loaded and warm", registry=r)
 
     def drop(self, stage: str, reason: str) -> None:

@@ -403,6 +403,8 @@ class Relay:
 
     # --------------------------------------------------------------------- control API handle
     def _enqueue(self, job: _Job) -> None:
+        if self._stopping.is_set():
+            raise QueueFull("relay is stopping")
         try:
             self._jobs.put_nowait(job)
         except asyncio.QueueFull:
@@ -437,7 +439,8 @@ class Relay:
         self.metrics.interrupts_sent.inc()
 
     def readiness(self) -> dict[str, bool]:
-        return {"model_loaded": self._model_loaded, "sink_ready": self.sink.is_ready()}
+        return {"model_loaded": self._model_loaded, "sink_ready": self.sink.is_ready(),
+                "running": not self._stopping.is_set()}
 
     def status(self) -> dict[str, Any]:
         return {"room": self.sink.room.as_dict(), "conversation_id": self.sink.conversation_id,

@@ -1,1 +1,10 @@
+"""Local control API (HTTP): Tavus echo-quickstart compatible `POST /send_text_message`, interrupt,
+status, health/readiness and Prometheus metrics. See docs/control-api.md.
 
+`pipeline.control.server` (FastAPI, uvicorn) is imported lazily by the daemon, so importing this
+package stays cheap; the contract with the relay lives in `pipeline.control.api`.
+"""
+
+from pipeline.control.api import QueueFull, RelayHandle
+
+__all__ = ["QueueFull", "RelayHandle"]

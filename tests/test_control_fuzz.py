@@ -1,0 +1,153 @@
+"""Property-based fuzz of the control API: random JSON and bytes never produce a 5xx.
+
+The server runs on its own event loop in a background thread (the product runs it in the relay's
+loop; here a thread lets hypothesis drive plain synchronous test functions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.config import Settings
+from pipeline.control.api import QueueFull
+from pipeline.control.server import ControlServer, start_control_server
+from pipeline.metrics import Metrics
+
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+BAD_INPUT_STATUSES = {400, 413, 415, 422}
+JSON = {"Content-Type": "application/json"}
+
+
+class RecordingHandle:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.queue_full = False
+
+    async def submit_text(self, text: str, *, inference_id: str | None = None, done: bool = True,
+                          through_transforms: bool = True) -> list[str]:
+        assert isinstance(text, str) and text.strip() and isinstance(done, bool)
+        self.calls += 1
+        if self.queue_full:
+            raise QueueFull("delivery queue full")
+        return [inference_id or "x"]
+
+    async def submit_audio(self, pcm: Any, sample_rate: int, *, inference_id: str | None = None,
+                           done: bool = True) -> list[str]:
+        assert pcm.dtype.name == "int16" and len(pcm) > 0 and 8000 <= sample_rate <= 48000
+        self.calls += 1
+        return [inference_id or "x"]
+
+    async def interrupt(self) -> None:
+        self.calls += 1
+
+    def status(self) -> dict[str, Any]:
+        return {"ok": True}
+
+    def readiness(self) -> dict[str, bool]:
+        return {"model_loaded": True, "sink_ready": True}
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[ControlServer, RecordingHandle, httpx.Client]]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="fuzz-loop", daemon=True)
+    thread.start()
+    handle = RecordingHandle()
+    cfg = Settings.model_validate({"control": {"port": 0, "rate_limit_per_s": 1e6, "max_body_bytes": 4096,
+                                               "max_audio_s": 0.05}})
+    server = asyncio.run_coroutine_threadsafe(start_control_server(handle, Metrics(), cfg), loop).result(10)
+    client = httpx.Client(base_url=server.url, timeout=10)
+    try:
+        yield server, handle, client
+    finally:
+        client.close()
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+           | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30))
+json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=12)
+b64_audio = st.binary(max_size=200).map(lambda b: base64.b64encode(b).decode("ascii"))
+prop_values = {
+    "modality": st.sampled_from(["text", "audio", "video", "", "TEXT"]) | json_values,
+    "text": st.text(max_size=50) | json_values,
+    "audio": b64_audio | st.text(max_size=40) | json_values,
+    "sample_rate": st.sampled_from([16000, 24000, 8000, 48000, 0, -1, 7999, 48001])
+    | st.integers() | json_values,
+    "inference_id": st.text(max_size=140) | json_values,
+    "done": st.sampled_from([True, False, "true", "false", "True", "yes", "", 1, 0]) | json_values,
+}
+properties = st.fixed_dictionaries({}, optional=prop_values) | json_values
+envelopes = st.fixed_dictionaries({}, optional={
+    "message_type": st.sampled_from(["conversation", "system"]) | json_values,
+    "event_type": st.sampled_from(["conversation.echo", "conversation.interrupt"]) | json_values,
+    "conversation_id": st.text(max_size=20) | json_values,
+    "properties": properties,
+    "extra": json_values,
+})
+bodies = envelopes | json_values
+
+
+def check_answer(r: httpx.Response, handle: RecordingHandle, calls_before: int) -> None:
+    assert r.status_code < 500, (r.status_code, r.text)
+    data = r.json()
+    if r.status_code == 200:
+        assert data["status"] == "success"
+        assert handle.calls == calls_before + 1
+    else:
+        assert r.status_code in BAD_INPUT_STATUSES, (r.status_code, r.text)
+        assert data["status"] == "error" and data["error"] and data["field"]
+        assert handle.calls == calls_before, "a rejected request reached the relay"
+
+
+@FUZZ
+@given(body=bodies)
+def test_send_text_message_json_never_5xx(served: Any, body: Any) -> None:
+    _, handle, client = served
+    before = handle.calls
+    r = client.post("/send_text_message", content=json.dumps(body), headers=JSON)
+    check_answer(r, handle, before)
+
+
+@FUZZ
+@given(raw=st.binary(max_size=300) | st.text(max_size=300).map(str.encode),
+       content_type=st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded",
+                                     "application/json; charset=latin-1", "", "application/problem+json"]))
+def test_send_text_message_bytes_never_5xx(served: Any, raw: bytes, content_type: str) -> None:
+    _, handle, client = served
+    before = handle.calls
+    headers = {"Content-Type": content_type} if content_type else {}
+    r = client.post("/send_text_message", content=raw, headers=headers)
+    check_answer(r, handle, before)
+
+
+@FUZZ
+@given(body=json_values)
+def test_interrupt_ignores_any_body(served: Any, body: Any) -> None:
+    _, handle, client = served
+    before = handle.calls
+    r = client.post("/interrupt", content=json.dumps(body), headers=JSON)
+    assert r.status_code == 200, r.text
+    assert handle.calls == before + 1
+
+
+def test_server_still_healthy_after_fuzzing(served: Any) -> None:
+    server, _, client = served
+    assert server.running
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
