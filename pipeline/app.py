@@ -34,7 +34,7 @@ EXIT_CONFIG = 2  # configuration or usage mistake (names the key)
 EXIT_INPUT = 3  # audio input problem: missing/corrupt/empty file, no device
 EXIT_MODEL = 4  # ASR model missing or corrupt, ASR server unreachable at start
 EXIT_PORT = 5  # control API cannot listen (port in use, refused public bind)
-EXIT_REMOTE = 6  # Tavus/Daily refused: key rejected, invalid room URL, replica never joined
+EXIT_REMOTE = 6  # Tavus/Daily refused at start: key rejected, invalid room URL, join failed
 EXIT_INTERRUPTED = 130  # second Ctrl-C: exit at once
 
 

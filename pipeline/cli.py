@@ -25,7 +25,7 @@ exit status:
   0  success              3  audio input problem (missing/corrupt file, no device)
   1  runtime failure      4  ASR model missing or corrupt
   2  configuration/usage  5  control API cannot listen
-  6  Tavus/Daily refused (key rejected, invalid room, replica never joined)
+  6  Tavus/Daily refused at start (key rejected, invalid room URL, join failed)
   130 second Ctrl-C
 
 environment:

@@ -79,12 +79,21 @@ class VadSettings(_Section):
 
 
 class EndpointSettings(_Section):
-    """Adaptive endpointing: decode speculatively at a short pause; finish early on a confident sentence end."""
+    """Adaptive endpointing (pipeline/endpoint.py): decode speculatively at a short pause, then finish
+    after a silence that depends on how sure Whisper is that the sentence ended."""
 
     enabled: bool = Field(True, description="false = plain segmentation: decode once after the full hangover")
     speculative_ms: int = Field(150, ge=30, le=2000, description="pause before a speculative decode starts")
-    sentence_end_min_prob: float = Field(
-        0.6, ge=0, le=1, description="minimum model probability of the final . ? ! to finish early")
+    confident_prob: float = Field(0.9, ge=0, le=1, description="final . ? ! at least this probable ...")
+    confident_pause_ms: int = Field(150, ge=0, description="... finishes the utterance after this much silence")
+    likely_prob: float = Field(0.6, ge=0, le=1, description="final . ? ! at least this probable ...")
+    likely_pause_ms: int = Field(500, ge=0, description="... finishes it after this much; else vad.hangover_ms")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> EndpointSettings:
+        if self.likely_prob > self.confident_prob:
+            raise ValueError("endpoint.likely_prob must not exceed endpoint.confident_prob")
+        return self
 
 
 # ------------------------------------------------------------------------------------------ asr
@@ -149,7 +158,9 @@ class TransformSettings(_Section):
 
 # ----------------------------------------------------------------------------------------- sink
 class DailySinkSettings(_Section):
+    module: str = Field("daily", description="daily-python ('daily') or a stand-in such as pipeline.testing.fake_daily")
     user_name: str = Field("echo-relay", description="our participant name in the room")
+    replica_name: str | None = Field(None, description="user name that identifies the replica; null = the persona's name")
     join_timeout_s: float = Field(30.0, gt=0, description="wait for the join completion")
     replica_timeout_s: float = Field(60.0, gt=0, description="wait for the replica to be in the room")
     pending_max: int = Field(200, ge=1, description="messages held while the room is not ready")

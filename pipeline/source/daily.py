@@ -1,9 +1,12 @@
 """Daily source: one remote participant's microphone from the Daily room, as 16 kHz mono int16 frames.
 
-- The room: a shared `RoomConnection` (the relay passes the Daily sink's `connection` when the sink is
-  also `daily`), or our own join of `tavus.conversation_url` (+ `tavus.meeting_token`).
+- The room: the `room` given to the constructor (e.g. the Daily sink's `connection`), else the
+  process's shared room registered by a started Daily sink (`daily_room.shared_connection()`), else
+  our own join of `tavus.conversation_url` (+ `tavus.meeting_token`). A shared room is reference-
+  counted: closing the source does not leave it while the sink still uses it.
 - The participant: `source.daily.participant` (a user name or a participant id), else the first remote
-  participant that is not the replica (`info.userName` == persona name). We subscribe to its
+  participant that is neither the replica (`info.userName` == persona name) nor another echo-relay
+  client (`sink.daily.user_name`). We subscribe to its
   microphone and register `set_audio_renderer(pid, cb, sample_rate=16000, callback_interval_ms=block)`.
   The renderer callback runs on the SDK thread and only hands the bytes to the loop.
 - Positions are contiguous sample counts. The stream clock (`now_s()`) is wall time since the first
@@ -27,7 +30,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.daily_room import RoomConnection, RoomError, RoomEvent, participant_name, resolve_daily_module
+from pipeline.daily_room import (
+    RoomConnection,
+    RoomError,
+    RoomEvent,
+    participant_name,
+    redact_url,
+    resolve_daily_module,
+    shared_connection,
+)
 from pipeline.frames import SAMPLE_RATE, AudioFrame
 from pipeline.source.base import Source, SourceError
 
@@ -79,17 +90,19 @@ class DailySource(Source):
 
     async def start(self) -> None:
         """Join (or attach to) the room and pick the participant. Idempotent; SourceError on failure."""
-        if self._started:
+        if self._started or self._closed:
             return
         self._started = True
         self._loop = asyncio.get_running_loop()
-        if self._shared is not None:
-            self._conn = self._shared.retain()
+        shared = self._shared if self._shared is not None else shared_connection()
+        if shared is not None:
+            self._conn = shared.retain()
+            log.info("Daily source: listening in the sink's room %s", redact_url(shared.url))
         else:
             t = self.settings.tavus
             if not t.conversation_url:
-                raise SourceError("source 'daily' needs tavus.conversation_url (or a daily sink whose room it "
-                                  "shares)")
+                raise SourceError("source 'daily' needs tavus.conversation_url (or a daily sink whose "
+                                  "room it shares)")
             sd = self.settings.sink.daily
             try:
                 module = resolve_daily_module(self._daily_module_spec, self.settings)
@@ -109,7 +122,8 @@ class DailySource(Source):
         self._gap_task = asyncio.create_task(self._fill_gaps(), name="daily-source-gaps")
         self._select()
         if self._pid is None:
-            who = f"participant {self._selector!r}" if self._selector else "a participant (other than the replica)"
+            who = f"participant {self._selector!r}" if self._selector else \
+                "a participant (other than the replica)"
             log.info("waiting for %s to join the room", who)
 
     async def frames(self) -> AsyncIterator[AudioFrame]:
@@ -149,7 +163,7 @@ class DailySource(Source):
         if self._selector:
             return self._selector in (pid, name) or (self._remembered_name is not None and
                                                     name == self._remembered_name)
-        return True
+        return name != conn.user_name  # never another echo-relay client (e.g. a separate sink client)
 
     def _select(self) -> None:
         conn = self._conn
@@ -171,7 +185,8 @@ class DailySource(Source):
             self._captured.add(pid)
             interval = max(10, round(self.settings.source.block_ms / 10) * 10)
             try:
-                conn.capture_audio(pid, self._on_audio, sample_rate=SAMPLE_RATE, callback_interval_ms=interval)
+                conn.capture_audio(pid, self._on_audio, sample_rate=SAMPLE_RATE,
+                                   callback_interval_ms=interval)
             except (RoomError, RuntimeError) as exc:
                 log.error("cannot receive audio from %r: %s", participant_name(p), exc)
                 self._pid = None
@@ -183,8 +198,9 @@ class DailySource(Source):
             self._select()
         elif event.kind == "participant_left" and event.participant is not None:
             if event.participant.get("id") == self._pid:
-                log.warning("participant %r left (%s); waiting for them%s to come back", self._remembered_name,
-                            event.detail, "" if self._selector else " (or another participant)")
+                log.warning("participant %r left (%s); waiting for them%s to come back",
+                            self._remembered_name, event.detail,
+                            "" if self._selector else " (or another participant)")
                 self._pid = None
                 self._select()
         elif event.kind == "ended" and not self._ended:
@@ -221,6 +237,7 @@ class DailySource(Source):
         if len(pcm) == 0:
             return
         now = time.monotonic()
+        self._gap_logged = False
         if self._t0 is None:
             self._t0 = now - len(pcm) / SAMPLE_RATE  # the first sample was captured one block ago
         else:
@@ -233,10 +250,10 @@ class DailySource(Source):
             return
         lag = int((wall_s - self._t0) * SAMPLE_RATE) - self._pos
         if lag <= GAP_FILL_S * SAMPLE_RATE:
-            self._gap_logged = False
             return
         if not self._gap_logged:
-            log.info("no audio for %.1f s: feeding silence so the stream clock keeps running", lag / SAMPLE_RATE)
+            log.info("no audio for %.1f s: feeding silence so the stream clock keeps running",
+                     lag / SAMPLE_RATE)
             self._gap_logged = True
         lag -= lag % self._block
         self._stats["silence_samples"] += lag
