@@ -102,7 +102,7 @@ class GateSettings(_Section):
     no_speech_logprob: float = Field(-0.8, description="... and avg_logprob is below this (Whisper's own rule)")
     min_avg_logprob: float = Field(-1.5, description="drop when avg_logprob is below this, whatever no_speech_prob")
     max_compression_ratio: float = Field(2.4, gt=0, description="drop repetitive loops (zlib ratio above this)")
-    phantom_max_dbfs: float = Field(-40.0, description="phantom phrases are dropped when the audio is quieter than this")
+    phantom_max_dbfs: float = Field(-40.0, description="phantom phrases are dropped when the audio is quieter")
     phantom_phrases: list[str] = Field(default_factory=lambda: [
         "thank you", "thanks for watching", "thank you for watching", "thanks for listening",
         "please subscribe", "subscribe to my channel", "you", "bye", "so", "okay",
@@ -160,7 +160,7 @@ class TransformSettings(_Section):
 class DailySinkSettings(_Section):
     module: str = Field("daily", description="daily-python ('daily') or a stand-in such as pipeline.testing.fake_daily")
     user_name: str = Field("echo-relay", description="our participant name in the room")
-    replica_name: str | None = Field(None, description="user name that identifies the replica; null = the persona's name")
+    replica_name: str | None = Field(None, description="user name identifying the replica; null = the persona's")
     join_timeout_s: float = Field(30.0, gt=0, description="wait for the join completion")
     replica_timeout_s: float = Field(60.0, gt=0, description="wait for the replica to be in the room")
     pending_max: int = Field(200, ge=1, description="messages held while the room is not ready")

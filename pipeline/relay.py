@@ -33,6 +33,7 @@ from pipeline.asr.base import AsrEngine
 from pipeline.config import Settings
 from pipeline.control.api import QueueFull
 from pipeline.dsp import resample, rms_dbfs
+from pipeline.endpoint import required_silence_ms
 from pipeline.frames import SAMPLE_RATE, Pcm, Transcript, Utterance, UtteranceMeta
 from pipeline.metrics import Metrics
 from pipeline.sink.base import Outgoing, Sink, SinkError
@@ -43,7 +44,6 @@ from pipeline.vad import SpeechPaused, SpeechResumed, SpeechStarted, UtteranceEn
 log = logging.getLogger("echo_relay.relay")
 
 RECENT_UTTERANCES = 20  # kept for /status
-SENTENCE_END = (".", "?", "!")
 
 
 @dataclass(slots=True)
@@ -73,6 +73,7 @@ class _Speculation:
     speech_end: int
     task: asyncio.Future[Transcript]
     valid: bool = True
+    finish_after: int | None = None  # silence (samples) that finishes the utterance, once decoded
 
 
 @dataclass(slots=True)
@@ -107,6 +108,7 @@ class Relay:
         self._barge_pending: int | None = None  # speech start position awaiting barge_in_min_ms
         self._send_lock = asyncio.Lock()
         self._api_count = 0
+        self._background: set[asyncio.Future[Any]] = set()  # fire-and-forget work, referenced until done
         self.failed: str | None = None  # why the run failed (exit status 1), None when it did not
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -119,8 +121,11 @@ class Relay:
         log.info("ASR ready: %s %s in %.2fs", self.asr.name, self.asr.model_name, time.perf_counter() - t0)
         log.info("VAD: %s", self.vad.describe())
         ep = self.settings.endpoint
-        log.info("endpointing: %s", f"speculative after {ep.speculative_ms} ms, early finish when final "
-                 f"punctuation p >= {ep.sentence_end_min_prob}" if ep.enabled else "plain (decode after hangover)")
+        log.info("endpointing: %s", (
+            f"speculative decode after {ep.speculative_ms} ms of silence; finish after {ep.confident_pause_ms} ms "
+            f"when the final . ? ! has p >= {ep.confident_prob}, after {ep.likely_pause_ms} ms when p >= "
+            f"{ep.likely_prob}, else after {self.settings.vad.hangover_ms} ms") if ep.enabled
+            else f"plain: decode after {self.settings.vad.hangover_ms} ms of silence")
         await self.sink.start()
 
     async def run(self) -> None:
@@ -144,11 +149,17 @@ class Relay:
         self.failed = reason if getattr(self.sink, "ended_with_error", False) else None
         self.stop()
 
+    def _spawn(self, aw: Any) -> None:
+        """Run a coroutine in the background, keeping a reference so it cannot be garbage-collected."""
+        fut = asyncio.ensure_future(aw)
+        self._background.add(fut)
+        fut.add_done_callback(self._background.discard)
+
     def stop(self) -> None:
         """Graceful stop: capture ends, the utterance in progress and the queue are delivered."""
         if not self._stopping.is_set():
             self._stopping.set()
-            asyncio.ensure_future(self.source.close())
+            self._spawn(self.source.close())
 
     async def _finish(self, deliver: asyncio.Task[None]) -> None:
         drain = self.settings.sink.drain_timeout_s
@@ -176,6 +187,7 @@ class Relay:
             self.metrics.input_level.set(rms_dbfs(frame.samples))
             for event in self.vad.process(frame):
                 await self._on_vad_event(event)
+            await self._maybe_finish()
             self._check_barge_in(frame.end)
         for event in self.vad.flush():
             await self._on_vad_event(event)
@@ -199,10 +211,11 @@ class Relay:
             return
         self._discard_speculation("superseded")
         meta = self._meta(snapshot)
+        meta.extra["speculative"] = True  # engines do not count drops of results that may be thrown away
         task = asyncio.ensure_future(self.asr.transcribe(snapshot.audio, meta))
         spec = _Speculation(utterance_id, snapshot.speech_end, task)
         self._spec = spec
-        task.add_done_callback(lambda _t: asyncio.ensure_future(self._speculation_done(spec)))
+        task.add_done_callback(lambda _t: self._spawn(self._speculation_done(spec)))
 
     def _discard_speculation(self, why: str) -> None:
         if self._spec is not None and self._spec.valid:
@@ -215,19 +228,26 @@ class Relay:
         if not spec.valid or spec is not self._spec or spec.task.cancelled() or spec.task.exception():
             return
         tr = spec.task.result()
-        if not self._is_confident_sentence_end(tr):
+        if tr.dropped_reason:
+            return
+        need_ms = required_silence_ms(tr.text, tr.final_punct_prob, self.settings.endpoint,
+                                      self.settings.vad.hangover_ms)
+        log.debug("speculative %s: …%r p=%s -> finish after %d ms of silence", spec.utterance_id, tr.text[-30:],
+                  None if tr.final_punct_prob is None else round(tr.final_punct_prob, 2), need_ms)
+        if need_ms < self.settings.vad.hangover_ms:  # otherwise the segmenter's hangover closes it
+            spec.finish_after = need_ms * SAMPLE_RATE // 1000
+            await self._maybe_finish()
+
+    async def _maybe_finish(self) -> None:
+        """Close the open utterance once its silence reaches what its speculative transcript asks for."""
+        spec = self._spec
+        if spec is None or not spec.valid or spec.finish_after is None:
+            return
+        if self.vad.utterance_id != spec.utterance_id or self.vad.silence_samples < spec.finish_after:
             return
         utt = self.vad.end_now("sentence_end")
-        if utt is None or utt.id != spec.utterance_id:
-            return
-        await self._utterance_closed(utt)
-
-    def _is_confident_sentence_end(self, tr: Transcript) -> bool:
-        text = tr.text.rstrip()
-        if not text or tr.dropped_reason or not text.endswith(SENTENCE_END):
-            return False
-        p = tr.final_punct_prob
-        return p is not None and p >= self.settings.endpoint.sentence_end_min_prob
+        if utt is not None:
+            await self._utterance_closed(utt)
 
     # ----------------------------------------------------------------------- utterance -> job
     async def _utterance_closed(self, utt: Utterance) -> None:
@@ -256,7 +276,7 @@ class Relay:
         if mode == "off" or not self.sink.room.replica_speaking:
             return
         if mode == "speech_start":
-            asyncio.ensure_future(self.interrupt())
+            self._spawn(self.interrupt())
         else:
             self._barge_pending = pos
 
@@ -266,7 +286,7 @@ class Relay:
         if pos - self._barge_pending >= self.settings.sink.barge_in_min_ms * SAMPLE_RATE // 1000:
             self._barge_pending = None
             if self.sink.room.replica_speaking:
-                asyncio.ensure_future(self.interrupt())
+                self._spawn(self.interrupt())
 
     # -------------------------------------------------------------------------------- delivery
     async def _deliver_loop(self) -> None:
@@ -323,7 +343,7 @@ class Relay:
             return None
         self.metrics.stage_latency.labels(stage="asr").observe(tr.decode_s)
         if tr.dropped_reason or not tr.text.strip():
-            self._drop(meta, f"asr:{tr.dropped_reason or 'empty'}")
+            self._drop(meta, f"asr:{tr.dropped_reason or 'empty'}", counted=bool(tr.extra.get("drop_counted")))
             return None
         return tr
 
@@ -394,7 +414,8 @@ class Relay:
             self.metrics.drop(stage, why or reason)
         self.ledger.drop(reason)
         log.debug("dropped %s (%s)", meta.utterance_id, reason)
-        self.recent.append({"utterance_id": meta.utterance_id, "asr_text": meta.asr_text, "status": f"dropped: {reason}"})
+        self.recent.append({"utterance_id": meta.utterance_id, "asr_text": meta.asr_text,
+                            "status": f"dropped: {reason}"})
 
     def _undeliverable(self, job: _Job, why: str) -> None:
         self.ledger.undeliverable += 1

@@ -158,7 +158,8 @@ def offline_pass(clips: list[Clip], settings_overrides: list[str]) -> None:
             c.offline_text, c.offline_decode_s = tr.text, tr.decode_s
         await engine.close()
     asyncio.run(run())
-    raw = WhisperModel(str(resolve_model(asr_settings)), device="cpu", compute_type=asr_settings.compute_type,
+    model_dir = resolve_model(asr_settings.model, asr_settings.models_dir).path
+    raw = WhisperModel(str(model_dir), device="cpu", compute_type=asr_settings.compute_type,
                        cpu_threads=asr_settings.cpu_threads)
     list(raw.transcribe(np.zeros(SR, np.float32))[0])  # warm-up
     for c in clips:
@@ -311,7 +312,8 @@ def table(results: list[Result], n_clips: int) -> str:
 def clip_table(r: Result) -> str:
     head = ("| clip | echoes | latency | splits (mid-sentence) | WER | offline WER | decode (relay engine, whole clip) "
             "| raw faster-whisper decode |\n|---|---|---|---|---|---|---|---|")
-    rows = [f"| {c['clip']} | {c['echoes']} | {c['latency_s']} s | {c.get('splits', '–')} ({c.get('mid_sentence', '–')}) "
+    rows = [f"| {c['clip']} | {c['echoes']} | {c['latency_s']} s "
+            f"| {c.get('splits', '–')} ({c.get('mid_sentence', '–')}) "
             f"| {100 * float(c['wer']):.1f} % | {100 * float(c['offline_wer']):.1f} % | {c['decode_s']} s "  # type: ignore[arg-type]
             f"| {c['raw_fw_s']} s |" for c in r.per_clip]
     return head + "\n" + "\n".join(rows)
@@ -393,7 +395,8 @@ def render_markdown(results: list[Result], clips: list[Clip], cmd: str, args: ar
     out = [f"# Benchmarks\n\nMeasured {date.today().isoformat()} on {machine()}.\n",
            f"Command: `{cmd}`\n",
            f"Stream: {len(clips)} clips ({args.set}) joined by {args.gap} s of silence, replayed at speed {args.speed} "
-           "through `echo-relay run --sink jsonl:` in a subprocess. Model tiny.en int8 unless the variant says otherwise.\n",
+           "through `echo-relay run --sink jsonl:` in a subprocess. Model tiny.en int8 unless the variant "
+           "says otherwise.\n",
            table(results, len(clips)), "",
            f"Whole-clip decode time, mean over clips: relay engine {mean_decode:.3f} s; plain faster-whisper "
            f"(its defaults: beam 5, 30 s window) {mean_raw:.3f} s.\n"]

@@ -17,14 +17,14 @@ class AsrEngine(ABC):
     name: str = "asr"
     model_name: str = ""
 
-    async def load(self) -> None:
+    async def load(self) -> None:  # noqa: B027 - optional hook
         """Load and warm up once, before the first utterance (no-op by default)."""
 
     @abstractmethod
     async def transcribe(self, audio: Pcm, meta: UtteranceMeta) -> Transcript:
         """Transcribe 16 kHz mono int16 `audio`. Must not block the event loop."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""
 
 

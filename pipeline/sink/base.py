@@ -57,7 +57,7 @@ class Sink(ABC):
     def __init__(self) -> None:
         self.room = RoomState()
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 - optional hook
         """Open files / join the room. Sending may begin before the room is ready (sinks queue)."""
 
     def is_ready(self) -> bool:
@@ -67,5 +67,5 @@ class Sink(ABC):
     async def send(self, out: Outgoing) -> None:
         """Deliver (or durably queue) one message, in order. Raises SinkError when it gives up."""
 
-    async def close(self, drain_timeout_s: float = 10.0) -> None:
+    async def close(self, drain_timeout_s: float = 10.0) -> None:  # noqa: B027 - optional hook
         """Deliver what is queued within the deadline, then release everything."""

@@ -31,7 +31,7 @@ class Source(ABC):
         positions (for a paced file at speed 2, stream seconds, not wall seconds). Used for
         `emitted_at_s`."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook
         """Stop capturing; `frames()` ends after what was already captured."""
 
     def stats(self) -> dict[str, int]:

@@ -171,6 +171,16 @@ class VadStage:
         self.frames += 1
         events.extend(self.segmenter.push(chunk, start, prob))
 
+    @property
+    def utterance_id(self) -> str | None:
+        """Id of the open utterance (None when quiet)."""
+        return self.segmenter.utterance_id
+
+    @property
+    def silence_samples(self) -> int:
+        """Silence since the open utterance's last speech frame (0 when none is open)."""
+        return self.segmenter.silence_samples
+
     def end_now(self, reason: EndReason = "sentence_end") -> Utterance | None:
         """Close the open utterance now (see `Segmenter.end_now`); None when none is open."""
         return self.segmenter.end_now(reason)

