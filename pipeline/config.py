@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_SAMPLE = PACKAGE_DIR / "assets" / "jfk.wav"  # bundled real speech, see pipeline/assets/README.md
@@ -57,6 +57,16 @@ class DailySourceSettings(_Section):
 
 class SourceSettings(_Section):
     spec: str = Field("file:" + str(DEFAULT_SAMPLE), description="mic[:DEVICE] | file:PATH | daily")
+
+    @field_validator("spec")
+    @classmethod
+    def _known_spec(cls, v: str) -> str:
+        from pipeline.source import SourceError, parse_source_spec  # the stage owns its grammar
+        try:
+            parse_source_spec(v)
+        except SourceError as exc:
+            raise ValueError(str(exc)) from None
+        return v
     block_ms: int = Field(20, ge=10, le=100, description="audio block size handed to the VAD, ms")
     file: FileSourceSettings = FileSourceSettings()
     mic: MicSourceSettings = MicSourceSettings()
@@ -65,13 +75,13 @@ class SourceSettings(_Section):
 
 # ------------------------------------------------------------------------------------------ vad
 class VadSettings(_Section):
-    engine: str = Field("webrtc", description="webrtc | silero | entry point | package.module:Class")
+    engine: str = Field("silero", description="silero | webrtc | entry point | package.module:Class")
     aggressiveness: int = Field(3, ge=0, le=3, description="webrtcvad mode, 0 (lenient) .. 3 (strict)")
     frame_ms: Literal[10, 20, 30] = Field(30, description="webrtcvad frame size (Silero always uses 32 ms)")
     threshold: float = Field(0.5, gt=0, lt=1, description="Silero speech probability threshold")
     pre_roll_ms: int = Field(300, ge=0, le=2000, description="audio kept before speech onset so first words survive")
     start_ms: int = Field(90, ge=0, le=1000, description="speech needed to open an utterance")
-    hangover_ms: int = Field(1000, ge=30, le=5000, description="silence that closes an utterance")
+    hangover_ms: int = Field(800, ge=30, le=5000, description="silence that always closes an utterance")
     min_utterance_ms: int = Field(200, ge=0, description="shorter speech is ignored (clicks, breaths)")
     max_utterance_s: float = Field(20.0, gt=1, le=30, description="longer speech is split at the quietest recent point")
     split_search_s: float = Field(3.0, gt=0, description="how far back to look for the quietest point when splitting")
@@ -84,9 +94,9 @@ class EndpointSettings(_Section):
 
     enabled: bool = Field(True, description="false = plain segmentation: decode once after the full hangover")
     speculative_ms: int = Field(150, ge=30, le=2000, description="pause before a speculative decode starts")
-    confident_prob: float = Field(0.9, ge=0, le=1, description="final . ? ! at least this probable ...")
+    confident_prob: float = Field(0.95, ge=0, le=1, description="final . ? ! at least this probable ...")
     confident_pause_ms: int = Field(150, ge=0, description="... finishes the utterance after this much silence")
-    likely_prob: float = Field(0.6, ge=0, le=1, description="final . ? ! at least this probable ...")
+    likely_prob: float = Field(0.5, ge=0, le=1, description="final . ? ! at least this probable ...")
     likely_pause_ms: int = Field(500, ge=0, description="... finishes it after this much; else vad.hangover_ms")
 
     @model_validator(mode="after")
@@ -172,6 +182,16 @@ class DailySinkSettings(_Section):
 
 class SinkSettings(_Section):
     spec: str = Field("console", description="console | jsonl:PATH | daily")
+
+    @field_validator("spec")
+    @classmethod
+    def _known_spec(cls, v: str) -> str:
+        from pipeline.sink import SinkError, parse_sink_spec  # the stage owns its grammar
+        try:
+            parse_sink_spec(v)
+        except SinkError as exc:
+            raise ValueError(str(exc)) from None
+        return v
     max_message_bytes: int = Field(4096, ge=512, description="serialized size limit per app-message")
     queue_size: int = Field(64, ge=1, description="messages waiting for the sink; when full the relay waits")
     drain_timeout_s: float = Field(10.0, gt=0, description="on shutdown, time allowed to deliver what is queued")
@@ -276,7 +296,7 @@ def _key_of(loc: tuple[Any, ...]) -> str:
 def validation_to_config_error(exc: ValidationError) -> ConfigError:
     err = exc.errors()[0]
     key = _key_of(tuple(err["loc"])) or None
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     elif "input" in err and err["type"] not in ("missing",):

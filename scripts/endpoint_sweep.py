@@ -98,7 +98,7 @@ async def collect(which: str, overrides: dict[str, object]) -> list[Pause]:
         # concatenation of the previous finished pieces is not needed: mid-sentence is judged on the
         # last word, located in the offline transcript.
         for k, p in enumerate(mine):
-            p.last = p.start_s >= c.speech_end_s - 0.35 and k == len(mine) - 1
+            p.last = bool(p.start_s >= c.speech_end_s - 0.35 and k == len(mine) - 1)
             p.true_end = p.last or is_sentence_end(p.text, offline, norm)
         pauses += mine
     await engine.close()
