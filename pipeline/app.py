@@ -126,7 +126,13 @@ async def run_daemon(settings: Settings, relay: Relay | None = None) -> int:
     ledger = relay.ledger
     log.info("done: %d utterance(s), %d delivered, %d dropped %s, %d undeliverable", ledger.closed,
              ledger.delivered, sum(ledger.dropped.values()), ledger.dropped or "", ledger.undeliverable)
-    return EXIT_RUNTIME if relay.failed else EXIT_OK
+    if relay.failed:
+        log.error("run failed: %s", relay.failed)
+        return EXIT_RUNTIME
+    if ledger.undeliverable:  # something was lost on the way out: the operator must notice
+        log.error("%d message(s) could not be delivered (logged above with their text)", ledger.undeliverable)
+        return EXIT_RUNTIME
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------------------ transcribe

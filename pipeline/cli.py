@@ -23,7 +23,8 @@ from pipeline.logs import setup_logging
 EPILOG = """\
 exit status:
   0  success              3  audio input problem (missing/corrupt file, no device)
-  1  runtime failure      4  ASR model missing or corrupt
+  1  runtime failure (incl. any message undeliverable)
+                          4  ASR model missing or corrupt
   2  configuration/usage  5  control API cannot listen
   6  Tavus/Daily refused at start (key rejected, invalid room URL, join failed)
   130 second Ctrl-C

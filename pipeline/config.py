@@ -97,7 +97,7 @@ class EndpointSettings(_Section):
     confident_prob: float = Field(0.95, ge=0, le=1, description="final . ? ! at least this probable ...")
     confident_pause_ms: int = Field(150, ge=0, description="... finishes the utterance after this much silence")
     likely_prob: float = Field(0.5, ge=0, le=1, description="final . ? ! at least this probable ...")
-    likely_pause_ms: int = Field(500, ge=0, description="... finishes it after this much; else vad.hangover_ms")
+    likely_pause_ms: int = Field(600, ge=0, description="... finishes it after this much; else vad.hangover_ms")
 
     @model_validator(mode="after")
     def _ordered(self) -> EndpointSettings:

@@ -53,6 +53,7 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
-    logging.getLogger("echo_relay").setLevel(level.upper())
+    for name in ("echo_relay", "pipeline"):  # the relay's own loggers and every module's __name__ logger
+        logging.getLogger(name).setLevel(level.upper())
     # httpx logs every request line at INFO; keep it at WARNING so logs stay about the relay.
     logging.getLogger("httpx").setLevel(logging.WARNING)

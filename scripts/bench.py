@@ -319,6 +319,16 @@ def clip_table(r: Result) -> str:
     return head + "\n" + "\n".join(rows)
 
 
+def model_available(name: str) -> bool:
+    from pipeline.asr.base import AsrError
+    from pipeline.asr.models import resolve_model
+    try:
+        resolve_model(name, REPO / "models", download=False)
+    except AsrError:
+        return False
+    return True
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -344,6 +354,8 @@ def main() -> int:
                     help="extra runs with config overrides, e.g. plain=endpoint.enabled=false")
     ap.add_argument("--no-default", action="store_true", help="skip the default-config run")
     ap.add_argument("--cpu", action="store_true", help="also measure CPU during 30 s of silence (+45 s)")
+    ap.add_argument("--models", default="base.en,small.en,distil-small.en",
+                    help="other models to run with the default config when they are available locally")
     ap.add_argument("--write", type=Path, help="write the report (markdown) to this file")
     ap.add_argument("--keep", type=Path, help="keep the stream, configs and jsonl here")
     args = ap.parse_args()
@@ -361,6 +373,14 @@ def main() -> int:
     for v in args.variant:
         label, _, rest = v.partition("=")
         variants.append((label, [kv for kv in rest.split(",") if kv]))
+    unavailable: list[str] = []
+    for name in [m for m in args.models.split(",") if m]:
+        if model_available(name):
+            variants.append((f"model {name}", [f"asr.model={name}"]))
+        else:
+            unavailable.append(name)
+            print(f"model {name}: not available offline (echo-relay models pull {name}); skipped", file=sys.stderr)
+    args.unavailable = unavailable
     results = []
     for label, overrides in variants:
         slug = re.sub(r"\W+", "_", label)
@@ -400,6 +420,9 @@ def render_markdown(results: list[Result], clips: list[Clip], cmd: str, args: ar
            table(results, len(clips)), "",
            f"Whole-clip decode time, mean over clips: relay engine {mean_decode:.3f} s; plain faster-whisper "
            f"(its defaults: beam 5, 30 s window) {mean_raw:.3f} s.\n"]
+    if getattr(args, "unavailable", None):
+        out.append(f"Not measured (no copy on this machine, which has no internet): {', '.join(args.unavailable)}. "
+                   "Run `echo-relay models pull NAME` online, then this script again.\n")
     for r in results:
         out += [f"## {r.label}\n", clip_table(r), ""]
     return "\n".join(out)

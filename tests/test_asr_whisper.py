@@ -225,3 +225,14 @@ def test_speculative_decodes_are_not_counted_as_drops() -> None:
     tr = engine.transcribe_sync(pcm, meta_for(pcm))
     assert tr.extra["drop_counted"] is True
     assert engine.metrics.value("echo_relay_dropped_total", key) == before + 1
+
+
+def test_short_utterance_doubted_in_the_short_window_gets_a_full_window_decode() -> None:
+    """jfk's "ask not" alone (1.4 s): the 10 s window gives "S NOT" with no_speech_prob 0.61, which the
+    gate would drop; the engine asks the full 30 s window before dropping speech the VAD found."""
+    engine = shared_engine()
+    pcm = load_clip("whisper.cpp/jfk.wav", 3.03, 4.47)  # the VAD's utterance u2 with its pre-roll and pad
+    tr = engine.transcribe_sync(pcm, meta_for(pcm))
+    assert tr.dropped_reason is None
+    assert "ask not" in tr.text.lower()
+    assert tr.extra["window_s"] == 30.0 and tr.extra["attempts"] >= 2

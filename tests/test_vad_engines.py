@@ -150,15 +150,7 @@ def test_webrtc_engine() -> None:
 
 
 # ------------------------------------------------------------------------------ real speech
-def _jfk_params() -> list[object]:
-    applause = pytest.mark.xfail(
-        strict=True, reason="webrtc calls the applause that follows 'country' (10.6-11 s) speech: it is "
-                            "poor at speech vs noise (anchors 2.6); Silero is not")
-    return [pytest.param("webrtc", "start"), pytest.param("webrtc", "end", marks=applause),
-            pytest.param("silero", "start"), pytest.param("silero", "end")]
-
-
-@pytest.mark.parametrize(("engine", "bound"), _jfk_params())
+@pytest.mark.parametrize(("engine", "bound"), [("webrtc", "start"), ("silero", "start"), ("silero", "end")])
 def test_jfk_speech_bounds(engine: str, bound: str) -> None:
     audio = load("whisper.cpp/jfk.wav")
     start_s, end_s = true_bounds(audio)
@@ -171,6 +163,15 @@ def test_jfk_speech_bounds(engine: str, bound: str) -> None:
     else:
         assert abs(utts[-1].audio_end_s - end_s) <= 0.3
         assert utts[-1].end / SAMPLE_RATE >= end_s - 0.3
+
+
+def test_webrtc_counts_the_applause_after_jfk_as_speech() -> None:
+    """Why Silero is the default: webrtcvad is poor at speech vs noise (anchors 2.6) and runs the last
+    utterance into the applause after "country" (10.6-11 s), past the 0.3 s bound Silero meets."""
+    audio = load("whisper.cpp/jfk.wav")
+    _, end_s = true_bounds(audio)
+    utts = utterances(run(stage("webrtc"), audio))
+    assert utts[-1].audio_end_s > end_s + 0.3
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -319,7 +320,7 @@ def test_stage_gaps() -> None:
 
 
 def test_stage_end_now_and_segment() -> None:
-    audio = bursts([(0.5, 1.5), (3.0, 4.0)], 5.0)
+    audio = bursts([(0.5, 1.5), (3.0, 4.0)], 4.5)  # the stream ends before the hangover after burst 2
     vad = energy_stage()
     vad.process(AudioFrame(audio[:int(1.7 * SAMPLE_RATE)], 0))
     u = vad.end_now()
@@ -332,7 +333,7 @@ def test_stage_end_now_and_segment() -> None:
 def test_describe_lists_every_threshold() -> None:
     text = stage("webrtc").describe()
     for part in ("webrtc (aggressiveness 3, 30 ms frames)", "threshold=0.5", "pre_roll=300 ms", "start=90 ms",
-                 "hangover=1000 ms", "min_utterance=200 ms", "max_utterance=20 s", "split_search=3 s",
+                 "hangover=800 ms", "min_utterance=200 ms", "max_utterance=20 s", "split_search=3 s",
                  "speech_pad=150 ms", "speculative=150 ms"):
         assert part in text, (part, text)
     text = energy_stage().describe()
@@ -340,10 +341,10 @@ def test_describe_lists_every_threshold() -> None:
 
 
 def test_make_vad_stage_follows_endpoint_settings() -> None:
-    on = make_vad_stage(Settings())
+    on = make_vad_stage(Settings(vad=VadSettings(engine="webrtc")))
     assert on.params.speculative_samples == 150 * 16
     assert on.params.frame_samples == 480 and on.params.threshold == 0.5
-    off = make_vad_stage(Settings(endpoint=EndpointSettings(enabled=False)))
+    off = make_vad_stage(Settings(vad=VadSettings(engine="webrtc"), endpoint=EndpointSettings(enabled=False)))
     assert off.params.speculative_samples is None and "speculative=off" in off.describe()
     silero = make_vad_stage(Settings(vad=VadSettings(engine="silero", threshold=0.7)))
     assert isinstance(silero.engine, SileroVad) and silero.params.threshold == 0.7
@@ -380,3 +381,4 @@ def test_make_vad_engine_builtins_and_plugins(monkeypatch: pytest.MonkeyPatch) -
 def test_stage_rejects_mismatched_frame_sizes() -> None:
     with pytest.raises(ValueError, match="differs"):
         VadStage(EnergyVad(480), SegmenterParams(frame_samples=512))
+

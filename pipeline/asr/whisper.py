@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Gate verdicts that get a second decode with the full 30 s window before the utterance is dropped.
+SECOND_OPINION_REASONS = ("no_speech", "low_logprob")
 FULL_WINDOW_S = 30  # Whisper's trained window
 MIN_WINDOW_S = 10  # shorter windows made the decoder loop on 2-6 s clips
 WINDOW_MARGIN_S = 1.0  # window >= utterance + this
@@ -298,10 +300,11 @@ class FasterWhisperEngine(SyncAsrEngine):
         prob = float(p[tokens[idx]] / p.sum())
         return min(1.0, max(prob, 1e-9))
 
-    def _decode_utterance(self, audio: np.ndarray) -> _Decode:
+    def _decode_utterance(self, audio: np.ndarray, full_window: bool = False) -> _Decode:
         duration = len(audio) / SAMPLE_RATE
         features = self._features(audio)
-        first_window = self._window_s(duration) if self.settings.short_window else FULL_WINDOW_S
+        short = self.settings.short_window and not full_window
+        first_window = self._window_s(duration) if short else FULL_WINDOW_S
         # Short window (greedy/beam, token budget) -> full window -> full window sampled at T > 0.
         plan: list[tuple[int, float, int | None]] = [(first_window, 0.0, self._budget(duration))]
         if first_window < FULL_WINDOW_S:
@@ -379,6 +382,17 @@ class FasterWhisperEngine(SyncAsrEngine):
             d = self._decode_utterance(samples)
         reason = gate(d.text, no_speech_prob=d.no_speech_prob, avg_logprob=d.avg_logprob, audio_dbfs=dbfs,
                       settings=s.gate, compression_ratio_value=d.compression_ratio)
+        if reason in SECOND_OPINION_REASONS and d.window_s < FULL_WINDOW_S:
+            # A short window padded with many seconds of zero features makes Whisper doubt very short
+            # utterances (jfk's 1.4 s "ask not": "S NOT", no_speech 0.61 with 10 s; "Ask not!", 0.37 with
+            # 30 s). Before dropping speech the VAD found, ask the full window once.
+            full = self._decode_utterance(samples, full_window=True)
+            full.encode_s += d.encode_s
+            full.generate_s += d.generate_s
+            full.extra["attempts"] = d.extra.get("attempts", 1) + full.extra.get("attempts", 1)
+            d = full
+            reason = gate(d.text, no_speech_prob=d.no_speech_prob, avg_logprob=d.avg_logprob, audio_dbfs=dbfs,
+                          settings=s.gate, compression_ratio_value=d.compression_ratio)
         decode_s = time.perf_counter() - t0
         extra: dict[str, Any] = {
             "window_s": d.window_s, "attempts": d.extra.get("attempts", 1), "encode_s": d.encode_s,

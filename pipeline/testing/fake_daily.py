@@ -42,6 +42,22 @@ Scripted rooms (`FakeRoom`) are shared by every client that joins the same URL (
     sdk_state()        # {"initialized", "init_calls", "deinit_calls", "live_clients"}
     callback_errors    # exceptions raised inside completions/handlers (tests assert it stays empty)
 
+Scripting from the environment, for a relay running in another process (`echo-relay run --sink daily`
+in a subprocess test), where the test cannot call `FakeRoom` itself. Read when a client joins a URL
+that has no room and no `set_autocreate` hook is set (`configure_from_env`):
+
+    ECHO_RELAY_FAKE_DAILY_REPLICA=<userName>   create rooms for unknown URLs, with a replica of this
+                                               name (the persona name); unset = unknown URLs fail
+    ECHO_RELAY_FAKE_DAILY_REPLICA_DELAY_S=<s>  the replica joins s seconds after the room is created
+    ECHO_RELAY_FAKE_DAILY_AUTO_SPEAK_S=<s>     it "speaks" every done echo for s seconds
+                                               (replica.started_speaking, then stopped_speaking)
+    ECHO_RELAY_FAKE_DAILY_DROP=<n>:<s>         the network drops for s seconds once the replicas have
+                                               received n messages
+    ECHO_RELAY_FAKE_DAILY_LOG=<path>           append one JSON line per room event: {"t": unix time,
+                                               "event": "received" | "emitted" | "replica_joined" |
+                                               "replica_left" | "network_down" | "network_up",
+                                               "room": url, "message": ... (received/emitted)}
+
 Behaviour that is NOT confirmed against a live room (the real strings/ordering are unknown) is marked
 [unconfirmed] below; the code under test must not depend on those exact details.
 """
@@ -53,6 +69,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import queue
 import sys
 import threading
@@ -84,6 +101,7 @@ __all__ = [
     "VirtualMicrophoneDevice",
     "VirtualSpeakerDevice",
     "callback_errors",
+    "configure_from_env",
     "sdk_state",
 ]
 
@@ -94,6 +112,13 @@ DEFAULT_SEND_FAILURE = "AppMessage(Signalling(SendFailed))"  # [unconfirmed] wor
 MESSAGE_TOO_LARGE = "AppMessage(Signalling(MessageTooLarge))"  # [unconfirmed] wording
 UNKNOWN_ROOM_DELAY_S = 0.05  # the real SDK takes ~20 s to report an unreachable room
 SAMPLE_RATE = 16_000  # speakers' PCM rate
+
+# Scripting a room from the environment (see the module docstring and `configure_from_env`).
+ENV_REPLICA = "ECHO_RELAY_FAKE_DAILY_REPLICA"
+ENV_REPLICA_DELAY = "ECHO_RELAY_FAKE_DAILY_REPLICA_DELAY_S"
+ENV_AUTO_SPEAK = "ECHO_RELAY_FAKE_DAILY_AUTO_SPEAK_S"
+ENV_DROP = "ECHO_RELAY_FAKE_DAILY_DROP"
+ENV_LOG = "ECHO_RELAY_FAKE_DAILY_LOG"
 
 # Exceptions raised inside completions/handlers (also passed to sys.unraisablehook). Tests assert empty.
 callback_errors: list[BaseException] = []
@@ -423,6 +448,34 @@ def _is_uuid(value: Any) -> bool:
 
 def _wire_size(message: Any) -> int:
     return len(json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+
+
+def configure_from_env(room: FakeRoom) -> None:
+    """Script a room created for an unknown URL from the ECHO_RELAY_FAKE_DAILY_* variables (module
+    docstring). Bad values raise ValueError naming the variable."""
+    env = os.environ
+
+    def number(name: str, default: float | None) -> float | None:
+        raw = env.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} is not a number") from None
+
+    room.event_log = env.get(ENV_LOG) or None
+    drop = env.get(ENV_DROP, "").strip()
+    if drop:
+        n, _, seconds = drop.partition(":")
+        try:
+            room.drop_after = (int(n), float(seconds))
+        except ValueError:
+            raise ValueError(f"{ENV_DROP}={drop!r}: expected <messages>:<seconds>") from None
+    name = env.get(ENV_REPLICA, "").strip()
+    if name:
+        room.add_replica(name, delay_s=number(ENV_REPLICA_DELAY, 0.0) or 0.0,
+                         auto_speak_s=number(ENV_AUTO_SPEAK, None))
 
 
 def _room_key(url: str) -> str:
@@ -840,7 +893,12 @@ class FakeReplica(_Scripted):
         with self.room._cond:
             self.inbox.append(message)
             self.room.replica_inbox.append(message)
+            received = len(self.room.replica_inbox)
             self.room._cond.notify_all()
+        self.room._log("received", message=message)
+        drop = self.room.drop_after
+        if drop is not None and received == drop[0]:
+            self.room.drop_network(drop[1])
         if (self.auto_speak_s is not None and isinstance(message, dict)
                 and message.get("event_type") == "conversation.echo"):
             props = message.get("properties") or {}
@@ -862,6 +920,7 @@ class FakeReplica(_Scripted):
         if properties is not None:
             msg["properties"] = dict(properties)
         msg.update(extra)
+        self.room._log("emitted", message=msg)
         self.emit_raw(msg, to=to)
         return msg
 
@@ -982,6 +1041,9 @@ class FakeRoom:
         self.largest_message_bytes = 0
         self.replicas: list[FakeReplica] = []
         self.speakers: list[FakeSpeaker] = []
+        self.drop_after: tuple[int, float] | None = None  # (n received, outage s): see ECHO_RELAY_FAKE_DAILY_DROP
+        self.event_log: str | None = None  # JSON-lines file of room events: see ECHO_RELAY_FAKE_DAILY_LOG
+        self._log_lock = threading.Lock()
 
     # ---- registry
     @classmethod
@@ -997,6 +1059,8 @@ class FakeRoom:
         with cls._registry_lock:
             room = cls._registry.get(key)
             hook = cls._autocreate
+        if hook is None and os.environ.get(ENV_REPLICA):
+            hook = configure_from_env
         if room is None and hook is not None:
             room = cls.create(url.split("?", 1)[0])
             hook(room)
@@ -1056,12 +1120,14 @@ class FakeRoom:
         if send_error is not None:
             self.network_send_error = send_error
         self._call_state_changes = call_state_changes
+        self._log("network_down")
         for c in self._clients_snapshot():
             c._set_network(False, call_state_changes)
         if duration_s is not None:
             _after(duration_s, self.restore_network)
 
     def restore_network(self) -> None:
+        self._log("network_up")
         for c in self._clients_snapshot():
             c._set_network(True, getattr(self, "_call_state_changes", False))
 
@@ -1095,6 +1161,16 @@ class FakeRoom:
         return self._clients_snapshot()
 
     # ---- internals
+    def _log(self, event: str, **fields: Any) -> None:
+        """Append one JSON line to `event_log` (if set): written and closed per line, so another
+        process can read it at any time."""
+        path = self.event_log
+        if path is None:
+            return
+        line = json.dumps({"t": time.time(), "event": event, "room": self.url, **fields}, default=str)
+        with self._log_lock, open(path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
     def _clients_snapshot(self) -> list[CallClient]:
         with self._cond:
             return list(self._clients)
@@ -1145,6 +1221,8 @@ class FakeRoom:
             view = s.participant()
             for c in self._clients:
                 c._event("on_participant_joined", copy.deepcopy(view))
+        if isinstance(s, FakeReplica):
+            self._log("replica_joined")
         if isinstance(s, FakeSpeaker):
             s._on_present()
 
@@ -1156,6 +1234,8 @@ class FakeRoom:
             view = s.participant()
             for c in self._clients:
                 c._event("on_participant_left", copy.deepcopy(view), reason)
+        if isinstance(s, FakeReplica):
+            self._log("replica_left")
         if isinstance(s, FakeSpeaker):
             s._on_absent()
 
