@@ -187,3 +187,43 @@ def reblock(x: npt.NDArray[Any], block: int, start: int = 0) -> Iterator[AudioFr
     tail = r.flush()
     if tail is not None:
         yield tail
+
+
+# ----------------------------------------------------------------------- speech bounds (ground truth)
+ENVELOPE_WIN, ENVELOPE_HOP = 800, 160  # 50 ms windows every 10 ms, at 16 kHz
+
+
+def envelope_db(audio: npt.NDArray[np.int16]) -> npt.NDArray[np.float64]:
+    """Short-time energy in dBFS: 50 ms windows every 10 ms (window i is centred at `window_center(i)`)."""
+    x = audio.astype(np.float64)
+    n = max(0, (len(x) - ENVELOPE_WIN) // ENVELOPE_HOP + 1)
+    c = np.concatenate([[0.0], np.cumsum(x * x)])
+    idx = np.arange(n) * ENVELOPE_HOP
+    out: npt.NDArray[np.float64] = 10 * np.log10((c[idx + ENVELOPE_WIN] - c[idx]) / ENVELOPE_WIN / 32768**2 + 1e-12)
+    return out
+
+
+def window_center(i: int) -> int:
+    return i * ENVELOPE_HOP + ENVELOPE_WIN // 2
+
+
+def speech_bounds(audio: npt.NDArray[np.int16], core_db: float = 12.0, low_db: float = 6.0,
+                  rate: int = 16_000) -> tuple[float, float]:
+    """A clip's true speech bounds (s) from its own energy envelope, independent of any VAD.
+
+    The classic two-threshold endpoint rule: the loud core is within `core_db` of the clip's speech
+    level (95th percentile), extended outwards while the level stays `low_db` above its noise floor
+    (10th percentile). A single "x dB below the peak" rule counts the noisy lead-in of some clips
+    (e.g. 2830-3980-0043, 2078-142845-0041) as speech. Used by the tests and scripts/bench.py.
+    """
+    db = envelope_db(audio)
+    if len(db) == 0:
+        return 0.0, len(audio) / rate
+    floor, level = np.percentile(db, [10, 95])
+    core = np.flatnonzero(db >= level - core_db)
+    i, j = int(core[0]), int(core[-1])
+    while i > 0 and db[i - 1] >= floor + low_db:
+        i -= 1
+    while j < len(db) - 1 and db[j + 1] >= floor + low_db:
+        j += 1
+    return window_center(i) / rate, window_center(j) / rate

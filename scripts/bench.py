@@ -7,7 +7,7 @@
 
 How it measures (nothing here trusts the relay's own VAD):
 - The stream is the clips joined by --gap seconds of digital silence. Each clip's true speech end is
-  taken from its own energy envelope (last 10 ms frame within 35 dB of the clip's loudest frame).
+  taken from its own energy envelope (pipeline.dsp.speech_bounds: the two-threshold endpoint rule).
 - The stream is replayed in real time through `echo-relay run --sink jsonl:...` in a subprocess,
   exactly as a user runs it. Latency of a clip = `emitted_at_s` of the clip's last echo minus the
   true speech end (both on the stream clock).
@@ -42,10 +42,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 SPEECH = REPO / "tests" / "data" / "speech"
 SR = 16_000
-ENVELOPE_DB = 35.0  # a frame is speech when within this many dB of the clip's loudest frame
 SENTENCE_END = re.compile(r"[.?!][\"')\]]*$")
 
 sys.path.insert(0, str(REPO))
+from pipeline.dsp import speech_bounds  # noqa: E402
 from pipeline.source.file import decode_file  # noqa: E402
 
 
@@ -79,15 +79,6 @@ class Result:
     cpu_silence_pct: float | None = None
     peak_rss_mb: float = 0.0
     per_clip: list[dict[str, object]] = field(default_factory=list)
-
-
-def speech_bounds(audio: np.ndarray) -> tuple[float, float]:
-    frame = SR // 100
-    n = len(audio) // frame
-    x = audio[: n * frame].astype(np.float64).reshape(n, frame)
-    db = 10 * np.log10((x**2).mean(axis=1) + 1e-9)
-    loud = np.flatnonzero(db > db.max() - ENVELOPE_DB)
-    return loud[0] * frame / SR, (loud[-1] + 1) * frame / SR
 
 
 def load_clips(which: str) -> list[Clip]:

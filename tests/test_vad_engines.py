@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import ConfigError, EndpointSettings, Settings, VadSettings
+from pipeline.dsp import envelope_db, speech_bounds, window_center
 from pipeline.frames import SAMPLE_RATE, AudioFrame, Pcm, Utterance
 from pipeline.vad import (
     Discarded,
@@ -55,31 +56,7 @@ def load(name: str) -> Pcm:
     return audio
 
 
-WIN, HOP = 800, 160  # 50 ms windows every 10 ms
-
-
-def envelope_db(audio: Pcm) -> np.ndarray:
-    x = audio.astype(np.float64)
-    n = (len(x) - WIN) // HOP + 1
-    c = np.concatenate([[0.0], np.cumsum(x * x)])
-    idx = np.arange(n) * HOP
-    return 10 * np.log10((c[idx + WIN] - c[idx]) / WIN / 32768**2 + 1e-12)
-
-
-def window_center(i: int) -> int:
-    return i * HOP + WIN // 2
-
-
-def true_bounds(audio: Pcm, core_db: float = 12.0, low_db: float = 6.0) -> tuple[float, float]:
-    db = envelope_db(audio)
-    floor, level = np.percentile(db, [10, 95])
-    core = np.flatnonzero(db >= level - core_db)
-    i, j = int(core[0]), int(core[-1])
-    while i > 0 and db[i - 1] >= floor + low_db:
-        i -= 1
-    while j < len(db) - 1 and db[j + 1] >= floor + low_db:
-        j += 1
-    return window_center(i) / SAMPLE_RATE, window_center(j) / SAMPLE_RATE
+true_bounds = speech_bounds
 
 
 def stage(engine: str, **vad: object) -> VadStage:
@@ -199,7 +176,7 @@ def test_monologue_is_split_at_its_pauses(engine: str) -> None:
     for a, b in itertools.pairwise(utts):
         assert a.end <= b.start
         # between two utterances there is a real pause: the envelope dips near the noise floor
-        centers = np.arange(len(db)) * HOP + WIN // 2
+        centers = np.array([window_center(i) for i in range(len(db))])
         gap = db[(centers >= a.speech_end) & (centers <= b.speech_start)]
         assert gap.min() <= floor + 6, (a.id, a.speech_end, b.speech_start)
     # and almost nothing loud is left out. Measured: webrtc covers 97.5% of the loud windows,
