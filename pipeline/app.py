@@ -73,6 +73,10 @@ def build_relay(settings: Settings, *, metrics: Metrics | None = None, source: A
 async def run_daemon(settings: Settings, relay: Relay | None = None) -> int:
     """`echo-relay run`: start everything, relay until the source ends or a signal, drain, exit."""
     register_settings_secrets(settings)
+    t = settings.tavus
+    if settings.sink.spec == "daily" and t.api_key is None and not t.conversation_url:  # a config mistake (2)
+        raise ConfigError("the daily sink needs a Tavus API key (environment TAVUS_API_KEY) to create a "
+                          "conversation, or tavus.conversation_url to join an existing one", "tavus.api_key")
     try:
         relay = relay or build_relay(settings)
     except ConfigError:

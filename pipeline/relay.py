@@ -44,6 +44,7 @@ from pipeline.vad import SpeechPaused, SpeechResumed, SpeechStarted, UtteranceEn
 log = logging.getLogger("echo_relay.relay")
 
 RECENT_UTTERANCES = 20  # kept for /status
+QUEUE_POLL_S = 0.1  # a capture waiting on a full delivery queue re-checks for stop() this often
 
 
 @dataclass(slots=True)
@@ -105,6 +106,7 @@ class Relay:
         self._spec: _Speculation | None = None
         self._model_loaded = False
         self._stopping = asyncio.Event()
+        self._drain_deadline: float | None = None  # time.monotonic() by which pending work must be out
         self._barge_pending: int | None = None  # speech start position awaiting barge_in_min_ms
         self._send_lock = asyncio.Lock()
         self._api_count = 0
@@ -159,17 +161,23 @@ class Relay:
         """Graceful stop: capture ends, the utterance in progress and the queue are delivered."""
         if not self._stopping.is_set():
             self._stopping.set()
+            self._drain_deadline = time.monotonic() + self.settings.sink.drain_timeout_s
             self._spawn(self.source.close())
 
     async def _finish(self, deliver: asyncio.Task[None]) -> None:
         drain = self.settings.sink.drain_timeout_s
-        await self._jobs.put(None)
+        if self._drain_deadline is None:  # the source ended by itself: the drain time starts now
+            self._drain_deadline = time.monotonic() + drain
         try:
-            await asyncio.wait_for(asyncio.shield(deliver), timeout=drain)
+            if not await self._queue_job(None):
+                raise TimeoutError
+            left = max(0.0, self._drain_deadline - time.monotonic())
+            await asyncio.wait_for(asyncio.shield(deliver), timeout=left)
         except TimeoutError:
-            deliver.cancel()
-            lost = self._jobs.qsize()
-            log.error("drain deadline (%.1fs) passed with %d item(s) undelivered", drain, lost)
+            log.error("drain deadline (%.1fs) passed with %d item(s) queued", drain, self._jobs.qsize())
+            deliver.cancel()  # the item being delivered is counted undeliverable by _deliver_loop
+            with contextlib.suppress(asyncio.CancelledError):
+                await deliver
             while not self._jobs.empty():
                 job = self._jobs.get_nowait()
                 if job is not None:
@@ -225,7 +233,9 @@ class Relay:
         self._spec = None
 
     async def _speculation_done(self, spec: _Speculation) -> None:
-        if not spec.valid or spec is not self._spec or spec.task.cancelled() or spec.task.exception():
+        # exception() first: a failed decode that was superseded must still be retrieved (else asyncio
+        # logs "Task exception was never retrieved" with a traceback when the task is collected).
+        if spec.task.cancelled() or spec.task.exception() is not None or not spec.valid or spec is not self._spec:
             return
         tr = spec.task.result()
         if tr.dropped_reason:
@@ -264,7 +274,22 @@ class Relay:
             transcript = asyncio.ensure_future(self.asr.transcribe(utt.audio, self._meta(utt)))
         job = _Job("speech", self._meta(utt), utterance=utt, transcript=transcript)
         self.metrics.queue_depth.labels(queue="delivery").set(self._jobs.qsize() + 1)
-        await self._jobs.put(job)  # backpressure: a full queue pauses capture (documented in README)
+        if not await self._queue_job(job):  # backpressure: a full queue pauses capture (docs/reliability.md)
+            self._undeliverable(job, "drain deadline passed")
+
+    async def _queue_job(self, job: _Job | None) -> bool:
+        """Put on the delivery queue, waiting while it is full; after stop() only until the drain
+        deadline (False when it passed: the caller accounts the job)."""
+        while True:
+            deadline = self._drain_deadline
+            wait = QUEUE_POLL_S if deadline is None else deadline - time.monotonic()
+            if wait <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._jobs.put(job), wait)
+                return True
+            except TimeoutError:
+                continue
 
     def _meta(self, utt: Utterance) -> UtteranceMeta:
         return UtteranceMeta(utterance_id=utt.id, audio_start_s=utt.audio_start_s, audio_end_s=utt.audio_end_s,
@@ -297,6 +322,9 @@ class Relay:
                 return
             try:
                 await self._deliver(job)
+            except asyncio.CancelledError:  # the drain deadline passed while this item was in flight
+                self._undeliverable(job, "drain deadline passed")
+                raise
             except Exception:  # one bad item must never stop the relay
                 log.exception("unexpected error delivering %s", job.meta.utterance_id)
                 self._undeliverable(job, "internal error")
@@ -335,6 +363,7 @@ class Relay:
         except TimeoutError:
             log.warning("ASR missed its %.1fs deadline on %s; utterance dropped", self.settings.asr.deadline_s,
                         meta.utterance_id)
+            job.transcript.add_done_callback(_retrieve)  # its late result or error is not wanted
             self._drop(meta, "asr_deadline")
             return None
         except Exception as exc:
@@ -420,7 +449,11 @@ class Relay:
     def _undeliverable(self, job: _Job, why: str) -> None:
         self.ledger.undeliverable += 1
         self.metrics.send_failures.inc()
-        log.error("undeliverable %s: %s (text: %r)", job.meta.utterance_id, why, job.text or job.meta.asr_text)
+        text = job.text or job.meta.asr_text
+        tr = job.transcript
+        if not text and tr is not None and tr.done() and not tr.cancelled() and tr.exception() is None:
+            text = tr.result().text  # not yet handed to the transforms, but the words are known
+        log.error("undeliverable %s: %s (text: %r)", job.meta.utterance_id, why, text)
 
     # --------------------------------------------------------------------- control API handle
     def _enqueue(self, job: _Job) -> None:
@@ -469,3 +502,9 @@ class Relay:
                 "model": {"engine": self.asr.name, "name": self.asr.model_name, "loaded": self._model_loaded},
                 "queues": {"delivery": self._jobs.qsize()}, "ledger": self.ledger.as_dict(),
                 "source_stats": self.source.stats(), "recent": list(self.recent)}
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark an abandoned future's outcome as seen (no 'exception was never retrieved' report)."""
+    if not fut.cancelled():
+        fut.exception()

@@ -6,28 +6,18 @@ cached at module level, so however many test modules use them, tiny.en loads onc
 
 from __future__ import annotations
 
-import csv
 import functools
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+from conftest import SPEECH
 
 from pipeline.config import AsrSettings
 from pipeline.frames import UtteranceMeta
 
 if TYPE_CHECKING:
     from pipeline.asr.whisper import FasterWhisperEngine
-
-SPEECH = Path(__file__).resolve().parent / "data" / "speech"
-
-
-@functools.cache
-def manifest() -> dict[str, dict[str, str]]:
-    with open(SPEECH / "manifest.tsv", encoding="utf-8", newline="") as f:
-        return {row["file"]: row for row in csv.DictReader(f, delimiter="\t")}
-
 
 @functools.cache
 def load_clip(rel: str, start_s: float = 0.0, end_s: float | None = None) -> np.ndarray:
@@ -39,27 +29,6 @@ def load_clip(rel: str, start_s: float = 0.0, end_s: float | None = None) -> np.
     pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16)
     pcm.setflags(write=False)
     return pcm
-
-
-def reference(rel: str) -> str:
-    return manifest()[rel]["reference_normalized"]
-
-
-@functools.cache
-def _normalizer() -> Any:
-    from whisper_normalizer.english import EnglishTextNormalizer
-
-    return EnglishTextNormalizer()
-
-
-def wer(ref: str, hyp: str) -> float:
-    import jiwer
-
-    norm = _normalizer()
-    r, h = norm(ref), norm(hyp)
-    if not h.strip():
-        return 1.0
-    return float(jiwer.wer(r, h))
 
 
 def meta_for(pcm: np.ndarray, uid: str = "test") -> UtteranceMeta:

@@ -14,6 +14,7 @@ while the rest of the pipeline is real:
 - sources: `StallingSource` pauses a file source mid-stream; `FakeMicDevice` is a PortAudio stand-in
   for `MicSource(stream_factory=...)` that plays real speech and can overflow, vanish and come back;
 - Daily: `poison_sends` makes the fake room's send completion fail for chosen messages;
+  `recording_daily_sink` is the real Daily sink remembering what it reported delivered;
 - invariants: `check_invariants(relay, sent)` asserts the accounting rules every test relies on.
 
 Importable both as `faults` (tests put tests/ on sys.path) and `tests.faults` (dotted paths in config
@@ -335,7 +336,7 @@ class FaultStep:
 class AsyncFaultStep(FaultStep):
     """The same as an async step (runs on the loop; `hang` awaits forever, cancelled by the timeout)."""
 
-    async def __call__(self, text: str, meta: UtteranceMeta) -> Any:  # type: ignore[override]
+    async def __call__(self, text: str, meta: UtteranceMeta) -> Any:
         kind = self.decide(meta)
         if kind == "hang":
             await asyncio.Event().wait()
@@ -446,15 +447,20 @@ class FakeMicDevice:
     Script: `overflow_at` block indexes flagged input_overflow; `vanish_at` = sample position where the
     stream stops (device unplugged: `active` goes False, no more callbacks); `unavailable_opens` =
     opens that fail after that (device still gone), then opens work and playback resumes where it
-    stopped. When the audio is exhausted the device produces silence."""
+    stopped; `stall_at` = position where callbacks stop for `stall_s` while the stream still claims to
+    be active (a wedged driver). When the audio is exhausted the device produces silence."""
 
     def __init__(self, pcm: Pcm, *, speed: float = 4.0, overflow_at: Iterable[int] = (),
-                 vanish_at: int | None = None, unavailable_opens: int = 0) -> None:
+                 vanish_at: int | None = None, unavailable_opens: int = 0, stall_at: int | None = None,
+                 stall_s: float = 0.0) -> None:
         self.pcm = np.asarray(pcm, dtype=np.int16)
         self.speed = speed
         self.overflow_at = set(overflow_at)
         self.vanish_at = vanish_at
         self.unavailable_opens = unavailable_opens
+        self.stall_at = stall_at  # sample position where callbacks stop for stall_s (stream still active)
+        self.stall_s = stall_s
+        self.stalled = False
         self.pos = 0
         self.block_index = 0
         self.opens = 0
@@ -479,6 +485,13 @@ class FakeMicDevice:
         stream = _FakeMicStream(self, blocksize, channels, callback)
         self.streams.append(stream)
         return stream
+
+    def stall_now(self) -> bool:
+        with self.lock:
+            if self.stall_at is not None and not self.stalled and self.pos >= self.stall_at:
+                self.stalled = True
+                return True
+            return False
 
     def next_block(self, n: int) -> tuple[np.ndarray[Any, Any], bool, bool]:
         """-> (block, overflow flag, vanish now)."""
@@ -510,6 +523,10 @@ class _FakeMicStream:
         interval = self.blocksize / SAMPLE_RATE / self.dev.speed
         next_t = time.monotonic()
         while not self._stop.is_set():
+            if self.dev.stall_now():
+                if self._stop.wait(self.dev.stall_s):
+                    return
+                next_t = time.monotonic()
             block, overflow, vanish = self.dev.next_block(self.blocksize)
             if vanish:
                 self.active = False  # unplugged: PortAudio ends the stream, no more callbacks
@@ -566,12 +583,30 @@ async def run_relay(settings: Any, *, sink: Sink, asr: AsrEngine, metrics: Metri
             helper.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await helper
-    if helper is not None and helper.done() and not helper.cancelled() and helper.exception() is not None:
-        raise helper.exception()  # type: ignore[misc]
+    if helper is not None and helper.done() and not helper.cancelled():
+        error = helper.exception()
+        if error is not None:
+            raise error
     return relay
 
 
 # ---------------------------------------------------------------------------------------- Daily
+def recording_daily_sink(settings: Any, metrics: Metrics) -> Any:
+    """The real DailySink, also remembering what it reported delivered in `.sent` (for check_invariants)."""
+    from pipeline.sink.daily import DailySink
+
+    class RecordingDailySink(DailySink):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.sent: list[Outgoing] = []
+
+        async def send(self, out: Outgoing) -> None:
+            await super().send(out)
+            self.sent.append(out)
+
+    return RecordingDailySink(settings, metrics)
+
+
 SEND_FAILED = "AppMessage(Signalling(SendFailed))"
 
 

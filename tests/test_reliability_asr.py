@@ -7,8 +7,8 @@ and every other utterance still flows and is delivered, in order, with its words
 
 from __future__ import annotations
 
+import gc
 import logging
-from pathlib import Path
 
 import pytest
 from faults import (
@@ -37,7 +37,7 @@ def track(tmp_path_factory: pytest.TempPathFactory) -> Track:
 def check_content(track: Track, relay: object, sink: RecordingSink, faulted: set[str]) -> None:
     report = check_invariants(relay, sink.sent)
     assert not faulted & set(report.delivered_uids), "a faulted utterance was delivered"
-    covered = set()
+    covered: set[str] = set()
     for uid in report.delivered_uids:
         first = next(o for o in sink.sent if o.utterance_id == uid)
         segs = track.segments_in(first.audio_start_s, first.audio_end_s)
@@ -66,6 +66,8 @@ async def test_asr_error_and_deadline_drop_one_utterance_each_and_the_rest_flow(
     check_content(track, relay, sink, {"u2", "u4"})
     assert "ASR failed on u2: injected ASR failure on u2" in caplog.text
     assert "ASR missed its 1.0s deadline on u4" in caplog.text
+    gc.collect()  # a failed decode nobody looked at is reported when its task is collected
+    assert "exception was never retrieved" not in caplog.text
 
 
 async def test_engine_thread_blocked_past_the_deadline(track: Track) -> None:
@@ -82,7 +84,8 @@ async def test_engine_thread_blocked_past_the_deadline(track: Track) -> None:
     check_content(track, relay, sink, {"u2"})
 
 
-async def test_every_decode_failing_drops_everything_and_ends_cleanly(track: Track, tmp_path: Path) -> None:
+async def test_every_decode_failing_drops_everything_and_ends_cleanly(
+        track: Track, caplog: pytest.LogCaptureFixture) -> None:
     """Nothing is delivered, nothing hangs, and every utterance is accounted as asr_error."""
     metrics = Metrics()
     asr = FaultyAsr(real_engine(), plan=lambda meta: AsrFault("raise"), metrics=metrics)
@@ -92,3 +95,5 @@ async def test_every_decode_failing_drops_everything_and_ends_cleanly(track: Tra
     assert relay.ledger.dropped == {"asr_error": relay.ledger.closed}
     assert sink.sent == []
     check_invariants(relay, sink.sent)
+    gc.collect()
+    assert "exception was never retrieved" not in caplog.text
