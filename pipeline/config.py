@@ -81,7 +81,7 @@ class VadSettings(_Section):
     threshold: float = Field(0.5, gt=0, lt=1, description="Silero speech probability threshold")
     pre_roll_ms: int = Field(300, ge=0, le=2000, description="audio kept before speech onset so first words survive")
     start_ms: int = Field(90, ge=0, le=1000, description="speech needed to open an utterance")
-    hangover_ms: int = Field(800, ge=30, le=5000, description="silence that always closes an utterance")
+    hangover_ms: int = Field(700, ge=30, le=5000, description="silence that always closes an utterance")
     min_utterance_ms: int = Field(200, ge=0, description="shorter speech is ignored (clicks, breaths)")
     max_utterance_s: float = Field(20.0, gt=1, le=30, description="longer speech is split at the quietest recent point")
     split_search_s: float = Field(3.0, gt=0, description="how far back to look for the quietest point when splitting")

@@ -364,11 +364,11 @@ class Relay:
             log.warning("ASR missed its %.1fs deadline on %s; utterance dropped", self.settings.asr.deadline_s,
                         meta.utterance_id)
             job.transcript.add_done_callback(_retrieve)  # its late result or error is not wanted
-            self._drop(meta, "asr_deadline")
+            self._drop(meta, "asr_deadline", metric=("asr", "deadline"))
             return None
         except Exception as exc:
             log.error("ASR failed on %s: %s", meta.utterance_id, exc)
-            self._drop(meta, "asr_error")
+            self._drop(meta, "asr_error", metric=("asr", "error"))
             return None
         self.metrics.stage_latency.labels(stage="asr").observe(tr.decode_s)
         if tr.dropped_reason or not tr.text.strip():
@@ -437,10 +437,13 @@ class Relay:
                             "audio_end_s": job.meta.audio_end_s, "asr_text": job.meta.asr_text, "text": text,
                             "status": "delivered" if ok else "undeliverable"})
 
-    def _drop(self, meta: UtteranceMeta, reason: str, counted: bool = False) -> None:
+    def _drop(self, meta: UtteranceMeta, reason: str, counted: bool = False,
+              metric: tuple[str, str] | None = None) -> None:
+        """Account a dropped utterance under `reason` (ledger key); the metric is labelled `metric`
+        (stage, reason), else from "stage:reason"; `counted` when the stage already counted it."""
         if not counted:
             stage, _, why = reason.partition(":")
-            self.metrics.drop(stage, why or reason)
+            self.metrics.drop(*(metric or (stage, why or reason)))
         self.ledger.drop(reason)
         log.debug("dropped %s (%s)", meta.utterance_id, reason)
         self.recent.append({"utterance_id": meta.utterance_id, "asr_text": meta.asr_text,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -36,9 +37,10 @@ def reference(name: str) -> str:
 
 
 @cache
-def _normalizer():  # type: ignore[no-untyped-def]
+def _normalizer() -> Callable[[str], str]:
     from whisper_normalizer.english import EnglishTextNormalizer
-    return EnglishTextNormalizer()
+    normalizer: Callable[[str], str] = EnglishTextNormalizer()
+    return normalizer
 
 
 def normalize(text: str) -> str:

@@ -663,11 +663,13 @@ def ledger_reason_to_metric(reason: str) -> tuple[str, str]:
     """How the relay labels a ledger drop reason in `echo_relay_dropped_total`."""
     if reason.startswith("transform:"):
         return "transform", reason.removeprefix("transform:")
+    if reason in ("asr_error", "asr_deadline"):
+        return "asr", reason.removeprefix("asr_")
     stage, _, why = reason.partition(":")
     return stage, why or reason
 
 
-UTTERANCE_DROP_STAGES = ("asr", "asr_error", "asr_deadline", "transform")
+UTTERANCE_DROP_STAGES = ("asr", "transform")
 
 
 @dataclass

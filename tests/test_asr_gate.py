@@ -11,6 +11,7 @@ from pipeline.asr.gate import (
     gate,
     has_repetition,
     is_annotation,
+    is_doubled,
     is_phantom,
     normalize_phrase,
     rms_dbfs,
@@ -137,3 +138,15 @@ def test_order_of_reasons() -> None:
     assert gate("", no_speech_prob=0.99, avg_logprob=-5, audio_dbfs=-90, settings=G) == "empty"
     assert gate("you", no_speech_prob=0.99, avg_logprob=-2, audio_dbfs=-90, settings=G) == "no_speech"
     assert gate("you", no_speech_prob=0.1, avg_logprob=-2, audio_dbfs=-90, settings=G) == "low_logprob"
+
+
+@pytest.mark.parametrize(("text", "doubled"), [
+    ("Experience proves this. Experience proves this.", True),
+    ("Ask not, ask not.", False),  # two words: too short to call a loop
+    ("words words words words", False),  # one-word phrase
+    ("and so my fellow Americans and so my fellow Americans", True),
+    ("Experience proves this. Experience proves that.", False),
+    ("Experience proves this.", False),
+])
+def test_is_doubled(text: str, doubled: bool) -> None:
+    assert is_doubled(text.split()) is doubled

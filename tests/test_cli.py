@@ -50,7 +50,7 @@ def test_config_check_prints_effective_config_with_secrets_redacted(tmp_path: Pa
     assert "tvs-very-secret-key" not in proc.stdout + proc.stderr
     assert "tok-abcdef123" not in proc.stdout + proc.stderr
     assert "api_key: '***'" in proc.stdout and "token: '***'" in proc.stdout
-    assert "hangover_ms: 800" in proc.stdout and "engine: silero" in proc.stdout
+    assert "hangover_ms: 700" in proc.stdout and "engine: silero" in proc.stdout
 
 
 def test_config_error_names_key_exit_2(tmp_path: Path) -> None:

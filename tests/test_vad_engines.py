@@ -310,7 +310,7 @@ def test_stage_end_now_and_segment() -> None:
 def test_describe_lists_every_threshold() -> None:
     text = stage("webrtc").describe()
     for part in ("webrtc (aggressiveness 3, 30 ms frames)", "threshold=0.5", "pre_roll=300 ms", "start=90 ms",
-                 "hangover=800 ms", "min_utterance=200 ms", "max_utterance=20 s", "split_search=3 s",
+                 "hangover=700 ms", "min_utterance=200 ms", "max_utterance=20 s", "split_search=3 s",
                  "speech_pad=150 ms", "speculative=150 ms"):
         assert part in text, (part, text)
     text = energy_stage().describe()

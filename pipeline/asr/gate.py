@@ -95,6 +95,17 @@ def is_phantom(text: str, phrases: Iterable[str]) -> bool:
     return False
 
 
+def is_doubled(words: Sequence[str], min_words: int = 3) -> bool:
+    """True when the whole text is one phrase of at least `min_words` words said twice
+    ("Experience proves this. Experience proves this." from a 2 s clip): how a short encoder window
+    loops on short utterances. Checked on short-window output only, which then gets the full window."""
+    n = len(words)
+    if n < 2 * min_words or n % 2:
+        return False
+    w = [normalize_phrase(x) for x in words]
+    return w[: n // 2] == w[n // 2:]
+
+
 def has_repetition(words: Sequence[str], *, min_repeats: int = 3, min_span: int = 8) -> bool:
     """True when some n-gram repeats back to back at least `min_repeats` times and the repeated
     stretch covers at least `min_span` words: the signature of a decoder loop

@@ -43,7 +43,7 @@ import ctranslate2
 import numpy as np
 
 from pipeline.asr.base import AsrError, SyncAsrEngine
-from pipeline.asr.gate import compression_ratio, gate, has_repetition, normalize_phrase, rms_dbfs
+from pipeline.asr.gate import compression_ratio, gate, has_repetition, is_doubled, normalize_phrase, rms_dbfs
 from pipeline.asr.models import ModelLocation, check_model_dir, resolve_model
 from pipeline.config import AsrSettings
 from pipeline.frames import SAMPLE_RATE, Pcm, Transcript, UtteranceMeta
@@ -265,6 +265,8 @@ class FasterWhisperEngine(SyncAsrEngine):
             d.extra["degenerate"] = "compression_ratio"
         elif has_repetition(text.split()):
             d.extra["degenerate"] = "repeated_ngram"
+        elif window_s < FULL_WINDOW_S and is_doubled(text.split()):
+            d.extra["degenerate"] = "doubled_phrase"
         if text and text[-1] in SENTENCE_END:
             t3 = time.perf_counter()
             d.final_punct_prob = self._final_punct_prob(result, tokens, tok, encoded, prompt, lang, greedy)
