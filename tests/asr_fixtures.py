@@ -11,10 +11,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-from conftest import SPEECH
+from conftest import SPEECH, manifest, reference, wer
 
 from pipeline.config import AsrSettings
 from pipeline.frames import UtteranceMeta
+
+__all__ = ["SPEECH", "bundled_model_path", "load_clip", "manifest", "meta_for", "reference", "shared_engine",
+           "tiny_settings", "wer"]  # the clip/WER helpers come from conftest, re-exported for the ASR tests
 
 if TYPE_CHECKING:
     from pipeline.asr.whisper import FasterWhisperEngine
