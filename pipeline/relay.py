@@ -44,6 +44,7 @@ from pipeline.vad import SpeechPaused, SpeechResumed, SpeechStarted, UtteranceEn
 log = logging.getLogger("echo_relay.relay")
 
 RECENT_UTTERANCES = 20  # kept for /status
+LEVEL_EVERY_SAMPLES = SAMPLE_RATE // 10  # input-level gauge update period
 QUEUE_POLL_S = 0.1  # a capture waiting on a full delivery queue re-checks for stop() this often
 
 
@@ -191,8 +192,11 @@ class Relay:
 
     # -------------------------------------------------------------------------------- capture
     async def _capture_loop(self) -> None:
+        next_level = 0  # the input-level gauge is for dashboards: 10 updates a second are plenty
         async for frame in self.source.frames():
-            self.metrics.input_level.set(rms_dbfs(frame.samples))
+            if frame.start >= next_level:
+                self.metrics.input_level.set(rms_dbfs(frame.samples))
+                next_level = frame.start + LEVEL_EVERY_SAMPLES
             for event in self.vad.process(frame):
                 await self._on_vad_event(event)
             await self._maybe_finish()
@@ -202,7 +206,8 @@ class Relay:
 
     async def _on_vad_event(self, event: object) -> None:
         if isinstance(event, SpeechStarted):
-            self._on_speech_started(event.pos)
+            if event.continues is None:  # a max-length split continues speech already barged in on
+                self._on_speech_started(event.pos)
         elif isinstance(event, SpeechPaused):
             self._speculate(event.utterance_id, event.snapshot)
         elif isinstance(event, SpeechResumed):
@@ -264,6 +269,7 @@ class Relay:
         self.ledger.closed += 1
         self.metrics.utterances.labels(reason=utt.reason).inc()
         self._barge_pending = None
+        meta = self._meta(utt)
         spec, self._spec = self._spec, None
         if spec is not None and spec.valid and spec.utterance_id == utt.id and spec.speech_end == utt.speech_end:
             transcript = spec.task
@@ -271,8 +277,8 @@ class Relay:
         else:
             if spec is not None and spec.valid:
                 self.metrics.speculative.labels(outcome="discarded").inc()
-            transcript = asyncio.ensure_future(self.asr.transcribe(utt.audio, self._meta(utt)))
-        job = _Job("speech", self._meta(utt), utterance=utt, transcript=transcript)
+            transcript = asyncio.ensure_future(self.asr.transcribe(utt.audio, meta))
+        job = _Job("speech", meta, utterance=utt, transcript=transcript)
         self.metrics.queue_depth.labels(queue="delivery").set(self._jobs.qsize() + 1)
         if not await self._queue_job(job):  # backpressure: a full queue pauses capture (docs/reliability.md)
             self._undeliverable(job, "drain deadline passed")

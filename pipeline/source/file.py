@@ -21,7 +21,6 @@ Design choices:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -138,6 +137,17 @@ class FileSource(Source):
         reblocker = Reblocker(self.block)
         paced = self.speed > 0
         self._t0 = time.monotonic()
+        # One future for the whole run: a wait_for(Event.wait()) per block made a task per block.
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            async for frame in self._paced(pcm, reblocker, paced, closed):
+                yield frame
+        finally:
+            closed.cancel()
+
+    async def _paced(self, pcm: Pcm, reblocker: Reblocker, paced: bool,
+                     closed: asyncio.Future[Any]) -> AsyncIterator[AudioFrame]:
+        assert self._t0 is not None
         while not self._closed.is_set():
             pending = reblocker.push(pcm)
             if not self.loop:
@@ -148,8 +158,7 @@ class FileSource(Source):
                 if paced:
                     delay = self._t0 + frame.end / SAMPLE_RATE / self.speed - time.monotonic()
                     if delay > 0:
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._closed.wait(), delay)
+                        await asyncio.wait((closed,), timeout=delay)
                 else:
                     await asyncio.sleep(0)  # let the rest of the relay run between frames
                 if self._closed.is_set():
