@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -394,7 +395,7 @@ def main() -> int:
     for r in results:
         print(f"\n{r.label}:\n{clip_table(r)}")
     if args.write:
-        cmd = "python scripts/bench.py " + " ".join(sys.argv[1:])
+        cmd = "python scripts/bench.py " + shlex.join(sys.argv[1:])
         args.write.write_text(render_markdown(results, clips, cmd, args))
         print(f"wrote {args.write}", file=sys.stderr)
     return 0
