@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +29,15 @@ class ConfigError(Exception):
     def __init__(self, message: str, key: str | None = None) -> None:
         super().__init__(f"{key}: {message}" if key else message)
         self.key = key
+
+
+def _checked_spec(parse: Callable[[str], object], error: type[Exception], spec: str) -> str:
+    """Validate a source/sink spec with the stage's own parser, as a pydantic error naming the key."""
+    try:
+        parse(spec)
+    except error as exc:
+        raise ValueError(str(exc)) from None
+    return spec
 
 
 class _Section(BaseModel):
@@ -62,11 +71,8 @@ class SourceSettings(_Section):
     @classmethod
     def _known_spec(cls, v: str) -> str:
         from pipeline.source import SourceError, parse_source_spec  # the stage owns its grammar
-        try:
-            parse_source_spec(v)
-        except SourceError as exc:
-            raise ValueError(str(exc)) from None
-        return v
+        return _checked_spec(parse_source_spec, SourceError, v)
+
     block_ms: int = Field(20, ge=10, le=100, description="audio block size handed to the VAD, ms")
     file: FileSourceSettings = FileSourceSettings()
     mic: MicSourceSettings = MicSourceSettings()
@@ -187,11 +193,7 @@ class SinkSettings(_Section):
     @classmethod
     def _known_spec(cls, v: str) -> str:
         from pipeline.sink import SinkError, parse_sink_spec  # the stage owns its grammar
-        try:
-            parse_sink_spec(v)
-        except SinkError as exc:
-            raise ValueError(str(exc)) from None
-        return v
+        return _checked_spec(parse_sink_spec, SinkError, v)
     max_message_bytes: int = Field(4096, ge=512, description="serialized size limit per app-message")
     queue_size: int = Field(64, ge=1, description="messages waiting for the sink; when full the relay waits")
     drain_timeout_s: float = Field(10.0, gt=0, description="on shutdown, time allowed to deliver what is queued")
