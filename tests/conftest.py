@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
 
@@ -53,6 +53,17 @@ def wer(ref: str, hyp: str) -> float:
     if not r:
         return 0.0 if not h else 1.0
     return float(jiwer.wer(r, h))
+
+
+@pytest.fixture
+def clean_fake_daily() -> Iterator[None]:
+    """Fresh fake Daily rooms for a test, and no exception ever raised inside an SDK callback."""
+    from pipeline.testing import fake_daily
+    fake_daily.FakeRoom.reset()
+    n_errors = len(fake_daily.callback_errors)
+    yield
+    fake_daily.FakeRoom.reset()
+    assert fake_daily.callback_errors[n_errors:] == []
 
 
 @pytest.fixture(scope="session")

@@ -23,13 +23,8 @@ real = pytest.importorskip("daily")
 
 
 @pytest.fixture(autouse=True)
-def _clean() -> Any:
-    FakeRoom.reset()
-    n_errors = len(fake_daily.callback_errors)
+def _init(clean_fake_daily: None) -> None:
     daily_room.ensure_daily_initialized(fake_daily)  # the guard owns init in this process
-    yield
-    FakeRoom.reset()
-    assert fake_daily.callback_errors[n_errors:] == []
 
 
 def _params(fn: Any) -> list[tuple[str, str, Any]]:

@@ -29,13 +29,7 @@ from pipeline.testing.fake_daily import FakeRoom
 FAKE = "pipeline.testing.fake_daily"
 
 
-@pytest.fixture(autouse=True)
-def _clean() -> Any:
-    FakeRoom.reset()
-    n_errors = len(fake_daily.callback_errors)
-    yield
-    FakeRoom.reset()
-    assert fake_daily.callback_errors[n_errors:] == []
+pytestmark = pytest.mark.usefixtures("clean_fake_daily")  # fresh rooms, no error inside a callback
 
 
 def test_module_selection(monkeypatch: pytest.MonkeyPatch) -> None:

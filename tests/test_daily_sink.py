@@ -27,13 +27,7 @@ FAKE = "pipeline.testing.fake_daily"
 PERSONA = "Echo Persona"
 
 
-@pytest.fixture(autouse=True)
-def _clean() -> Any:
-    FakeRoom.reset()
-    n_errors = len(fake_daily.callback_errors)
-    yield
-    FakeRoom.reset()
-    assert fake_daily.callback_errors[n_errors:] == []
+pytestmark = pytest.mark.usefixtures("clean_fake_daily")  # fresh rooms, no error inside a callback
 
 
 def make_settings(room: FakeRoom | None = None, **dotted: Any) -> Settings:

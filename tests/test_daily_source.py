@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,6 @@ from pipeline.metrics import Metrics
 from pipeline.sink.daily import DailySink
 from pipeline.source.base import SourceError
 from pipeline.source.daily import DailySource
-from pipeline.testing import fake_daily
 from pipeline.testing.fake_daily import FakeRoom
 
 FAKE = "pipeline.testing.fake_daily"
@@ -25,14 +25,10 @@ PERSONA = "Echo Persona"
 
 
 @pytest.fixture(autouse=True)
-def _clean() -> Any:
-    FakeRoom.reset()
+def _unshared(clean_fake_daily: None) -> Iterator[None]:
     daily_room.share_connection(None)
-    n_errors = len(fake_daily.callback_errors)
     yield
-    FakeRoom.reset()
     daily_room.share_connection(None)
-    assert fake_daily.callback_errors[n_errors:] == []
 
 
 def make_settings(room: FakeRoom | None, **dotted: Any) -> Settings:

@@ -30,20 +30,13 @@ from faults import (
 
 from pipeline.app import EXIT_OK, EXIT_RUNTIME, build_relay, run_daemon
 from pipeline.metrics import Metrics
-from pipeline.testing import fake_daily
 from pipeline.testing.fake_daily import FakeRoom
 
 FAKE = "pipeline.testing.fake_daily"
 PERSONA = "Echo Persona"
 
 
-@pytest.fixture(autouse=True)
-def _clean_rooms() -> Any:
-    FakeRoom.reset()
-    n_errors = len(fake_daily.callback_errors)
-    yield
-    FakeRoom.reset()
-    assert fake_daily.callback_errors[n_errors:] == []  # no exception ever raised in an SDK callback
+pytestmark = pytest.mark.usefixtures("clean_fake_daily")  # fresh rooms, no error inside a callback
 
 
 @pytest.fixture(scope="module")
