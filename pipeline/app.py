@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +51,6 @@ def register_settings_secrets(settings: Settings) -> None:
             register_secret(secret.get_secret_value())
 
 
-@dataclass
-class Components:
-    settings: Settings
-    metrics: Metrics = field(default_factory=Metrics)
-    source: Any = None
-    sink: Sink | None = None
-    asr: AsrEngine | None = None
-
-
 def build_relay(settings: Settings, *, metrics: Metrics | None = None, source: Any = None,
                 sink: Sink | None = None, asr: AsrEngine | None = None) -> Relay:
     """Construct every stage (nothing is started). Raises ConfigError/SourceError/SinkError/AsrError."""
@@ -79,8 +70,6 @@ async def run_daemon(settings: Settings, relay: Relay | None = None) -> int:
                           "conversation, or tavus.conversation_url to join an existing one", "tavus.api_key")
     try:
         relay = relay or build_relay(settings)
-    except ConfigError:
-        raise
     except SourceError as exc:
         raise StartupError(str(exc), EXIT_INPUT) from None
     except SinkError as exc:
@@ -161,10 +150,7 @@ async def transcribe_files(paths: list[Path], settings: Settings) -> list[FileTr
     results: list[FileTranscript] = []
     try:
         for path in paths:
-            try:
-                audio = await asyncio.to_thread(decode_file, path)
-            except SourceError:
-                raise
+            audio = await asyncio.to_thread(decode_file, path)
             vad: VadStage = make_vad_stage(settings)
             utterances = vad.segment(audio)
             items: list[dict[str, Any]] = []

@@ -382,8 +382,11 @@ class FasterWhisperEngine(SyncAsrEngine):
             d = self._decode_long(samples.copy())
         else:
             d = self._decode_utterance(samples)
-        reason = gate(d.text, no_speech_prob=d.no_speech_prob, avg_logprob=d.avg_logprob, audio_dbfs=dbfs,
-                      settings=s.gate, compression_ratio_value=d.compression_ratio)
+        def verdict(d: _Decode) -> str | None:
+            return gate(d.text, no_speech_prob=d.no_speech_prob, avg_logprob=d.avg_logprob, audio_dbfs=dbfs,
+                        settings=s.gate, compression_ratio_value=d.compression_ratio)
+
+        reason = verdict(d)
         if reason in SECOND_OPINION_REASONS and d.window_s < FULL_WINDOW_S:
             # A short window padded with many seconds of zero features makes Whisper doubt very short
             # utterances (jfk's 1.4 s "ask not": "S NOT", no_speech 0.61 with 10 s; "Ask not!", 0.37 with
@@ -393,8 +396,7 @@ class FasterWhisperEngine(SyncAsrEngine):
             full.generate_s += d.generate_s
             full.extra["attempts"] = d.extra.get("attempts", 1) + full.extra.get("attempts", 1)
             d = full
-            reason = gate(d.text, no_speech_prob=d.no_speech_prob, avg_logprob=d.avg_logprob, audio_dbfs=dbfs,
-                          settings=s.gate, compression_ratio_value=d.compression_ratio)
+            reason = verdict(d)
         decode_s = time.perf_counter() - t0
         extra: dict[str, Any] = {
             "window_s": d.window_s, "attempts": d.extra.get("attempts", 1), "encode_s": d.encode_s,
