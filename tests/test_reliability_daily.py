@@ -202,6 +202,7 @@ async def test_conversation_ended_server_side_stops_cleanly(track: Track, caplog
     caplog.set_level(logging.WARNING)
     room = FakeRoom.create()
     room.add_replica(PERSONA)
+    room.completion_delay_s = 0.3  # the end overtakes the last send's completion: it still counts as delivered
     metrics = Metrics()
     settings = room_settings(track, room, source__file__speed=3)
     sink = recording_daily_sink(settings, metrics)

@@ -128,6 +128,9 @@ class _Job:
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     started: bool = False
+    # A piece is with the SDK, awaiting its completion. A concurrent give-up (the conversation ended,
+    # the replica timed out) must not settle this job: the completion may still report it delivered.
+    in_flight: bool = False
 
 
 class DailySink(Sink):
@@ -560,16 +563,21 @@ class DailySink(Sink):
                 continue
             attempts += 1
             job.started = True
+            job.in_flight = True
             try:
                 error = await conn.send(message, timeout_s=max(0.0, deadline - now) + SEND_COMPLETION_GRACE_S)
             except InvalidAppMessage as exc:
                 return str(exc)
+            finally:
+                job.in_flight = False
             if error is None:
                 self.delivered += 1
                 if attempts > 1:
                     log.info("delivered after %d attempts: %s", attempts, job.label)
                 return None
             last_error = error
+            if interrupted():
+                continue  # no retry: the checks above say why it stops
             now = time.monotonic()
             if now >= deadline:
                 return (f"send failed {attempts} time(s) over {now - first_ready_at:.1f} s "
@@ -595,7 +603,9 @@ class DailySink(Sink):
         log.error("undeliverable: %s: %s", reason, label)
 
     def _give_up_all(self, reason: str, headline: bool = False) -> None:
-        jobs = [j for j in self._queue if not j.future.done() and not j.cancelled]
+        """Give up every queued message except a piece already with the SDK: its worker settles it
+        from the completion (delivered, or given up for the same reason on its next check)."""
+        jobs = [j for j in self._queue if not j.future.done() and not j.cancelled and not j.in_flight]
         if headline:
             log.error("%s: %d queued message(s) undeliverable", reason, len(jobs))
         self._give_up(jobs, reason)
@@ -607,7 +617,7 @@ class DailySink(Sink):
         marker = conn.not_ready_since if conn is not None else None
         if marker is None or marker != self._not_ready_reported:
             self._not_ready_reported = marker
-            queued = sum(1 for j in self._queue if not j.future.done() and not j.cancelled)
+            queued = sum(1 for j in self._queue if not j.future.done() and not j.cancelled and not j.in_flight)
             log.error("%s: %d queued message(s) undeliverable; new messages fail until it is ready",
                       reason, queued)
         self._give_up_all(reason)

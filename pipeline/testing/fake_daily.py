@@ -37,6 +37,7 @@ Scripted rooms (`FakeRoom`) are shared by every client that joins the same URL (
     speaker.feed(more_pcm) / speaker.wait_played() / speaker.leave() / speaker.rejoin()
     room.drop_network(0.5, send_error=None, call_state_changes=False) / room.restore_network()
     room.fail_sends(n, error="...") / room.clear_send_failures()
+    room.completion_delay_s = 0.3      # send completions arrive late (events can overtake them)
     room.end_conversation(shutdown_message=False)  # replica leaves, clients removed (state `left`)
     room.largest_message_bytes / room.messages / room.clients()
     sdk_state()        # {"initialized", "init_calls", "deinit_calls", "live_clients"}
@@ -755,7 +756,10 @@ class CallClient:
             if err is None:
                 room._broadcast(self, value, participant_id)
                 self.sent_count += 1
-        self._complete(completion, err)
+        if room is not None and room.completion_delay_s > 0:
+            _after(room.completion_delay_s, lambda: self._complete(completion, err))
+        else:
+            self._complete(completion, err)
         if err is not None:
             self._event("on_error", f"Error handling sendAppMessage: {err}")
 
@@ -1029,6 +1033,9 @@ class FakeRoom:
         self.meeting_token = meeting_token
         self.conversation_id = conversation_id or urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]
         self.max_message_bytes = max_message_bytes  # None = no size check (like the local SDK)
+        # The SDK reports a send after the network round trip, so events (a replica leaving, the call
+        # ending) can overtake it. > 0 holds each send completion this long after the message arrived.
+        self.completion_delay_s = 0.0
         self.session_id = str(uuid.uuid4())
         self.ended = False
         self.network_send_error = CHANNEL_NOT_OPEN  # [unconfirmed] what a send during an outage returns
