@@ -73,7 +73,13 @@ class SourceSettings(_Section):
         from pipeline.source import SourceError, parse_source_spec  # the stage owns its grammar
         return _checked_spec(parse_source_spec, SourceError, v)
 
-    block_ms: int = Field(20, ge=10, le=100, description="audio block size handed to the VAD, ms")
+    # 32 ms = one Silero frame: each wakeup carries exactly one VAD frame (20 ms blocks woke the loop
+    # 50 times a second and left a frame waiting 8 ms on average for the block that completes it).
+    block_ms: int = Field(32, ge=10, le=100, description="audio block size handed to the VAD, ms")
+    # While no utterance is open, blocks are handed over this many ms at a time: a third of the
+    # wakeups in silence (CPU). Speech onset is then seen up to this much later, which pre-roll
+    # covers; the end of speech, which sets the echo latency, is always seen block by block.
+    idle_block_ms: int = Field(96, ge=0, le=100, description="block size while nobody speaks, ms; 0 = block_ms")
     file: FileSourceSettings = FileSourceSettings()
     mic: MicSourceSettings = MicSourceSettings()
     daily: DailySourceSettings = DailySourceSettings()

@@ -193,6 +193,7 @@ class Relay:
     # -------------------------------------------------------------------------------- capture
     async def _capture_loop(self) -> None:
         next_level = 0  # the input-level gauge is for dashboards: 10 updates a second are plenty
+        idle = False
         async for frame in self.source.frames():
             if frame.start >= next_level:
                 self.metrics.input_level.set(rms_dbfs(frame.samples))
@@ -201,6 +202,11 @@ class Relay:
                 await self._on_vad_event(event)
             await self._maybe_finish()
             self._check_barge_in(frame.end)
+            # No open utterance: the source may batch its blocks (CPU in silence); an open one is
+            # ended block by block, so the end of speech is never seen late.
+            if idle != (self.vad.utterance_id is None):
+                idle = not idle
+                self.source.set_idle(idle)
         for event in self.vad.flush():
             await self._on_vad_event(event)
 

@@ -428,6 +428,9 @@ class StallingSource(Source):
     def now_s(self) -> float:
         return self.inner.now_s()
 
+    def set_idle(self, idle: bool) -> None:
+        self.inner.set_idle(idle)
+
     async def close(self) -> None:
         await self.inner.close()
 

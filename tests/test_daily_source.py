@@ -32,7 +32,8 @@ def _unshared(clean_fake_daily: None) -> Iterator[None]:
 
 
 def make_settings(room: FakeRoom | None, **dotted: Any) -> Settings:
-    tree: dict[str, Any] = {"tavus": {"persona_name": PERSONA},
+    # 20 ms blocks: the test signals are whole multiples of it (the default 32 ms is rounded to 30).
+    tree: dict[str, Any] = {"tavus": {"persona_name": PERSONA}, "source": {"block_ms": 20},
                             "sink": {"daily": {"join_timeout_s": 2.0}}}
     if room is not None:
         tree["tavus"]["conversation_url"] = room.url

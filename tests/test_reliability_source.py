@@ -68,6 +68,36 @@ async def test_file_source_stalling_mid_utterance_loses_nothing(track: Track) ->
     assert_clips_delivered(track, sink, range(len(track.segments)))
 
 
+class HintedFileSource(FileSource):
+    """Records the relay's idle hints with the stream position (seconds) they came at."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hints: list[tuple[float, bool]] = []
+
+    def set_idle(self, idle: bool) -> None:
+        self.hints.append((self._released_end / SAMPLE_RATE, idle))
+        super().set_idle(idle)
+
+
+async def test_relay_tells_the_source_when_nobody_speaks(track: Track) -> None:
+    """The source may batch blocks only while no utterance is open: the relay says idle at the start
+    and after each utterance, busy as soon as one opens, and every busy span sits on one clip."""
+    metrics = Metrics()
+    sink = RecordingSink()
+    settings = relay_settings(f"file:{track.path}")
+    source = HintedFileSource(track.path, settings.source)
+    relay = await run_relay(settings, sink=sink, source=source, asr=FaultyAsr(real_engine(), metrics=metrics),
+                            metrics=metrics, timeout_s=30)
+    hints = source.hints
+    assert [idle for _, idle in hints] == [True, False] * len(track.segments) + [True], hints
+    assert hints[0][0] < 0.1
+    busy = [(hints[i][0], hints[i + 1][0]) for i in range(1, len(hints) - 1, 2)]
+    for seg, (opened, closed) in zip(track.segments, busy, strict=True):
+        assert seg.start_s <= opened < closed <= seg.end_s + 1.0, (seg, opened, closed)
+    assert relay.ledger.delivered == relay.ledger.closed == len(track.segments)
+
+
 async def run_mic(track: Track, device: FakeMicDevice, **dotted: Any) -> tuple[Any, MicSource, RecordingSink]:
     metrics = Metrics()
     sink = RecordingSink()

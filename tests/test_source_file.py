@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sys
 import time
 import types
@@ -277,6 +278,38 @@ async def test_paced_speed_10_takes_real_time_over_10_and_clock_follows():
     assert elapsed >= 1.0  # 11 s / 10 = 1.1 s: pacing can't be faster than that
     assert elapsed < 8.0  # loose: a slow CI box
     assert src.now_s() >= 11.0 - 0.05
+
+
+class RecordingPacer(FileSource):
+    """Paced, but instead of waiting it records the stream position each wait was for."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.waits: list[int] = []
+
+    async def _wait_for_position(self, pos, closed) -> None:
+        self.waits.append(pos)
+
+
+async def test_idle_batches_release_several_blocks_per_wait_and_never_early():
+    """While the relay is idle the source waits once per idle_block_ms (3 blocks of 32 ms), for the
+    last block of the batch; set_idle(False) goes back to one wait per block from the next block."""
+    settings = SourceSettings.model_validate({"block_ms": 32, "idle_block_ms": 96, "file": {"speed": 1}})
+    src = RecordingPacer(JFK, settings)
+    src.set_idle(True)
+    frames, waits_at = [], []
+    async for f in src.frames():
+        frames.append(f)
+        waits_at.append(src.waits[-1])
+        assert f.end <= src.waits[-1]  # released only once its last sample is due: never early
+        if len(frames) == 30:
+            src.set_idle(False)
+    assert frames[0].start == 0 and all(b.start == a.end for a, b in itertools.pairwise(frames))
+    assert frames[-1].end == 176000
+    ends = [f.end for f in frames]
+    assert src.waits[:10] == ends[2:30:3]  # idle: one wait per 3 blocks, for the third
+    assert src.waits[10:] == ends[30:]  # busy: one wait per block, for that block
+    assert waits_at[:30] == [w for w in src.waits[:10] for _ in range(3)]
 
 
 async def test_paced_clock_is_stream_time_not_wall_time():

@@ -65,6 +65,7 @@ class FakeDevice:
         self.block_index = 0
         self.callback_durations: list[float] = []
         self.lock = threading.Lock()
+        self.paused = threading.Event()  # set: no callbacks (the stream stays active)
 
     def factory(self, *, device, samplerate, channels, dtype, blocksize, callback):
         assert dtype == "int16"
@@ -114,7 +115,7 @@ class FakeStream:
             if lose is not None and self.emitted >= lose:
                 self.active = False  # device unplugged: PortAudio ends the stream
                 return
-            if stall is not None and self.emitted >= stall:
+            if (stall is not None and self.emitted >= stall) or self.dev.paused.is_set():
                 self._stop.wait(0.01)  # stream "active" but no callbacks any more
                 continue
             block, idx = self.dev.make_block(self.blocksize, self.channels, self.rate)
@@ -191,6 +192,46 @@ async def test_frames_in_order_contiguous_and_complete():
     assert dev.streams[0].closed
     assert src.stats()["blocks"] == len(frames)
     assert src.stats()["overflows"] == 0 and src.stats()["reopens"] == 0
+
+
+async def test_idle_hands_blocks_over_in_batches_and_loses_nothing():
+    """set_idle(True): the callback hands over idle_block_ms of blocks at a time (96 ms = 4 blocks of
+    20 ms: one loop wakeup instead of four); set_idle(False) goes back to one block per hand-over.
+    Blocks still held when the stream closes are delivered too: all audio comes out, in order."""
+    dev = FakeDevice()
+    src = MicSource(settings(), None, stream_factory=dev.factory)
+    batches: list[int] = []
+    on_blocks = src._on_blocks
+
+    def recording(cap, batch):
+        batches.append(len(batch))
+        on_blocks(cap, batch)
+
+    src._on_blocks = recording  # type: ignore[method-assign]
+    src.set_idle(True)
+    gen, frames = await take(src, 40)
+    idle_handovers = len(batches)
+    src.set_idle(False)
+    async with asyncio.timeout(10):
+        while len(batches) < idle_handovers + 30:
+            frames.append(await anext(gen))
+    src.set_idle(True)  # closing while idle: what the callback holds is not lost
+    async with asyncio.timeout(10):
+        while len(batches) < idle_handovers + 35:
+            frames.append(await anext(gen))
+        while dev.streams[0].emitted - sum(batches) not in (1, 2):
+            await asyncio.sleep(0.001)
+    dev.paused.set()  # at most one more callback can slip in: 1..3 blocks stay held
+    await asyncio.sleep(0.05)
+    held = dev.streams[0].emitted - sum(batches)
+    assert held in (1, 2, 3)
+    frames = await drain(src, gen, frames)
+    assert batches[-1] == held  # close() handed over what the callback held
+    assert_contiguous(frames)
+    np.testing.assert_array_equal(np.concatenate([f.samples for f in frames]), delivered_audio(dev))
+    assert batches[:idle_handovers] == [4] * idle_handovers
+    # after set_idle(False): at most one mixed hand-over (what was held plus the new block), then 1s
+    assert set(batches[idle_handovers + 1:idle_handovers + 30]) == {1}
 
 
 async def test_now_s_tracks_positions_and_never_goes_back():

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from pipeline.frames import AudioFrame
+
+if TYPE_CHECKING:
+    from pipeline.config import SourceSettings
 
 
 class SourceError(Exception):
@@ -31,9 +35,19 @@ class Source(ABC):
         positions (for a paced file at speed 2, stream seconds, not wall seconds). Used for
         `emitted_at_s`."""
 
+    def set_idle(self, idle: bool) -> None:  # noqa: B027 - optional hook
+        """The relay's hint, given when it changes: True while no utterance is open. A live source
+        may then hand audio over `idle_blocks()` blocks at a time (fewer wakeups in silence); False
+        must take effect from the next block, because the end of speech is timed block by block."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Stop capturing; `frames()` ends after what was already captured."""
 
     def stats(self) -> dict[str, int]:
         """Counters for metrics (overflows, reopens, dropped blocks, ...)."""
         return {}
+
+
+def idle_blocks(settings: SourceSettings) -> int:
+    """Blocks handed over per wakeup while idle (`source.idle_block_ms` / `block_ms`, at least 1)."""
+    return max(1, settings.idle_block_ms // settings.block_ms)

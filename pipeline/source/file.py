@@ -32,7 +32,7 @@ import numpy as np
 from pipeline.config import SourceSettings
 from pipeline.dsp import Reblocker
 from pipeline.frames import SAMPLE_RATE, AudioFrame, Pcm
-from pipeline.source.base import Source, SourceError
+from pipeline.source.base import Source, SourceError, idle_blocks
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class FileSource(Source):
         self._started = False
         self._blocks = 0
         self._loops = 0
+        self._batch = 1  # frames released per wait: idle_blocks() while the relay is idle (set_idle)
 
     # ------------------------------------------------------------------------------ public API
     async def load(self) -> Pcm:
@@ -154,12 +155,14 @@ class FileSource(Source):
                 tail = reblocker.flush()
                 if tail is not None:
                     pending.append(tail)
-            for frame in pending:
-                if paced:
-                    delay = self._t0 + frame.end / SAMPLE_RATE / self.speed - time.monotonic()
-                    if delay > 0:
-                        await asyncio.wait((closed,), timeout=delay)
-                else:
+            released_until = 0  # frames ending by here are already due: no wait before them
+            for i, frame in enumerate(pending):
+                if paced and frame.end > released_until:
+                    # While idle, wait once for the last of the next `idle_blocks` frames, then
+                    # release them together, as a live source that batches its blocks would.
+                    released_until = pending[min(i + self._batch - 1, len(pending) - 1)].end
+                    await self._wait_for_position(released_until, closed)
+                elif not paced:
                     await asyncio.sleep(0)  # let the rest of the relay run between frames
                 if self._closed.is_set():
                     return
@@ -169,6 +172,16 @@ class FileSource(Source):
             if not self.loop:
                 return
             self._loops += 1
+
+    async def _wait_for_position(self, pos: int, closed: asyncio.Future[Any]) -> None:
+        """Paced mode: wait until stream position `pos` has been "captured" (or the source closes)."""
+        assert self._t0 is not None
+        delay = self._t0 + pos / SAMPLE_RATE / self.speed - time.monotonic()
+        if delay > 0:
+            await asyncio.wait((closed,), timeout=delay)
+
+    def set_idle(self, idle: bool) -> None:
+        self._batch = idle_blocks(self.settings) if idle else 1
 
     def now_s(self) -> float:
         if self.speed > 0:
