@@ -117,8 +117,9 @@ async def run_daemon(settings: Settings, relay: Relay | None = None) -> int:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
     ledger = relay.ledger
-    log.info("done: %d utterance(s), %d delivered, %d dropped %s, %d undeliverable", ledger.closed,
-             ledger.delivered, sum(ledger.dropped.values()), ledger.dropped or "", ledger.undeliverable)
+    reasons = f" {ledger.dropped}" if ledger.dropped else ""  # e.g. {'empty': 1}
+    log.info("done: %d utterance(s), %d delivered, %d dropped%s, %d undeliverable", ledger.closed,
+             ledger.delivered, sum(ledger.dropped.values()), reasons, ledger.undeliverable)
     if relay.failed:
         log.error("run failed: %s", relay.failed)
         return EXIT_RUNTIME
