@@ -235,7 +235,7 @@ def test_cli_run_sink_daily_provisions_delivers_barges_in_survives_a_drop_and_en
          fake_daily.ENV_AUTO_SPEAK: "30", fake_daily.ENV_DROP: "2:1.0", fake_daily.ENV_LOG: str(room_log)})
     assert proc.returncode == 0, proc.stderr
     n = len(stream.names)
-    assert re.search(rf"done: {n} utterance\(s\), {n} delivered, 0 dropped .*, 0 undeliverable", proc.stderr), \
+    assert re.search(rf"done: {n} utterance\(s\), {n} delivered, 0 dropped, 0 undeliverable", proc.stderr), \
         proc.stderr
     assert "Traceback" not in proc.stderr
     assert API_KEY not in proc.stderr + proc.stdout
