@@ -1,0 +1,110 @@
+"""The relay's adaptive endpointing on real speech, with the stream in lockstep with Whisper.
+
+A speculative decode only ends an utterance early if its result arrives while the pause lasts, so a
+real-time replay splits a monologue at its pauses or not depending on how busy the CPU is. Here the
+source waits for every decode (and what the relay does with its result) before it hands over the next
+block: as if Whisper took no time. The outcome then depends only on the audio, the model and the
+endpoint policy, and a test can assert it exactly. (Latency in real time is `scripts/bench.py`'s job.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+
+import numpy as np
+from faults import FaultyAsr, RecordingSink, check_invariants, real_engine, relay_settings, run_relay
+
+from pipeline.asr.base import AsrEngine
+from pipeline.dsp import envelope_db, window_center
+from pipeline.frames import SAMPLE_RATE, AudioFrame, Pcm, Transcript, UtteranceMeta
+from pipeline.metrics import Metrics
+from pipeline.source.base import Source
+from pipeline.source.file import FileSource, decode_file
+from tests.conftest import clip, normalize, reference, wer
+
+MONOLOGUE = "mfa/acoustic_corpus.wav"  # 26.7 s read fast, with pauses of 0.4-1.5 s between sentences
+SETTLE_STEPS = 5  # loop turns for a finished decode's callbacks (speculation bookkeeping, early finish)
+
+
+class CountingAsr(AsrEngine):
+    """Delegates to `inner` and knows when no decode is in flight."""
+
+    def __init__(self, inner: AsrEngine) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.model_name = inner.model_name
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def load(self) -> None:
+        await self.inner.load()
+
+    async def transcribe(self, audio: Pcm, meta: UtteranceMeta) -> Transcript:
+        self.in_flight += 1
+        self.idle.clear()
+        try:
+            return await self.inner.transcribe(audio, meta)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle.set()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class LockstepSource(Source):
+    """A file source that hands over the next block only once the ASR is idle."""
+
+    name = "lockstep"
+
+    def __init__(self, inner: Source, asr: CountingAsr) -> None:
+        self.inner = inner
+        self.asr = asr
+
+    async def frames(self) -> AsyncIterator[AudioFrame]:
+        async for frame in self.inner.frames():
+            await asyncio.sleep(0)  # a decode the relay just asked for starts here
+            await self.asr.idle.wait()
+            for _ in range(SETTLE_STEPS):
+                await asyncio.sleep(0)
+            yield frame
+
+    def now_s(self) -> float:
+        return self.inner.now_s()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_monologue_is_ended_at_its_sentence_pauses_not_only_after_the_hangover() -> None:
+    """Whisper's speculative transcript ends an utterance at pauses shorter than the 700 ms hangover:
+    the monologue arrives as one echo per stretch between pauses (plain segmentation with this
+    hangover gives 2), each boundary on a real pause, the words intact."""
+    path = clip(MONOLOGUE)
+    audio = decode_file(path)
+    metrics = Metrics()
+    sink = RecordingSink()
+    settings = relay_settings(f"file:{path}")
+    asr = CountingAsr(FaultyAsr(real_engine(), metrics=metrics))
+    source = LockstepSource(FileSource(path, settings.source), asr)
+    relay = await run_relay(settings, sink=sink, source=source, asr=asr, metrics=metrics, timeout_s=60)
+    check_invariants(relay, sink.sent)
+    texts = [o.text for o in sink.sent]
+    assert len(texts) >= 3, texts
+    assert relay.metrics.value("echo_relay_utterances_total", {"reason": "sentence_end"}) >= 1
+
+    db = envelope_db(audio)
+    floor = float(np.percentile(db, 10))
+    centers = np.array([window_center(i) for i in range(len(db))]) / SAMPLE_RATE
+    for a, b in itertools.pairwise(sink.sent):
+        end, start = a.audio_end_s, b.audio_start_s
+        assert start > end  # in order, never overlapping
+        # A real pause lies between them: the envelope dips near the noise floor there.
+        assert db[(centers >= end) & (centers <= start)].min() <= floor + 6, (end, start)
+    fillers = {"um", "uh", "yknow"}
+    ref = " ".join(w for w in normalize(reference(MONOLOGUE)).split() if w not in fillers)
+    assert wer(ref, " ".join(texts)) <= 0.35, texts
