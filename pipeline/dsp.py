@@ -1,4 +1,4 @@
-"""Small, pure audio helpers over numpy arrays (no I/O, no global state).
+"""Small, pure audio helpers over numpy arrays (no I/O, no global state; `wav_bytes` returns bytes).
 
 Conventions:
 - int16 PCM <-> float32 in [-1, 1) uses the 32768 scale, so `int16_to_float` then `float_to_int16`
@@ -10,6 +10,8 @@ Conventions:
 
 from __future__ import annotations
 
+import io
+import wave
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import soxr
 
-from pipeline.frames import AudioFrame
+from pipeline.frames import SAMPLE_RATE, AudioFrame, Pcm
 
 Int16Array = npt.NDArray[np.int16]
 FloatArray = npt.NDArray[np.float32]
@@ -227,3 +229,18 @@ def speech_bounds(audio: npt.NDArray[np.int16], core_db: float = 12.0, low_db: f
     while j < len(db) - 1 and db[j + 1] >= floor + low_db:
         j += 1
     return window_center(i) / rate, window_center(j) / rate
+
+
+def wav_bytes(audio: Pcm, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """16-bit mono WAV of int16 (or float in [-1, 1]) samples, written with the stdlib `wave`."""
+    a = np.asarray(audio)
+    if not np.issubdtype(a.dtype, np.integer):
+        a = np.clip(a.astype(np.float32) * 32768.0, -32768, 32767)
+    pcm = a.astype("<i2", copy=False)
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()

@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import wave
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -46,7 +45,7 @@ SR = 16_000
 SENTENCE_END = re.compile(r"[.?!][\"')\]]*$")
 
 sys.path.insert(0, str(REPO))
-from pipeline.dsp import speech_bounds  # noqa: E402
+from pipeline.dsp import speech_bounds, wav_bytes  # noqa: E402
 from pipeline.source.file import decode_file  # noqa: E402
 
 
@@ -108,11 +107,7 @@ def build_stream(clips: list[Clip], gap_s: float, path: Path) -> None:
 
 
 def write_wav(path: Path, audio: np.ndarray) -> None:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SR)
-        w.writeframes(audio.astype("<i2").tobytes())
+    path.write_bytes(wav_bytes(audio, SR))
 
 
 def normalizer():  # type: ignore[no-untyped-def]

@@ -31,7 +31,6 @@ import random
 import re
 import threading
 import time
-import wave
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.asr.base import AsrEngine, SyncAsrEngine
+from pipeline.dsp import wav_bytes
 from pipeline.frames import SAMPLE_RATE, AudioFrame, Pcm, Transcript, UtteranceMeta
 from pipeline.metrics import Metrics
 from pipeline.sink.base import Outgoing, Sink, SinkError
@@ -155,11 +155,7 @@ def make_track(path: Path, clips: Iterable[str] = SHORT_CLIPS, *, gap_s: float =
 
 def write_wav(path: Path, pcm: Pcm, rate: int = SAMPLE_RATE) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(np.asarray(pcm, dtype="<i2").tobytes())
+    path.write_bytes(wav_bytes(pcm, rate))
 
 
 # ----------------------------------------------------------------------------------------- ASR

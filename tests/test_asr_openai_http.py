@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from asr_fixtures import load_clip
 
-from pipeline.asr.openai_http import AsrRequestError, OpenAIHttpEngine, wav_bytes
+from pipeline.asr.openai_http import AsrRequestError, OpenAIHttpEngine
 from pipeline.config import AsrSettings
+from pipeline.dsp import wav_bytes
 from pipeline.frames import UtteranceMeta
 from pipeline.metrics import Metrics
 

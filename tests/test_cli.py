@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.dsp import wav_bytes
 from tests.conftest import REPO, clip
 
 
@@ -95,12 +96,7 @@ def test_devices_without_hardware_says_so() -> None:
 
 def test_transcribe_json_has_timings(tmp_path: Path) -> None:
     silent = tmp_path / "silence.wav"
-    import wave
-    with wave.open(str(silent), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(np.zeros(32000, np.int16).tobytes())
+    silent.write_bytes(wav_bytes(np.zeros(32000, np.int16), 16000))
     proc = cli("transcribe", "--json", str(silent))
     assert proc.returncode == 0, proc.stderr
     import json

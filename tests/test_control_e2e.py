@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-import wave
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline import protocol
+from pipeline.dsp import wav_bytes
 
 READY_TIMEOUT_S = 60.0
 DELIVERY_TIMEOUT_S = 20.0
@@ -40,11 +40,7 @@ def free_port() -> int:
 
 
 def write_silence(path: Path, seconds: float = 2.0, rate: int = 16000) -> None:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(np.zeros(int(seconds * rate), np.int16).tobytes())
+    path.write_bytes(wav_bytes(np.zeros(int(seconds * rate), np.int16), rate))
 
 
 def tone_b64(seconds: float = 1.0, rate: int = 16000, hz: float = 440.0) -> str:

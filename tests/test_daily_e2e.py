@@ -24,7 +24,6 @@ import re
 import subprocess
 import sys
 import time
-import wave
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import pytest
 from pipeline import protocol
 from pipeline.app import build_relay
 from pipeline.config import Settings, load_settings
+from pipeline.dsp import wav_bytes
 from pipeline.relay import Relay
 from pipeline.sink.daily import DailySink
 from pipeline.source.file import decode_file
@@ -82,11 +82,7 @@ def _build_stream(path: Path, names: list[str]) -> Stream:
         spans.append((pos / SR + start, pos / SR + end))
         parts += [audio, gap]
         pos += len(audio) + len(gap)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SR)
-        w.writeframes(np.concatenate(parts).astype("<i2").tobytes())
+    path.write_bytes(wav_bytes(np.concatenate(parts), SR))
     return Stream(path, list(names), spans)
 
 

@@ -7,13 +7,12 @@ import json
 import os
 import subprocess
 import sys
-import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipeline.dsp import envelope_db, speech_bounds, window_center
+from pipeline.dsp import envelope_db, speech_bounds, wav_bytes, window_center
 from pipeline.source.file import decode_file
 from tests.conftest import REPO, clip, normalize, reference, wer
 
@@ -29,11 +28,7 @@ def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str
 
 
 def write_wav(path: Path, audio: np.ndarray) -> Path:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SR)
-        w.writeframes(audio.astype("<i2").tobytes())
+    path.write_bytes(wav_bytes(audio, SR))
     return path
 
 

@@ -17,11 +17,9 @@ multipart form, with ``model``, ``language``, ``prompt`` (`asr.initial_prompt`) 
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import math
 import time
-import wave
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -30,7 +28,8 @@ import numpy as np
 from pipeline.asr.base import AsrEngine, AsrError
 from pipeline.asr.gate import compression_ratio, gate, rms_dbfs
 from pipeline.config import AsrSettings
-from pipeline.frames import SAMPLE_RATE, Pcm, Transcript, UtteranceMeta
+from pipeline.dsp import wav_bytes
+from pipeline.frames import Pcm, Transcript, UtteranceMeta
 
 if TYPE_CHECKING:
     from pipeline.metrics import Metrics
@@ -48,21 +47,6 @@ class AsrRequestError(AsrError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
-
-
-def wav_bytes(audio: Pcm, sample_rate: int = SAMPLE_RATE) -> bytes:
-    """16-bit mono WAV of int16 (or float in [-1, 1]) samples, written with the stdlib `wave`."""
-    a = np.asarray(audio)
-    if not np.issubdtype(a.dtype, np.integer):
-        a = np.clip(a.astype(np.float32) * 32768.0, -32768, 32767)
-    pcm = a.astype("<i2", copy=False)
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sample_rate)
-        w.writeframes(pcm.tobytes())
-    return buf.getvalue()
 
 
 def _server_message(resp: httpx.Response) -> str:
