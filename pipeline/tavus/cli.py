@@ -54,6 +54,9 @@ def add_tavus_parser(subparsers: Any) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true",
                         help="print the JSON answered by Tavus instead of readable lines")
+    paged = argparse.ArgumentParser(add_help=False)  # the two list commands page alike
+    paged.add_argument("--limit", type=_positive_int, metavar="N", help="items per page (Tavus default: 10)")
+    paged.add_argument("--page", type=_positive_int, metavar="N", help="page number, from 1")
 
     # --------------------------------------------------------------------------------- personas
     personas = resources.add_parser(
@@ -72,10 +75,8 @@ def add_tavus_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "(default: tavus.persona_name, 'echo-relay')")
     p.add_argument("--replica", metavar="ID",
                    help="default replica (face) for its conversations (default: tavus.replica_id, if set)")
-    p = p_actions.add_parser("list", parents=[common], help="list personas",
-                             description="List your personas, newest first.")
-    p.add_argument("--limit", type=_positive_int, metavar="N", help="items per page (Tavus default: 10)")
-    p.add_argument("--page", type=_positive_int, metavar="N", help="page number, from 1")
+    p_actions.add_parser("list", parents=[common, paged], help="list personas",
+                         description="List your personas, newest first.")
     p = p_actions.add_parser("get", parents=[common], help="show one persona",
                              description="Show a persona's settings.")
     p.add_argument("id", metavar="ID", help="persona_id")
@@ -108,11 +109,9 @@ def add_tavus_parser(subparsers: Any) -> argparse.ArgumentParser:
     c.add_argument("--max-call-duration", type=_positive_int, metavar="S",
                    help="end the conversation after S seconds (Tavus default: 3600; "
                         "default here: tavus.max_call_duration)")
-    c = c_actions.add_parser("list", parents=[common], help="list conversations",
+    c = c_actions.add_parser("list", parents=[common, paged], help="list conversations",
                              description="List conversations, newest first.")
     c.add_argument("--status", choices=["active", "ended"], help="only conversations in this state")
-    c.add_argument("--limit", type=_positive_int, metavar="N", help="items per page (Tavus default: 10)")
-    c.add_argument("--page", type=_positive_int, metavar="N", help="page number, from 1")
     c = c_actions.add_parser("get", parents=[common], help="show one conversation",
                              description="Show a conversation: status, room URL, persona, replica.")
     c.add_argument("id", metavar="ID", help="conversation_id")
