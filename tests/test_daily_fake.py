@@ -136,6 +136,16 @@ def _completion() -> tuple[list[tuple[Any, ...]], threading.Event, Any]:
     return got, done, cb
 
 
+def _joined(room: FakeRoom, handler: Any = None) -> tuple[Any, tuple[Any, ...]]:
+    """A CallClient that has joined `room` (its join completion came); returns the client and the
+    completion's (data, error, thread name)."""
+    c = fake_daily.CallClient() if handler is None else fake_daily.CallClient(event_handler=handler)
+    got, done, cb = _completion()
+    c.join(room.url, completion=cb)
+    assert done.wait(2)
+    return c, got[0]
+
+
 def test_send_before_join_fails_on_another_thread() -> None:
     h = Recorder()
     c = fake_daily.CallClient(event_handler=h)
@@ -197,11 +207,9 @@ def test_malformed_url_and_unknown_room() -> None:
 def test_messages_reach_only_present_participants_and_never_the_sender() -> None:
     room = FakeRoom.create()
     h = Recorder()
-    c = fake_daily.CallClient(event_handler=h)
-    got, done, cb = _completion()
-    c.join(room.url, completion=cb)
-    assert done.wait(2) and got[0][1] is None
-    assert set(got[0][0]["participants"]) == {"local"}
+    c, (data, error, _thread) = _joined(room, h)
+    assert error is None
+    assert set(data["participants"]) == {"local"}
     sent, sent_done, scb = _completion()
     c.send_app_message({"n": 1}, completion=scb)
     assert sent_done.wait(2) and sent[0][0] is None
@@ -229,10 +237,7 @@ def test_network_drop_and_injected_failures() -> None:
     room = FakeRoom.create()
     room.add_replica("Persona")
     h = Recorder()
-    c = fake_daily.CallClient(event_handler=h)
-    _got, done, cb = _completion()
-    c.join(room.url, completion=cb)
-    assert done.wait(2)
+    c, _ = _joined(room, h)
     room.fail_sends(1, error="boom")
     e1, d1, cb1 = _completion()
     c.send_app_message({"n": 1}, completion=cb1)
@@ -256,10 +261,7 @@ def test_end_conversation_removes_everyone() -> None:
     room = FakeRoom.create()
     room.add_replica("Persona")
     h = Recorder()
-    c = fake_daily.CallClient(event_handler=h)
-    _got, done, cb = _completion()
-    c.join(room.url, completion=cb)
-    assert done.wait(2)
+    c, _ = _joined(room, h)
     room.end_conversation()
     assert h.wait(lambda ev: ("on_call_state_updated", ("left",)) in [(e[0], e[1]) for e in ev])
     c.release()
@@ -268,10 +270,7 @@ def test_end_conversation_removes_everyone() -> None:
 def test_speaker_audio_reaches_a_renderer_in_callback_interval_blocks() -> None:
     room = FakeRoom.create()
     pcm = (np.arange(16000) % 2000 + 1000).astype(np.int16)  # 1 s
-    c = fake_daily.CallClient()
-    _got, done, cb = _completion()
-    c.join(room.url, completion=cb)
-    assert done.wait(2)
+    c, _ = _joined(room)
     blocks: list[Any] = []
     lock = threading.Lock()
 
