@@ -178,7 +178,10 @@ async def test_outage_longer_than_the_send_deadline(track: Track, caplog: pytest
     async def outage(relay: Any) -> None:
         await wait_until(lambda: len(room.replica_inbox) >= 1)
         room.drop_network(None)
+        # Until the sink has given up on a message (not a fixed time: how many echoes fall into a fixed
+        # outage depends on the machine's decode speed), but at least 1.5 s.
         await asyncio.sleep(1.5)
+        await wait_until(lambda: relay.ledger.undeliverable >= 1, timeout=30.0)
         room.restore_network()
 
     relay, sink = await run_in_room(track, room, outage, source__file__speed=8, sink__daily__send_deadline_s=0.6)

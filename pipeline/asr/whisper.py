@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 
 # Gate verdicts that get a second decode with the full 30 s window before the utterance is dropped.
 SECOND_OPINION_REASONS = ("no_speech", "low_logprob")
+# Short-window decodes this unsure of themselves get a full-window second opinion even when the gate
+# keeps them (whispers, hoarse or very short speech); the more probable of the two readings is kept.
+DOUBT_NO_SPEECH_PROB = 0.4
+DOUBT_AVG_LOGPROB = -1.0
 FULL_WINDOW_S = 30  # Whisper's trained window
 MIN_WINDOW_S = 10  # shorter windows made the decoder loop on 2-6 s clips
 WINDOW_MARGIN_S = 1.0  # window >= utterance + this
@@ -332,6 +336,11 @@ class FasterWhisperEngine(SyncAsrEngine):
         d.generate_s = sum(x.generate_s for x in tried)
         return d
 
+    @staticmethod
+    def _doubtful(d: _Decode) -> bool:
+        """A kept decode that Whisper itself is unsure of: worth a full-window second opinion."""
+        return d.no_speech_prob > DOUBT_NO_SPEECH_PROB or d.avg_logprob < DOUBT_AVG_LOGPROB
+
     def _looks_like_silence(self, d: _Decode) -> bool:
         g = self.settings.gate
         return d.no_speech_prob > g.no_speech_prob and (d.avg_logprob < g.no_speech_logprob
@@ -387,16 +396,21 @@ class FasterWhisperEngine(SyncAsrEngine):
                         settings=s.gate, compression_ratio_value=d.compression_ratio)
 
         reason = verdict(d)
-        if reason in SECOND_OPINION_REASONS and d.window_s < FULL_WINDOW_S:
+        if d.window_s < FULL_WINDOW_S and (reason in SECOND_OPINION_REASONS or self._doubtful(d)):
             # A short window padded with many seconds of zero features makes Whisper doubt very short
-            # utterances (jfk's 1.4 s "ask not": "S NOT", no_speech 0.61 with 10 s; "Ask not!", 0.37 with
-            # 30 s). Before dropping speech the VAD found, ask the full window once.
+            # and weak utterances (jfk's 1.4 s "ask not": "S not", no_speech 0.57-0.61, avg_logprob -1.16
+            # with 10 s; "Ask not!", avg_logprob -0.67 with 30 s). Before dropping or mangling speech the
+            # VAD found, ask the full window once and keep the more probable reading.
             full = self._decode_utterance(samples, full_window=True)
             full.encode_s += d.encode_s
             full.generate_s += d.generate_s
             full.extra["attempts"] = d.extra.get("attempts", 1) + full.extra.get("attempts", 1)
-            d = full
-            reason = verdict(d)
+            full_reason = verdict(full)
+            if reason is not None or (full_reason is None and full.avg_logprob >= d.avg_logprob):
+                d, reason = full, full_reason
+            else:
+                d.extra["attempts"] = full.extra["attempts"]
+                d.encode_s, d.generate_s = full.encode_s, full.generate_s
         decode_s = time.perf_counter() - t0
         extra: dict[str, Any] = {
             "window_s": d.window_s, "attempts": d.extra.get("attempts", 1), "encode_s": d.encode_s,
