@@ -120,6 +120,10 @@ async def run_daemon(settings: Settings, relay: Relay | None = None) -> int:
     reasons = f" {ledger.dropped}" if ledger.dropped else ""  # e.g. {'empty': 1}
     log.info("done: %d utterance(s), %d delivered, %d dropped%s, %d undeliverable", ledger.closed,
              ledger.delivered, sum(ledger.dropped.values()), reasons, ledger.undeliverable)
+    # Audio the VAD scored as speech-like but never opened an utterance on: shown even when nothing was
+    # dropped, so an operator sees what was not heard (vad.unheard_threshold).
+    log.log(logging.WARNING if ledger.unheard else logging.INFO, "unheard speech: %d region(s), %.1f s",
+            ledger.unheard, ledger.unheard_s)
     if relay.failed:
         log.error("run failed: %s", relay.failed)
         return EXIT_RUNTIME

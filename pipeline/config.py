@@ -98,6 +98,14 @@ class VadSettings(_Section):
     max_utterance_s: float = Field(20.0, gt=1, le=30, description="longer speech is split at the quietest recent point")
     split_search_s: float = Field(3.0, gt=0, description="how far back to look for the quietest point when splitting")
     speech_pad_ms: int = Field(150, ge=0, le=1000, description="silence kept after speech end in the utterance audio")
+    # Silero's LSTM state drifts: after noise or long digital silence it scores a quiet speaker far lower
+    # than a fresh state does. Resetting inside short pauses costs the next phrase its context (jfk's
+    # "ask not"), so the state is reset once a non-speech stretch is this long (pipeline/vad/silero.py).
+    state_reset_ms: int = Field(2000, ge=0, description="Silero: reset its state after this much non-speech; 0 = never")
+    state_reset_below: float = Field(0.2, gt=0, lt=1, description="... where non-speech is a probability below this")
+    unheard_threshold: float = Field(0.35, gt=0, lt=1, description="speech-like frames (probability >= this) that "
+                                     "never become part of an utterance are counted as unheard speech")
+    unheard_min_ms: int = Field(150, ge=0, description="shorter speech-like runs are not counted as unheard")
 
 
 class EndpointSettings(_Section):

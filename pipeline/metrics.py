@@ -27,6 +27,10 @@ class Metrics:
         self.send_failures = Counter(p + "send_failures", "messages given up on (undeliverable)", registry=r)
         self.room_events = Counter(p + "room_events", "app-messages received from the room", ["event_type"],
                                    registry=r)
+        self.unheard_regions = Counter(p + "unheard_speech_regions", "speech-like audio that never became an "
+                                       "utterance (VAD probability >= vad.unheard_threshold)", registry=r)
+        self.unheard_seconds = Counter(p + "unheard_speech_seconds", "seconds of speech-like audio in those regions",
+                                       registry=r)
         self.audio_overflows = Counter(p + "audio_overflows", "input overflows reported by the device", registry=r)
         self.audio_reopens = Counter(p + "audio_reopens", "times the input device was reopened", registry=r)
         self.speculative = Counter(p + "speculative_decodes", "speculative decodes, by outcome", ["outcome"],

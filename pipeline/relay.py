@@ -39,7 +39,7 @@ from pipeline.metrics import Metrics
 from pipeline.sink.base import Outgoing, Sink, SinkError
 from pipeline.source.base import Source
 from pipeline.transform.chain import TransformChain
-from pipeline.vad import SpeechPaused, SpeechResumed, SpeechStarted, UtteranceEnded, VadStage
+from pipeline.vad import SpeechPaused, SpeechResumed, SpeechStarted, Unheard, UtteranceEnded, VadStage
 
 log = logging.getLogger("echo_relay.relay")
 
@@ -56,6 +56,8 @@ class Ledger:
     delivered: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     undeliverable: int = 0
+    unheard: int = 0  # speech-like regions the VAD never opened an utterance on (not in `closed`)
+    unheard_s: float = 0.0
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -66,7 +68,8 @@ class Ledger:
 
     def as_dict(self) -> dict[str, Any]:
         return {"closed": self.closed, "delivered": self.delivered, "dropped": dict(self.dropped),
-                "undeliverable": self.undeliverable, "in_flight": self.closed - self.settled}
+                "undeliverable": self.undeliverable, "in_flight": self.closed - self.settled,
+                "unheard": {"regions": self.unheard, "seconds": round(self.unheard_s, 3)}}
 
 
 @dataclass(slots=True)
@@ -220,6 +223,14 @@ class Relay:
             self._discard_speculation("resumed")
         elif isinstance(event, UtteranceEnded):
             await self._utterance_closed(event.utterance)
+        elif isinstance(event, Unheard):
+            seconds = event.speech_samples / SAMPLE_RATE
+            self.ledger.unheard += 1
+            self.ledger.unheard_s += seconds
+            self.metrics.unheard_regions.inc()
+            self.metrics.unheard_seconds.inc(seconds)
+            log.info("unheard speech-like audio at %.2f-%.2f s (%.2f s, peak VAD probability %.2f): no utterance "
+                     "opened", event.start / SAMPLE_RATE, event.end / SAMPLE_RATE, seconds, event.peak_prob)
         else:  # Discarded (too short) and any future event kinds
             reason = getattr(event, "reason", type(event).__name__)
             self.metrics.drop("vad", str(reason))

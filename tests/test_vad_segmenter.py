@@ -26,6 +26,7 @@ from pipeline.vad.segmenter import (
     SpeechResumed,
     SpeechStarted,
     State,
+    Unheard,
     UtteranceEnded,
 )
 
@@ -122,9 +123,33 @@ def test_two_gaps_in_a_row_abandon_the_start_run() -> None:
 
 def test_isolated_blips_never_open() -> None:
     seg = Segmenter(PARAMS)
-    assert feed(seg, decisions("S..S..SS..S.." * 10)) == []
+    events = feed(seg, decisions("S..S..SS..S.." * 10))
     assert seg.state is State.QUIET
-    assert seg.flush() == []
+    # Never an utterance, but not silently gone either: one unheard run (gaps of two frames are bridged).
+    assert events + seg.flush() == [Unheard(0, 128 * F, 50 * F, 1.0)]
+
+
+def feed_probs(seg: Segmenter, probs: Sequence[float]) -> list[Event]:
+    events: list[Event] = []
+    for i, p in enumerate(probs):
+        events += seg.push(ramp(1), i * F, p)
+    return events
+
+
+def test_weak_speech_that_never_opens_is_unheard() -> None:
+    """Probabilities between unheard_threshold (0.35) and the threshold (0.5): counted, with its extent."""
+    seg = Segmenter(PARAMS)
+    events = feed_probs(seg, [0.0] * 5 + [0.4] * 20 + [0.1] * 10)
+    assert events == [Unheard(5 * F, 25 * F, 20 * F, 0.4)]
+    # Shorter than unheard_min_samples (150 ms = 15 frames here): not counted.
+    assert feed_probs(Segmenter(PARAMS), [0.4] * 10 + [0.0] * 10) == []
+
+
+def test_weak_run_that_opens_an_utterance_is_not_unheard() -> None:
+    seg = Segmenter(PARAMS)
+    events = feed_probs(seg, [0.4] * 20 + [0.9] * 10 + [0.0] * 30)
+    assert not of(events, Unheard)
+    assert [type(e) for e in events if not isinstance(e, SpeechPaused)] == [SpeechStarted, UtteranceEnded]
 
 
 # ---------------------------------------------------------------------------------- hangover

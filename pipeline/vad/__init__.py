@@ -33,6 +33,7 @@ from pipeline.vad.segmenter import (
     SpeechResumed,
     SpeechStarted,
     State,
+    Unheard,
     UtteranceEnded,
 )
 
@@ -45,6 +46,7 @@ __all__ = [
     "SpeechResumed",
     "SpeechStarted",
     "State",
+    "Unheard",
     "UtteranceEnded",
     "VadEngine",
     "VadStage",
@@ -62,7 +64,8 @@ def _webrtc(settings: VadSettings) -> VadEngine:
 def _silero(settings: VadSettings) -> VadEngine:
     from pipeline.vad.silero import SileroVad
 
-    return SileroVad(threshold=settings.threshold)
+    return SileroVad(threshold=settings.threshold, state_reset_ms=settings.state_reset_ms,
+                     state_reset_below=settings.state_reset_below)
 
 
 BUILTIN_ENGINES: dict[str, Callable[[VadSettings], VadEngine]] = {"webrtc": _webrtc, "silero": _silero}
@@ -117,9 +120,10 @@ class VadStage:
     upstream) is filled with zeros when shorter than a frame, otherwise the partial frame is padded
     and the segmenter treats the jump as silence (see `Segmenter`).
 
-    The engine is reset only after a jump of a frame or more and at `flush()`, not between
-    utterances: measured on jfk.wav, a Silero state reset in the pause before "ask not what your
-    country can do for you" leaves the model cold for that whole phrase and it is missed."""
+    The engine is reset after a jump of a frame or more and at `flush()`, not between utterances:
+    measured on jfk.wav, a Silero state reset in the pause before "ask not what your country can do
+    for you" leaves the model cold for that whole phrase and it is missed. (Silero resets itself after
+    long non-speech: `vad.state_reset_ms`, see `pipeline.vad.silero`.)"""
 
     def __init__(self, engine: VadEngine, params: SegmenterParams) -> None:
         if params.frame_samples != engine.frame_samples:
@@ -211,4 +215,5 @@ class VadStage:
                 f"min_utterance={_ms(p.min_utterance_samples)} ms, "
                 f"max_utterance={p.max_utterance_samples / SAMPLE_RATE:g} s, "
                 f"split_search={p.split_search_samples / SAMPLE_RATE:g} s, "
-                f"speech_pad={_ms(p.speech_pad_samples)} ms, speculative={speculative}")
+                f"speech_pad={_ms(p.speech_pad_samples)} ms, speculative={speculative}, "
+                f"unheard>={p.unheard_threshold:g} for {_ms(p.unheard_min_samples)} ms")

@@ -32,6 +32,12 @@ States::
   with no speech after it, in which case nothing continues.
 - A jump forward in positions (audio lost upstream) counts as that much silence; a jump longer than
   the pre-roll and hangover closes what is open and starts afresh. Positions going back are an error.
+- Unheard speech: while no utterance is open, frames whose probability is at least
+  `unheard_threshold` (below the speech threshold, or a start run that was abandoned) form runs
+  (gaps of up to `UNHEARD_GAP_FRAMES` non-speech-like frames bridged). A run that ends without an
+  utterance opening and holds at least `unheard_min_samples` of such frames becomes `Unheard`: audio
+  that sounded like speech and was not relayed, which the relay counts. A run that an utterance
+  opens on is part of that utterance (its pre-roll), not unheard.
 
 Memory is bounded: at most `pre_roll + max_utterance + 2 frames` of audio are held (frames are
 copied on push, so callers may reuse their buffers).
@@ -104,7 +110,20 @@ class Discarded:
     speech_end: int = 0
 
 
-Event = SpeechStarted | SpeechPaused | SpeechResumed | UtteranceEnded | Discarded
+@dataclass(frozen=True, slots=True)
+class Unheard:
+    """Speech-like audio that never became part of an utterance: `start`..`end` in the stream, of which
+    `speech_samples` scored at least `unheard_threshold`; `peak_prob` is the highest probability seen."""
+
+    start: int
+    end: int
+    speech_samples: int
+    peak_prob: float
+
+
+Event = SpeechStarted | SpeechPaused | SpeechResumed | UtteranceEnded | Discarded | Unheard
+
+UNHEARD_GAP_FRAMES = 3  # non-speech-like frames bridged inside one unheard run (~100 ms of Silero frames)
 
 
 # ------------------------------------------------------------------------------------------ params
@@ -122,6 +141,8 @@ class SegmenterParams:
     split_search_samples: int = 3 * SAMPLE_RATE
     speech_pad_samples: int = ms_to_samples(150)
     speculative_samples: int | None = ms_to_samples(DEFAULT_SPECULATIVE_MS)  # None: no SpeechPaused
+    unheard_threshold: float = 0.35  # prob >= this outside utterances is counted as unheard speech
+    unheard_min_samples: int = ms_to_samples(150)
 
     def __post_init__(self) -> None:
         if self.frame_samples <= 0:
@@ -154,6 +175,8 @@ class SegmenterParams:
             split_search_samples=round(settings.split_search_s * SAMPLE_RATE),
             speech_pad_samples=ms_to_samples(settings.speech_pad_ms),
             speculative_samples=None if speculative_ms is None else ms_to_samples(speculative_ms),
+            unheard_threshold=settings.unheard_threshold,
+            unheard_min_samples=ms_to_samples(settings.unheard_min_ms),
         )
 
     @property
@@ -175,6 +198,7 @@ class _Frame:
     samples: Pcm
     speech: bool
     energy: float  # RMS
+    prob: float = 0.0
 
     @property
     def end(self) -> int:
@@ -202,6 +226,8 @@ class Segmenter:
         self._onset = 0
         self._run_speech = 0
         self._run_gap = 0
+        # Unheard run (no utterance open): start, end, speech-like samples, trailing gap frames, peak
+        self._weak: tuple[int, int, int, int, float] | None = None
         # SPEAKING / PAUSING
         self._uid: str | None = None
         self._audio_start = 0
@@ -241,8 +267,12 @@ class Segmenter:
             if start < self._pos:
                 raise ValueError(f"frame at {start} goes back in the stream (expected {self._pos})")
             self._gap(start - self._pos, events)
-        frame = _Frame(start, samples.copy(), prob >= p.threshold, _rms(samples))
+        frame = _Frame(start, samples.copy(), prob >= p.threshold, _rms(samples), prob)
         self._step(frame, events)
+        if self._uid is None:
+            self._track_unheard(frame, events)
+        else:
+            self._weak = None  # the run became (the pre-roll of) an utterance
         return events
 
     def end_now(self, reason: EndReason = "sentence_end") -> Utterance | None:
@@ -265,10 +295,31 @@ class Segmenter:
         events: list[Event] = []
         if self._uid is not None:
             events.append(self._close("end_of_stream"))
+        self._end_unheard(events)
         self._reset()
         return events
 
     # ----------------------------------------------------------------------------- internals
+    def _track_unheard(self, frame: _Frame, events: list[Event]) -> None:
+        if frame.prob >= self.params.unheard_threshold:
+            if self._weak is None:
+                self._weak = (frame.start, frame.end, len(frame.samples), 0, frame.prob)
+            else:
+                start, _end, n, _gap, peak = self._weak
+                self._weak = (start, frame.end, n + len(frame.samples), 0, max(peak, frame.prob))
+        elif self._weak is not None:
+            start, end, n, gap, peak = self._weak
+            self._weak = (start, end, n, gap + 1, peak)
+            if gap + 1 > UNHEARD_GAP_FRAMES:
+                self._end_unheard(events)
+
+    def _end_unheard(self, events: list[Event]) -> None:
+        if self._weak is not None and self._uid is None:
+            start, end, n, _gap, peak = self._weak
+            if n >= max(1, self.params.unheard_min_samples):
+                events.append(Unheard(start, end, n, peak))
+        self._weak = None
+
     def _reset(self) -> None:
         self.state = State.QUIET
         self._frames.clear()
@@ -276,6 +327,7 @@ class Segmenter:
         self._pos = None
         self._floor = None
         self._uid = None
+        self._weak = None
 
     def _append(self, frame: _Frame) -> None:
         self._frames.append(frame)
@@ -306,6 +358,7 @@ class Segmenter:
             return
         if self._uid is not None:
             events.append(self._close("silence"))
+        self._end_unheard(events)
         self._reset()
 
     def _step(self, frame: _Frame, events: list[Event]) -> None:

@@ -5,6 +5,13 @@ frame (its "context"), plus the LSTM state `h`, `c`, and returns a speech probab
 state. This is exactly what `faster_whisper.vad.SileroVADModel` does for a whole file at once; here
 the context and state are carried from one call to the next so it works on a live stream.
 
+State hygiene: the carried state drifts. After noise and 2.5 s of digital silence, a quiet speaker
+(mfa_internalsil at -25 dB) scored above 0.5 on 62 frames with the carried state and 89 with a fresh
+one (tests/test_vad_hearing.py). Resetting often is worse: inside a hesitant speaker's pauses it
+costs the next phrase its context (26-30 frames with resets after 0.3-1 s of non-speech; jfk's "ask
+not" is missed with a reset in the pause before it). So the state is reset once per non-speech
+stretch, when it has lasted `state_reset_ms` (2 s: 87 frames), longer than the pauses inside speech.
+
 ONNX Runtime runs with one intra-op and one inter-op thread: the default thread pool makes a
 per-frame model slower, not faster, and steals cores from Whisper (reference/anchors.md, 2.6).
 """
@@ -21,6 +28,8 @@ from pipeline.frames import Pcm
 from pipeline.vad.base import VadEngine
 
 DEFAULT_THRESHOLD = 0.5  # faster-whisper's and Silero's default
+DEFAULT_STATE_RESET_MS = 2000  # matches VadSettings.state_reset_ms
+DEFAULT_STATE_RESET_BELOW = 0.2  # matches VadSettings.state_reset_below
 MODEL_FILE = "silero_vad_v6.onnx"
 FRAME_SAMPLES = 512  # the v5/v6 model's window at 16 kHz
 CONTEXT_SAMPLES = 64  # samples of the previous window prepended to each input
@@ -40,12 +49,15 @@ def bundled_model_path() -> Path:
 
 
 class SileroVad(VadEngine):
-    """Speech probability per 512-sample frame; recurrent state kept across calls until `reset()`."""
+    """Speech probability per 512-sample frame; recurrent state kept across calls until `reset()`, or
+    until `state_reset_ms` of frames in a row score below `state_reset_below` (0 = never)."""
 
     name = "silero"
     frame_samples = FRAME_SAMPLES
 
-    def __init__(self, threshold: float = DEFAULT_THRESHOLD, model_path: str | Path | None = None) -> None:
+    def __init__(self, threshold: float = DEFAULT_THRESHOLD, model_path: str | Path | None = None, *,
+                 state_reset_ms: int = DEFAULT_STATE_RESET_MS,
+                 state_reset_below: float = DEFAULT_STATE_RESET_BELOW) -> None:
         import onnxruntime  # imported here so `import pipeline.vad` stays cheap
 
         if not 0.0 < threshold < 1.0:
@@ -63,6 +75,10 @@ class SileroVad(VadEngine):
         self._input = np.zeros((1, CONTEXT_SAMPLES + FRAME_SAMPLES), dtype=np.float32)
         self._h = np.zeros(STATE_SHAPE, dtype=np.float32)
         self._c = np.zeros(STATE_SHAPE, dtype=np.float32)
+        self.state_reset_frames = -(-state_reset_ms * 16 // FRAME_SAMPLES)  # 16 samples per ms
+        self.state_reset_below = state_reset_below
+        self.state_resets = 0  # resets after long non-speech
+        self._quiet_frames = 0  # frames in a row below state_reset_below
 
     def speech_prob(self, frame: Pcm) -> float:
         if len(frame) != FRAME_SAMPLES:
@@ -70,16 +86,30 @@ class SileroVad(VadEngine):
         x = self._input
         x[0, :CONTEXT_SAMPLES] = x[0, -CONTEXT_SAMPLES:]  # context = tail of the previous frame
         np.multiply(frame, 1.0 / 32768.0, out=x[0, CONTEXT_SAMPLES:], casting="unsafe")
-        prob, self._h, self._c = self._session.run(None, {"input": x, "h": self._h, "c": self._c})
-        return float(prob.reshape(-1)[0])
+        out, self._h, self._c = self._session.run(None, {"input": x, "h": self._h, "c": self._c})
+        prob = float(out.reshape(-1)[0])
+        if prob >= self.state_reset_below:
+            self._quiet_frames = 0
+        else:
+            self._quiet_frames += 1
+            if self._quiet_frames == self.state_reset_frames:  # once per stretch: what follows starts fresh
+                self.state_resets += 1
+                self._clear()
+        return prob
 
     def reset(self) -> None:
+        self._quiet_frames = 0
+        self._clear()
+
+    def _clear(self) -> None:
         self._input.fill(0.0)
         self._h = np.zeros(STATE_SHAPE, dtype=np.float32)
         self._c = np.zeros(STATE_SHAPE, dtype=np.float32)
 
     def describe(self) -> str:
-        return f"silero v6 (threshold {self.threshold:g}, 32 ms frames, 1 thread)"
+        reset = (f"state reset after {self.state_reset_frames * FRAME_SAMPLES // 16} ms below "
+                 f"{self.state_reset_below:g}") if self.state_reset_frames else "no state reset"
+        return f"silero v6 (threshold {self.threshold:g}, 32 ms frames, 1 thread, {reset})"
 
     def __repr__(self) -> str:
         return f"SileroVad(threshold={self.threshold!r})"
