@@ -697,6 +697,8 @@ def check_invariants(relay: Any, sent: Iterable[Outgoing], *, api_messages: int 
         key = ledger_reason_to_metric(reason)
         expected[key] = expected.get(key, 0) + n
     assert drops == expected, f"metrics {drops} disagree with the ledger {ledger.dropped}"
+    assert metric_sum(m, "echo_relay_unheard_speech_regions_total") == ledger.unheard, ledger.as_dict()
+    assert abs(metric_sum(m, "echo_relay_unheard_speech_seconds_total") - ledger.unheard_s) < 1e-6
     if single_piece:
         assert metric_sum(m, "echo_relay_send_failures_total") == ledger.undeliverable, ledger.as_dict()
     sent = list(sent)
