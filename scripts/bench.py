@@ -4,6 +4,8 @@
     .venv/bin/python scripts/bench.py                       # default config, 10 LibriSpeech clips
     .venv/bin/python scripts/bench.py --set all             # every clip in tests/data/speech
     .venv/bin/python scripts/bench.py --variant plain=endpoint.enabled=false --write BENCHMARKS.md
+    .venv/bin/python scripts/bench.py --stream hard             # noise, music, whisper, level jumps (~25 min)
+    .venv/bin/python scripts/bench.py --stream both --long-minutes 0 --speed 0   # quick functional check
 
 How it measures (nothing here trusts the relay's own VAD):
 - The stream is the clips joined by --gap seconds of digital silence. Each clip's true speech end is
@@ -16,6 +18,12 @@ How it measures (nothing here trusts the relay's own VAD):
 - A split (one clip sent as several echoes) is mid-sentence when the offline transcript has no
   . ? ! at the word where it falls (words aligned with difflib).
 - CPU: process CPU seconds over 30 s of silence after start-up; peak RSS from /proc VmHWM.
+
+--stream hard replays a second, harder stream (built and analysed by scripts/hard_audio.py, whose
+docstring gives the method): speech in noise at 0/5/10 dB SNR, music, spontaneous and whispered
+speech, loud-then-quiet speakers, noise-only stretches and a long session (--long-minutes). It reports
+per category streamed vs offline WER, missed items, seconds of speech no echo covers, hallucinated
+echoes and latency, plus the lines of the relay's log that report lost or unheard speech.
 """
 
 from __future__ import annotations
@@ -45,6 +53,10 @@ SR = 16_000
 SENTENCE_END = re.compile(r"[.?!][\"')\]]*$")
 
 sys.path.insert(0, str(REPO))
+import hard_audio  # noqa: E402
+from hard_audio import pct  # noqa: E402
+
+from pipeline.config import AsrSettings  # noqa: E402
 from pipeline.dsp import speech_bounds, wav_bytes  # noqa: E402
 from pipeline.source.file import decode_file  # noqa: E402
 
@@ -121,44 +133,75 @@ def wer(norm, ref: str, hyp: str) -> float:  # type: ignore[no-untyped-def]
     return float(jiwer.wer(r, h)) if r else float(bool(h))
 
 
-def offline_pass(clips: list[Clip], settings_overrides: list[str]) -> None:
-    """The accuracy ceiling: the relay's own ASR engine on each whole clip, plus raw faster-whisper."""
-    import asyncio
-
-    from faster_whisper import WhisperModel
-
-    from pipeline.asr import make_asr_engine
-    from pipeline.asr.models import resolve_model
+def offline_asr_settings(settings_overrides: list[str]) -> AsrSettings:
+    """The relay's ASR settings with the hallucination gate disabled (the offline ceiling keeps all text)."""
     from pipeline.config import load_settings
-    from pipeline.frames import UtteranceMeta
-    from pipeline.metrics import Metrics
 
     settings = load_settings(REPO / "config.yaml", overrides=dict(kv.split("=", 1) for kv in settings_overrides))
     gate_off = settings.asr.gate.model_copy(update={"min_avg_logprob": -100.0, "no_speech_prob": 1.0})
-    asr_settings = settings.asr.model_copy(update={"gate": gate_off})
+    return settings.asr.model_copy(update={"gate": gate_off})
 
-    async def run() -> None:
+
+def relay_decode(audios: list[np.ndarray], names: list[str], settings_overrides: list[str]) -> list[tuple[str, float]]:
+    """(text, decode seconds) of the relay's own ASR engine on each whole audio, gate disabled."""
+    import asyncio
+
+    from pipeline.asr import make_asr_engine
+    from pipeline.frames import UtteranceMeta
+    from pipeline.metrics import Metrics
+
+    asr_settings = offline_asr_settings(settings_overrides)
+
+    async def run() -> list[tuple[str, float]]:
         engine = make_asr_engine(asr_settings, Metrics())
         await engine.load()
-        for c in clips:
-            tr = await engine.transcribe(c.audio, UtteranceMeta(c.name, 0.0, len(c.audio) / SR))
-            c.offline_text, c.offline_decode_s = tr.text, tr.decode_s
+        out = []
+        for name, audio in zip(names, audios, strict=True):
+            tr = await engine.transcribe(audio, UtteranceMeta(name, 0.0, len(audio) / SR))
+            out.append((tr.text, tr.decode_s))
         await engine.close()
-    asyncio.run(run())
+        return out
+    return asyncio.run(run())
+
+
+def raw_decode_times(audios: list[np.ndarray], settings_overrides: list[str]) -> list[float]:
+    """Seconds plain faster-whisper (its defaults: beam 5, 30 s window) takes on each audio."""
+    from faster_whisper import WhisperModel
+
+    from pipeline.asr.models import resolve_model
+
+    asr_settings = offline_asr_settings(settings_overrides)
     model_dir = resolve_model(asr_settings.model, asr_settings.models_dir).path
     raw = WhisperModel(str(model_dir), device="cpu", compute_type=asr_settings.compute_type,
                        cpu_threads=asr_settings.cpu_threads)
     list(raw.transcribe(np.zeros(SR, np.float32))[0])  # warm-up
-    for c in clips:
+    times = []
+    for audio in audios:
         t0 = time.perf_counter()
-        list(raw.transcribe(c.audio.astype(np.float32) / 32768, language="en")[0])
-        c.raw_fw_s = time.perf_counter() - t0
+        list(raw.transcribe(audio.astype(np.float32) / 32768, language="en")[0])
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def offline_pass(clips: list[Clip], settings_overrides: list[str]) -> None:
+    """The accuracy ceiling: the relay's own ASR engine on each whole clip, plus raw faster-whisper."""
+    audios = [c.audio for c in clips]
+    for c, (text, decode_s) in zip(clips, relay_decode(audios, [c.name for c in clips], settings_overrides),
+                                   strict=True):
+        c.offline_text, c.offline_decode_s = text, decode_s
+    for c, raw_s in zip(clips, raw_decode_times(audios, settings_overrides), strict=True):
+        c.raw_fw_s = raw_s
 
 
 def run_relay(stream: Path, out: Path, overrides: list[str], speed: float, log: Path) -> tuple[float, int]:
-    """Replay the stream through `echo-relay run`; return (peak RSS MB, exit status)."""
+    """Replay the stream through `echo-relay run`; return (peak RSS MB, exit status).
+
+    Faster than real time the ASR queue grows, so the shutdown drain (sink.drain_timeout_s) is
+    lengthened unless the overrides set it: otherwise the backlog would be dropped as undeliverable."""
     cfg = out.with_suffix(".yaml")
-    write_overrides(cfg, overrides)
+    drain = [] if speed == 1.0 or any(kv.startswith("sink.drain_timeout_s=") for kv in overrides) \
+        else ["sink.drain_timeout_s=3600"]
+    write_overrides(cfg, drain + overrides)
     cmd = [sys.executable, "-m", "pipeline", "run", "--config", str(cfg), "--source", f"file:{stream}",
            "--sink", f"jsonl:{out}", "--no-control", "--speed", str(speed)]
     with log.open("w") as lf:
@@ -276,12 +319,6 @@ def count_mid_sentence_splits(parts: list[str], offline: str, norm) -> int:  # t
     return mid
 
 
-def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (with 10 clips, p95 is the worst one)."""
-    s = sorted(values)
-    return s[max(0, min(len(s) - 1, int(np.ceil(q / 100 * len(s))) - 1))]
-
-
 def table(results: list[Result], n_clips: int) -> str:
     head = ("| variant | p50 | p95 | max | mid-sentence splits / utt | splits / utt | streamed WER | offline WER "
             "| missing | CPU in silence | peak RSS |\n|---|---|---|---|---|---|---|---|---|---|---|")
@@ -332,30 +369,29 @@ def machine() -> str:
             f"CTranslate2 {ctranslate2.__version__}")
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stream", choices=["clean", "hard", "both"], default="clean",
+                    help="clean: the --set clips joined by silence; hard: scripts/hard_audio.py's stream; both")
     ap.add_argument("--set", choices=["librispeech", "all"], default="librispeech")
     ap.add_argument("--gap", type=float, default=2.5, help="silence between clips, s")
+    ap.add_argument("--long-minutes", type=float, default=10.0,
+                    help="length of the hard stream's long session, minutes (0 = none)")
     ap.add_argument("--speed", type=float, default=1.0, help="replay speed (1 = real time; latency needs 1)")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=key=value[,key=value]",
                     help="extra runs with config overrides, e.g. plain=endpoint.enabled=false")
     ap.add_argument("--no-default", action="store_true", help="skip the default-config run")
-    ap.add_argument("--cpu", action="store_true", help="also measure CPU during 30 s of silence (+45 s)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="also measure CPU during 30 s of silence (+45 s); reported with the clean stream only")
     ap.add_argument("--models", default="base.en,small.en,distil-small.en",
                     help="other models to run with the default config when they are available locally")
     ap.add_argument("--write", type=Path, help="write the report (markdown) to this file")
     ap.add_argument("--keep", type=Path, help="keep the stream, configs and jsonl here")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    norm = normalizer()
-    clips = load_clips(args.set)
-    print(f"{len(clips)} clips, {sum(len(c.audio) for c in clips) / SR:.1f} s of speech; offline pass ...",
-          file=sys.stderr)
-    offline_pass(clips, [])
-    work = args.keep or Path(tempfile.mkdtemp(prefix="echo-relay-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    stream = work / "stream.wav"
-    build_stream(clips, args.gap, stream)
+
+def variant_list(args: argparse.Namespace) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """(label, overrides) of every run, and the --models that have no local copy."""
     variants: list[tuple[str, list[str]]] = [] if args.no_default else [("default config", [])]
     for v in args.variant:
         label, _, rest = v.partition("=")
@@ -367,52 +403,134 @@ def main() -> int:
         else:
             unavailable.append(name)
             print(f"model {name}: not available offline (echo-relay models pull {name}); skipped", file=sys.stderr)
-    args.unavailable = unavailable
-    results = []
+    return variants, unavailable
+
+
+def replay(stream: Path, work: Path, slug: str, overrides: list[str], speed: float
+           ) -> tuple[list[dict[str, object]], float, Path] | None:
+    """Run the relay over one stream: (JSONL records, peak RSS MB, log path), or None when it failed."""
+    out, log = work / f"{slug}.jsonl", work / f"{slug}.log"
+    out.unlink(missing_ok=True)
+    print(f"replaying {stream.name} through echo-relay run ({slug}) ...", file=sys.stderr)
+    peak, rc = run_relay(stream, out, overrides, speed, log)
+    if rc != 0:
+        print(f"echo-relay exited {rc}; see {log}", file=sys.stderr)
+        return None
+    return [json.loads(x) for x in out.read_text().splitlines() if x.strip()], peak, log
+
+
+def prepare_hard(path: Path, long_minutes: float) -> list[hard_audio.Item]:
+    """Build the hard stream into `path` and decode each speech item offline (the WER ceiling)."""
+    pieces = hard_audio.build_hard_stream(hard_audio.load_sources(), long_minutes)
+    write_wav(path, hard_audio.assemble(pieces))
+    speech = [p for p in pieces if p.is_speech]
+    print(f"hard stream: {hard_audio.describe_stream(pieces, long_minutes)}; offline pass ...", file=sys.stderr)
+    decoded = relay_decode([p.decode_audio() for p in speech], [p.name for p in speech], [])
+    for p, (text, _) in zip(speech, decoded, strict=True):
+        p.offline_text = text
+    return pieces
+
+
+def main() -> int:
+    args = parse_args()
+    norm = normalizer()
+    work = args.keep or Path(tempfile.mkdtemp(prefix="echo-relay-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    clips: list[Clip] = []
+    pieces: list[hard_audio.Item] = []
+    stream, hard_stream = work / "stream.wav", work / "hard.wav"
+    if args.stream in ("clean", "both"):
+        clips = load_clips(args.set)
+        print(f"{len(clips)} clips, {sum(len(c.audio) for c in clips) / SR:.1f} s of speech; offline pass ...",
+              file=sys.stderr)
+        offline_pass(clips, [])
+        build_stream(clips, args.gap, stream)
+    if args.stream in ("hard", "both"):
+        pieces = prepare_hard(hard_stream, args.long_minutes)
+    variants, args.unavailable = variant_list(args)
+    results: list[Result] = []
+    hard_results: list[hard_audio.HardResult] = []
     for label, overrides in variants:
         slug = re.sub(r"\W+", "_", label)
-        out = work / f"{slug}.jsonl"
-        out.unlink(missing_ok=True)
-        print(f"replaying {stream.name} through echo-relay run ({label}) ...", file=sys.stderr)
-        peak, rc = run_relay(stream, out, overrides, args.speed, work / f"{slug}.log")
-        if rc != 0:
-            print(f"echo-relay exited {rc}; see {work / (slug + '.log')}", file=sys.stderr)
-            return 1
-        records = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
-        res = analyse(label, clips, records, norm)
-        res.peak_rss_mb = peak
-        if args.cpu:
-            print("measuring CPU during silence ...", file=sys.stderr)
-            res.cpu_silence_pct = cpu_during_silence(overrides, work)
-        results.append(res)
-    report = table(results, len(clips))
-    print(report)
-    for r in results:
-        print(f"\n{r.label}:\n{clip_table(r)}")
+        if clips:
+            run = replay(stream, work, slug, overrides, args.speed)
+            if run is None:
+                return 1
+            res = analyse(label, clips, run[0], norm)
+            res.peak_rss_mb = run[1]
+            if args.cpu:
+                print("measuring CPU during silence ...", file=sys.stderr)
+                res.cpu_silence_pct = cpu_during_silence(overrides, work)
+            results.append(res)
+        if pieces:
+            run = replay(hard_stream, work, f"{slug}_hard", overrides, args.speed)
+            if run is None:
+                return 1
+            hres = hard_audio.analyse_hard(label, pieces, run[0], lambda ref, hyp: wer(norm, ref, hyp))
+            hres.peak_rss_mb = run[1]
+            hres.lost_lines = hard_audio.lost_lines(run[2].read_text(errors="replace"))
+            hard_results.append(hres)
+    if results:
+        print(table(results, len(clips)))
+        for r in results:
+            print(f"\n{r.label}:\n{clip_table(r)}")
+    if hard_results:
+        print("\nHard stream:\n" + hard_audio.summary_table(hard_results))
+        for h in hard_results:
+            print(f"\n{h.label} (hard stream, per category):\n{hard_audio.category_table(h)}")
+            print("\n".join(f"relay log: {line}" for line in h.lost_lines))
     if args.write:
         cmd = "python scripts/bench.py " + shlex.join(sys.argv[1:])
-        args.write.write_text(render_markdown(results, clips, cmd, args))
+        args.write.write_text(render_markdown(results, clips, hard_results, pieces, cmd, args))
         print(f"wrote {args.write}", file=sys.stderr)
     return 0
 
 
-def render_markdown(results: list[Result], clips: list[Clip], cmd: str, args: argparse.Namespace) -> str:
+def render_markdown(results: list[Result], clips: list[Clip], hard_results: list[hard_audio.HardResult],
+                    pieces: list[hard_audio.Item], cmd: str, args: argparse.Namespace) -> str:
+    out = [f"# Benchmarks\n\nMeasured {date.today().isoformat()} on {machine()}.\n", f"Command: `{cmd}`\n"]
+    if results:
+        out += clean_section(results, clips, args)
+    if getattr(args, "unavailable", None):
+        out.append(f"Not measured (no copy on this machine, which has no internet): {', '.join(args.unavailable)}. "
+                   "Run `echo-relay models pull NAME` online, then this script again.\n")
+    if hard_results:
+        out += hard_section(hard_results, pieces, args)
+    return "\n".join(out)
+
+
+def clean_section(results: list[Result], clips: list[Clip], args: argparse.Namespace) -> list[str]:
     mean_decode = statistics.mean(c.offline_decode_s for c in clips)
     mean_raw = statistics.mean(c.raw_fw_s for c in clips)
-    out = [f"# Benchmarks\n\nMeasured {date.today().isoformat()} on {machine()}.\n",
-           f"Command: `{cmd}`\n",
-           f"Stream: {len(clips)} clips ({args.set}) joined by {args.gap} s of silence, replayed at speed {args.speed} "
+    out = [f"Stream: {len(clips)} clips ({args.set}) joined by {args.gap} s of silence, replayed at speed {args.speed} "
            "through `echo-relay run --sink jsonl:` in a subprocess. Model tiny.en int8 unless the variant "
            "says otherwise.\n",
            table(results, len(clips)), "",
            f"Whole-clip decode time, mean over clips: relay engine {mean_decode:.3f} s; plain faster-whisper "
            f"(its defaults: beam 5, 30 s window) {mean_raw:.3f} s.\n"]
-    if getattr(args, "unavailable", None):
-        out.append(f"Not measured (no copy on this machine, which has no internet): {', '.join(args.unavailable)}. "
-                   "Run `echo-relay models pull NAME` online, then this script again.\n")
     for r in results:
         out += [f"## {r.label}\n", clip_table(r), ""]
-    return "\n".join(out)
+    return out
+
+
+def hard_section(hard_results: list[hard_audio.HardResult], pieces: list[hard_audio.Item],
+                 args: argparse.Namespace) -> list[str]:
+    out = ["# Hard audio\n",
+           f"Stream: {hard_audio.describe_stream(pieces, args.long_minutes)}; built by scripts/hard_audio.py "
+           f"(method in its docstring), replayed at speed {args.speed} through `echo-relay run --sink jsonl:`. "
+           "Speech lost = reference speech regions covered by no echo's audio window; hallucinated echoes = "
+           "echoes whose audio window overlaps no speech item; latency = last echo's emitted_at_s minus the "
+           "item's true speech end.\n"]
+    if args.speed != 1.0:
+        out.append(f"Replayed at speed {args.speed}, not in real time: latencies are meaningless.\n")
+    out += [hard_audio.summary_table(hard_results), ""]
+    for h in hard_results:
+        out += [f"## {h.label} (hard stream)\n", hard_audio.category_table(h), ""]
+        if h.lost_lines:
+            out += ["Relay log lines about lost or unheard speech:\n", "```", *h.lost_lines, "```", ""]
+        out += ["Hallucinated echoes:\n", hard_audio.hallucination_table(h), "",
+                "Per item:\n", hard_audio.item_table(h), ""]
+    return out
 
 
 if __name__ == "__main__":
