@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.frames import Pcm
+from pipeline.frames import SAMPLE_RATE, Pcm
 from pipeline.vad.base import VadEngine
 
 DEFAULT_THRESHOLD = 0.5  # faster-whisper's and Silero's default
@@ -75,7 +75,7 @@ class SileroVad(VadEngine):
         self._input = np.zeros((1, CONTEXT_SAMPLES + FRAME_SAMPLES), dtype=np.float32)
         self._h = np.zeros(STATE_SHAPE, dtype=np.float32)
         self._c = np.zeros(STATE_SHAPE, dtype=np.float32)
-        self.state_reset_frames = -(-state_reset_ms * 16 // FRAME_SAMPLES)  # 16 samples per ms
+        self.state_reset_frames = -(-state_reset_ms * SAMPLE_RATE // (1000 * FRAME_SAMPLES))
         self.state_reset_below = state_reset_below
         self.state_resets = 0  # resets after long non-speech
         self._quiet_frames = 0  # frames in a row below state_reset_below
@@ -107,7 +107,7 @@ class SileroVad(VadEngine):
         self._c = np.zeros(STATE_SHAPE, dtype=np.float32)
 
     def describe(self) -> str:
-        reset = (f"state reset after {self.state_reset_frames * FRAME_SAMPLES // 16} ms below "
+        reset = (f"state reset after {self.state_reset_frames * FRAME_SAMPLES * 1000 // SAMPLE_RATE} ms below "
                  f"{self.state_reset_below:g}") if self.state_reset_frames else "no state reset"
         return f"silero v6 (threshold {self.threshold:g}, 32 ms frames, 1 thread, {reset})"
 
