@@ -91,6 +91,15 @@ class VadSettings(_Section):
     aggressiveness: int = Field(3, ge=0, le=3, description="webrtcvad mode, 0 (lenient) .. 3 (strict)")
     frame_ms: Literal[10, 20, 30] = Field(30, description="webrtcvad frame size (Silero always uses 32 ms)")
     threshold: float = Field(0.5, gt=0, lt=1, description="Silero speech probability threshold")
+    neg_threshold: float | None = Field(None, gt=0, lt=1, description="speech continues while the probability "
+                                        "stays at or above this; null = threshold - 0.15 (Silero's rule)")
+    weak_prob: float | None = Field(0.1, gt=0, lt=1, description="speech also continues at this probability "
+                                    "when the frame is weak_snr_db above the noise floor (whispers); null = off")
+    weak_snr_db: float = Field(15.0, gt=0, description="see weak_prob")
+    weak_max_peak: float = Field(0.7, gt=0, le=1, description="... only for speech whose probability never reached "
+                                 "this (clear speech ends where the VAD says)")
+    weak_start_ms: int = Field(250, ge=0, description="speech with no frame at threshold opens an utterance "
+                                                      "after this much active (neg_threshold or weak) audio")
     pre_roll_ms: int = Field(300, ge=0, le=2000, description="audio kept before speech onset so first words survive")
     start_ms: int = Field(90, ge=0, le=1000, description="speech needed to open an utterance")
     hangover_ms: int = Field(700, ge=30, le=5000, description="silence that always closes an utterance")

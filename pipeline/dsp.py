@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import wave
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -137,6 +138,34 @@ def rms_dbfs(x: npt.NDArray[Any]) -> float:
     if not np.isfinite(ms) or ms <= 0.0:
         return SILENCE_DBFS
     return max(SILENCE_DBFS, 10.0 * float(np.log10(ms)))
+
+
+class NoiseFloor:
+    """Running noise floor of a stream of frame levels (dBFS): the quietest frame of the last
+    `window_s` (minimum statistics in their simplest form). Speech has pauses within that window, so it
+    does not lift the floor; a lasting new background becomes the floor once the window has passed.
+    Never below `min_dbfs`: digital silence would otherwise make every later frame look loud."""
+
+    def __init__(self, window_s: float = 3.0, min_dbfs: float = -90.0) -> None:
+        self.window_s = window_s
+        self.min_dbfs = min_dbfs
+        self._t = 0.0  # stream time of the next frame, s
+        self._mins: deque[tuple[float, float]] = deque()  # (time, level), levels increasing: window minima
+
+    @property
+    def level(self) -> float | None:
+        return self._mins[0][1] if self._mins else None
+
+    def update(self, frame_dbfs: float, frame_s: float) -> float:
+        """Add one frame of `frame_s` seconds; returns the floor including it."""
+        x = max(frame_dbfs, self.min_dbfs)
+        while self._mins and self._mins[-1][1] >= x:
+            self._mins.pop()
+        self._mins.append((self._t, x))
+        self._t += frame_s
+        while self._mins[0][0] <= self._t - self.window_s - 1e-9:
+            self._mins.popleft()
+        return self._mins[0][1]
 
 
 class Reblocker:

@@ -39,7 +39,15 @@ from pipeline.metrics import Metrics
 from pipeline.sink.base import Outgoing, Sink, SinkError
 from pipeline.source.base import Source
 from pipeline.transform.chain import TransformChain
-from pipeline.vad import SpeechPaused, SpeechResumed, SpeechStarted, Unheard, UtteranceEnded, VadStage
+from pipeline.vad import (
+    Discarded,
+    SpeechPaused,
+    SpeechResumed,
+    SpeechStarted,
+    Unheard,
+    UtteranceEnded,
+    VadStage,
+)
 
 log = logging.getLogger("echo_relay.relay")
 
@@ -224,16 +232,22 @@ class Relay:
         elif isinstance(event, UtteranceEnded):
             await self._utterance_closed(event.utterance)
         elif isinstance(event, Unheard):
-            seconds = event.speech_samples / SAMPLE_RATE
-            self.ledger.unheard += 1
-            self.ledger.unheard_s += seconds
-            self.metrics.unheard_regions.inc()
-            self.metrics.unheard_seconds.inc(seconds)
-            log.info("unheard speech-like audio at %.2f-%.2f s (%.2f s, peak VAD probability %.2f): no utterance "
-                     "opened", event.start / SAMPLE_RATE, event.end / SAMPLE_RATE, seconds, event.peak_prob)
-        else:  # Discarded (too short) and any future event kinds
-            reason = getattr(event, "reason", type(event).__name__)
-            self.metrics.drop("vad", str(reason))
+            self._unheard(event.start, event.end, event.speech_samples,
+                          f"no utterance opened, peak VAD probability {event.peak_prob:.2f}")
+        elif isinstance(event, Discarded):  # opened, but shorter than vad.min_utterance_ms
+            self.metrics.drop("vad", event.reason)
+            self._unheard(event.speech_start, event.speech_end, event.speech_end - event.speech_start,
+                          f"utterance {event.utterance_id} discarded: {event.reason}")
+
+    def _unheard(self, start: int, end: int, speech_samples: int, why: str) -> None:
+        """Speech-like audio that will not be relayed: counted beside the ledger, never silently lost."""
+        seconds = speech_samples / SAMPLE_RATE
+        self.ledger.unheard += 1
+        self.ledger.unheard_s += seconds
+        self.metrics.unheard_regions.inc()
+        self.metrics.unheard_seconds.inc(seconds)
+        log.info("unheard speech-like audio at %.2f-%.2f s (%.2f s): %s", start / SAMPLE_RATE, end / SAMPLE_RATE,
+                 seconds, why)
 
     # ----------------------------------------------------------------------- speculative ASR
     def _speculate(self, utterance_id: str, snapshot: Utterance) -> None:

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from pipeline.dsp import (
     SILENCE_DBFS,
+    NoiseFloor,
     Reblocker,
     StreamResampler,
     float_to_int16,
@@ -209,3 +210,21 @@ def test_reblocker_frames_do_not_alias_input():
 def test_reblock_function():
     frames = list(reblock(np.arange(50, dtype=np.int16), 20, start=100))
     assert [(f.start, len(f.samples)) for f in frames] == [(100, 20), (120, 20), (140, 10)]
+
+
+# ---------------------------------------------------------------------------------- noise floor
+def test_noise_floor_follows_a_quieter_frame_at_once_and_a_louder_background_after_its_window():
+    nf = NoiseFloor(window_s=1.0, min_dbfs=-90.0)
+    levels = [-60.0] * 10 + [-20.0] * 40  # 0.1 s frames: quiet room, then a loud new background
+    floors = [nf.update(x, 0.1) for x in levels]
+    assert floors[9] == -60.0
+    assert all(f == -60.0 for f in floors[10:19])  # the quiet minimum is still inside the 1 s window
+    assert floors[-1] == -20.0  # ... and the new background is the floor once the window has passed
+    assert nf.update(-70.0, 0.1) == -70.0  # a quieter frame lowers it at once
+
+
+def test_noise_floor_ignores_speech_bursts_and_never_goes_below_its_minimum():
+    nf = NoiseFloor(window_s=3.0, min_dbfs=-90.0)
+    speech = [-55.0, -25.0, -22.0, -30.0, -24.0] * 10  # words with short pauses at the room's level
+    assert max(nf.update(x, 0.1) for x in speech) == -55.0
+    assert NoiseFloor(min_dbfs=-90.0).update(-120.0, 0.032) == -90.0  # digital silence

@@ -447,7 +447,7 @@ def test_params_from_settings() -> None:
     assert p == SegmenterParams(frame_samples=512, threshold=0.6, pre_roll_samples=4800, start_samples=1440,
                                 hangover_samples=11200, min_utterance_samples=3200,
                                 max_utterance_samples=200000, split_search_samples=32000,
-                                speech_pad_samples=2400, speculative_samples=3200)
+                                speech_pad_samples=2400, speculative_samples=3200, neg_threshold=0.6 - 0.15)
     assert p.start_frames == 3
     p2 = SegmenterParams.from_settings(s, 480, threshold=0.5, speculative_ms=None)
     assert p2.threshold == 0.5 and p2.speculative_samples is None
@@ -511,3 +511,54 @@ def test_utterances_are_ordered_disjoint_and_cover_their_speech(
                     continue  # right after end_now a new start run is needed
                 assert any(u.speech_start <= frame_start < u.speech_end for u in utts), (frame_start, utts)
         pos += n
+
+
+# -------------------------------------------------------------------------------- hysteresis
+def test_speech_continues_down_to_neg_threshold() -> None:
+    """Silero's hysteresis: 0.5 starts speech, frames down to 0.35 keep it going (not a pause)."""
+    seg = Segmenter(PARAMS)
+    events = feed_probs(seg, [0.9] * 10 + [0.4] * 12 + [0.9] * 5 + [0.0] * 12)
+    assert [type(e) for e in events] == [SpeechStarted, SpeechPaused, UtteranceEnded]
+    (ended,) = of(events, UtteranceEnded)
+    assert ended.utterance.speech_end == 27 * F  # the 0.4 frames were speech: no pause, no resume
+    # The same frames at 0.3 are a pause that the hangover (10 frames) ends.
+    events = feed_probs(Segmenter(PARAMS), [0.9] * 10 + [0.3] * 12 + [0.9] * 5 + [0.0] * 12)
+    assert [e.utterance.speech_end for e in of(events, UtteranceEnded)] == [10 * F, 27 * F]
+
+
+def test_neg_threshold_frames_alone_open_only_after_weak_start() -> None:
+    """No frame reaches the threshold: the run must last weak_start_samples (here 6 frames)."""
+    params = dataclasses.replace(PARAMS, weak_start_samples=6 * F)
+    assert of(feed_probs(Segmenter(params), [0.4] * 5 + [0.0] * 20), SpeechStarted) == []
+    events = feed_probs(Segmenter(params), [0.4] * 6 + [0.0] * 20)
+    assert of(events, SpeechStarted) == [SpeechStarted("u1", 0)]
+    # With one frame at the threshold the usual start_samples (3 frames) is enough.
+    events = feed_probs(Segmenter(params), [0.4, 0.6, 0.4] + [0.0] * 20)
+    assert of(events, SpeechStarted) == [SpeechStarted("u1", 0)]
+
+
+def level(dbfs: float) -> np.ndarray:
+    """One frame of a full-band signal at `dbfs` (alternating +-a: RMS = a)."""
+    a = 32768.0 * 10 ** (dbfs / 20)
+    return np.rint(np.resize([a, -a], F)).astype(np.int16)
+
+
+def test_weak_probability_continues_speech_only_well_above_the_noise_floor() -> None:
+    """A whisper: Silero gives it 0.2 while it stands 30 dB over the room. The same 0.2 on frames at the
+    room's level (steady noise) is not speech, and neither after speech Silero was sure of (0.9: an
+    applause after a clear sentence)."""
+    def run(weak_dbfs: float, onset_prob: float = 0.6) -> list[Event]:
+        seg = Segmenter(PARAMS)
+        frames = [(level(-70), 0.0)] * 20 + [(level(-40), onset_prob)] * 5 + [(level(weak_dbfs), 0.2)] * 15 \
+            + [(level(-70), 0.0)] * 15
+        events: list[Event] = []
+        for i, (samples, p) in enumerate(frames):
+            events += seg.push(samples, i * F, p)
+        return events
+
+    (loud,) = of(run(-40), UtteranceEnded)
+    assert loud.utterance.speech_end == 40 * F  # through the weak frames
+    (quiet,) = of(run(-68), UtteranceEnded)
+    assert quiet.utterance.speech_end == 25 * F  # ended at the last frame over neg_threshold
+    (clear,) = of(run(-40, onset_prob=0.9), UtteranceEnded)
+    assert clear.utterance.speech_end == 25 * F

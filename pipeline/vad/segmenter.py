@@ -6,12 +6,22 @@ frames always gives the same utterances, positions and ids.
 
 States::
 
-              speech             start_samples of speech
+              active             start_samples of speech
     QUIET ────────────▶ STARTING ────────────────────────▶ SPEAKING ◀───┐
       ▲                    │ two non-speech frames in a row    │          │ speech
       ├────────────────────┘                        non-speech │          │
       │                                                        ▼          │
       └──────── silence reaches hangover_samples ─────────── PAUSING ─────┘
+
+Hysteresis: a frame is *speech* when its probability reaches `threshold` and *active* when it reaches
+`neg_threshold` (lower), or `weak_prob` (lower still) while it is at least `weak_snr_db` above the
+running noise floor (`pipeline.dsp.NoiseFloor`): a whisper scores 0.1-0.5 but stands 15-45 dB above
+the room, steady noise does not stand above its own floor. That weak path only serves speech that never
+scored `weak_max_peak`: clear speech ends where Silero says (jfk's applause is loud and scores 0.1-0.3,
+and must not prolong "... for your country"). Only speech starts a start run; active
+frames continue a start run and an open utterance ("speech" below means active once a run started).
+A start run opens after `start_samples` when it holds a speech frame, else after `weak_start_samples`
+of active frames (a whisper may never reach the threshold); the ASR's gate then judges it.
 
 - QUIET keeps a ring buffer of the last `pre_roll_samples` of audio, so an utterance's audio starts
   that long before the first speech frame and first words are never clipped.
@@ -48,14 +58,19 @@ from __future__ import annotations
 import enum
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from pipeline.config import VadSettings
+from pipeline.dsp import SILENCE_DBFS, NoiseFloor
 from pipeline.frames import SAMPLE_RATE, EndReason, Pcm, Utterance
 
 DEFAULT_SPECULATIVE_MS = 150  # matches EndpointSettings.speculative_ms
+# Silero's own hysteresis (faster-whisper's VadOptions.neg_threshold): speech starts at `threshold` and
+# continues down to threshold - 0.15, so quiet word ends and weak syllables do not cut an utterance.
+NEG_THRESHOLD_OFFSET = 0.15
+MIN_NEG_THRESHOLD = 0.01
 
 
 def ms_to_samples(ms: float) -> int:
@@ -132,7 +147,12 @@ class SegmenterParams:
     """Segmenter thresholds, all in samples at 16 kHz (see `VadSettings` for their meaning)."""
 
     frame_samples: int
-    threshold: float = 0.5  # prob >= threshold is speech
+    threshold: float = 0.5  # prob >= threshold is speech: it starts a start run
+    neg_threshold: float = 0.35  # prob >= this continues a start run or an open utterance (hysteresis)
+    weak_prob: float | None = 0.1  # prob >= this also continues them (None = never) when the frame is ...
+    weak_snr_db: float = 15.0  # ... this far above the running noise floor (whispers), while the run or
+    weak_max_peak: float = 0.7  # utterance never scored this high (clear speech ends where Silero says)
+    weak_start_samples: int = ms_to_samples(250)  # a start run with no speech frame opens after this
     pre_roll_samples: int = ms_to_samples(300)
     start_samples: int = ms_to_samples(90)
     hangover_samples: int = ms_to_samples(1000)
@@ -163,10 +183,20 @@ class SegmenterParams:
     def from_settings(cls, settings: VadSettings, frame_samples: int, *, threshold: float | None = None,
                       speculative_ms: int | None = DEFAULT_SPECULATIVE_MS) -> SegmenterParams:
         """`threshold` defaults to `settings.threshold` (pass the engine's own); `speculative_ms`
-        None disables `SpeechPaused` (endpointing off)."""
+        None disables `SpeechPaused` (endpointing off). The continue threshold is
+        `settings.neg_threshold`, or `threshold - NEG_THRESHOLD_OFFSET` when that is null."""
+        threshold = settings.threshold if threshold is None else threshold
+        neg_threshold = settings.neg_threshold
+        if neg_threshold is None:
+            neg_threshold = max(threshold - NEG_THRESHOLD_OFFSET, MIN_NEG_THRESHOLD)
         return cls(
             frame_samples=frame_samples,
-            threshold=settings.threshold if threshold is None else threshold,
+            threshold=threshold,
+            neg_threshold=neg_threshold,
+            weak_prob=settings.weak_prob,
+            weak_snr_db=settings.weak_snr_db,
+            weak_max_peak=settings.weak_max_peak,
+            weak_start_samples=ms_to_samples(settings.weak_start_ms),
             pre_roll_samples=ms_to_samples(settings.pre_roll_ms),
             start_samples=ms_to_samples(settings.start_ms),
             hangover_samples=ms_to_samples(settings.hangover_ms),
@@ -178,6 +208,11 @@ class SegmenterParams:
             unheard_threshold=settings.unheard_threshold,
             unheard_min_samples=ms_to_samples(settings.unheard_min_ms),
         )
+
+    @property
+    def weak_start_frames(self) -> int:
+        """Active frames a start run with no speech frame needs."""
+        return max(1, math.ceil(self.weak_start_samples / self.frame_samples))
 
     @property
     def start_frames(self) -> int:
@@ -199,6 +234,7 @@ class _Frame:
     speech: bool
     energy: float  # RMS
     prob: float = 0.0
+    active: bool = False  # prob >= neg_threshold: keeps an open utterance (or a start run) going
 
     @property
     def end(self) -> int:
@@ -208,6 +244,10 @@ class _Frame:
 def _rms(samples: Pcm) -> float:
     x = samples.astype(np.float32)
     return float(np.sqrt(np.dot(x, x) / len(x))) if len(x) else 0.0
+
+
+def _dbfs(rms: float) -> float:
+    return 20.0 * math.log10(rms / 32768.0) if rms > 0 else SILENCE_DBFS
 
 
 # --------------------------------------------------------------------------------------- segmenter
@@ -222,9 +262,12 @@ class Segmenter:
         self._pos: int | None = None  # expected start of the next frame
         self._floor: int | None = None  # the next utterance's audio may not start before this
         self._count = 0  # utterance ids handed out
+        self._noise = NoiseFloor()  # of frame levels, for weak (quiet but clearly present) speech
+        self._peak = 0.0  # highest probability of the start run or utterance in progress
         # STARTING
         self._onset = 0
-        self._run_speech = 0
+        self._run_speech = 0  # active frames in the start run
+        self._run_strong = 0  # of which speech frames
         self._run_gap = 0
         # Unheard run (no utterance open): start, end, speech-like samples, trailing gap frames, peak
         self._weak: tuple[int, int, int, int, float] | None = None
@@ -267,8 +310,16 @@ class Segmenter:
             if start < self._pos:
                 raise ValueError(f"frame at {start} goes back in the stream (expected {self._pos})")
             self._gap(start - self._pos, events)
-        frame = _Frame(start, samples.copy(), prob >= p.threshold, _rms(samples), prob)
+        energy = _rms(samples)
+        floor = self._noise.update(_dbfs(energy), len(samples) / SAMPLE_RATE)
+        if self.state is State.QUIET:
+            self._peak = 0.0
+        active = prob >= p.neg_threshold or (
+            p.weak_prob is not None and prob >= p.weak_prob and self._peak < p.weak_max_peak
+            and _dbfs(energy) >= floor + p.weak_snr_db)
+        frame = _Frame(start, samples.copy(), prob >= p.threshold, energy, prob, active)
         self._step(frame, events)
+        self._peak = max(self._peak, prob)
         if self._uid is None:
             self._track_unheard(frame, events)
         else:
@@ -365,15 +416,17 @@ class Segmenter:
         p = self.params
         self._append(frame)
         if self.state is State.QUIET:
-            if frame.speech:
+            if frame.active:
                 self.state = State.STARTING
                 self._onset, self._run_speech, self._run_gap = frame.start, 1, 0
+                self._run_strong = int(frame.speech)
                 self._maybe_open(events)
             else:
                 self._trim_pre_roll()
         elif self.state is State.STARTING:
-            if frame.speech:
+            if frame.active:
                 self._run_speech += 1
+                self._run_strong += int(frame.speech)
                 self._run_gap = 0
                 self._maybe_open(events)
             else:
@@ -383,7 +436,7 @@ class Segmenter:
                     self._trim_pre_roll()
         else:
             assert self._uid is not None
-            if frame.speech:
+            if frame.active:
                 if self._paused_sent:
                     events.append(SpeechResumed(self._uid, frame.start))
                 self._paused_sent = False
@@ -405,8 +458,11 @@ class Segmenter:
                 self._split(events)
 
     def _maybe_open(self, events: list[Event]) -> None:
-        if self._run_speech < self.params.start_frames:
+        p = self.params
+        if self._run_speech < p.start_frames:
             return
+        if not self._run_strong and self._run_speech < max(p.start_frames, p.weak_start_frames):
+            return  # no frame reached the threshold: weak evidence must last weak_start_samples
         assert self._pos is not None
         self._count += 1
         self._open(f"u{self._count}", self._onset, self._pos, continues=None, events=events)
@@ -464,7 +520,7 @@ class Segmenter:
         candidates = [f for f in self._frames if f.start >= lo and len(f.samples) > 1]
         preferred = [f for f in candidates if f.start >= self._speech_start + p.min_utterance_samples]
         pool = preferred or candidates
-        pool = [f for f in pool if not f.speech] or pool
+        pool = [f for f in pool if not f.active] or pool
         if pool:
             quietest = min(f.energy for f in pool)
             tied = [f for f in pool if f.energy <= quietest]
@@ -477,12 +533,12 @@ class Segmenter:
         for i, f in enumerate(self._frames):
             if f.start < cut < f.end:
                 k = cut - f.start
-                self._frames[i] = _Frame(f.start, f.samples[:k], f.speech, f.energy)
-                self._frames.insert(i + 1, _Frame(cut, f.samples[k:], f.speech, f.energy))
+                self._frames[i] = replace(f, samples=f.samples[:k])
+                self._frames.insert(i + 1, replace(f, start=cut, samples=f.samples[k:]))
                 break
 
-        before = [f for f in self._frames if f.end <= cut and f.speech]
-        after = [f for f in self._frames if f.start >= cut and f.speech]
+        before = [f for f in self._frames if f.end <= cut and f.active]
+        after = [f for f in self._frames if f.start >= cut and f.active]
         first_end = before[-1].end if before else self._speech_start
         end1 = min(cut, first_end + p.speech_pad_samples)
         first = Utterance(id=self._uid, audio=self._audio(self._audio_start, end1), start=self._audio_start,
