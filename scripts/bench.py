@@ -133,6 +133,14 @@ def wer(norm, ref: str, hyp: str) -> float:  # type: ignore[no-untyped-def]
     return float(jiwer.wer(r, h)) if r else float(bool(h))
 
 
+def asr_margins(settings_overrides: list[str]) -> tuple[float, float]:
+    """Audio the ASR gets around an utterance's speech bounds: (vad.pre_roll_ms, vad.speech_pad_ms) in s."""
+    from pipeline.config import load_settings
+
+    vad = load_settings(REPO / "config.yaml", overrides=dict(kv.split("=", 1) for kv in settings_overrides)).vad
+    return vad.pre_roll_ms / 1000, vad.speech_pad_ms / 1000
+
+
 def offline_asr_settings(settings_overrides: list[str]) -> AsrSettings:
     """The relay's ASR settings with the hallucination gate disabled (the offline ceiling keeps all text)."""
     from pipeline.config import load_settings
@@ -466,7 +474,10 @@ def main() -> int:
             run = replay(hard_stream, work, f"{slug}_hard", overrides, args.speed)
             if run is None:
                 return 1
-            hres = hard_audio.analyse_hard(label, pieces, run[0], lambda ref, hyp: wer(norm, ref, hyp))
+            hres = hard_audio.analyse_hard(label, pieces, run[0], lambda ref, hyp: wer(norm, ref, hyp),
+                                           asr_margins(overrides))
+            hard_audio.count_heard_offline(pieces, hres, lambda audios: [t for t, _ in relay_decode(
+                audios, [f"lost{i}" for i in range(len(audios))], [])], lambda t: " ".join(norm(t).split()))
             hres.peak_rss_mb = run[1]
             hres.lost_lines = hard_audio.lost_lines(run[2].read_text(errors="replace"))
             hard_results.append(hres)

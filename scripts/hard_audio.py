@@ -39,9 +39,15 @@ Analysis of the relay's JSONL echoes:
   mixes; the 120 s music mixes are not decoded past 1 s after the speech). References have
   annotation tokens removed: <hes-word> -> word, other <...> and [...] dropped. A missed item
   (no echo) counts as WER 1, as in bench.py.
-- Speech lost: reference regions covered by no echo window at all (any echo), summed. A lost
+- Speech lost: reference regions covered by no echo window at all (any echo), summed. An echo's
+  window is the audio Whisper decoded for it: its JSONL bounds are the VAD's speech bounds, so they
+  are widened by the run's vad.pre_roll_ms before and vad.speech_pad_ms after. A lost
   stretch is a run of uncovered speech inside one item, pauses between regions included when no
   covered speech lies between; its length is from its first to its last lost sample.
+- Lost stretches of 1 s or more are also decoded alone, offline: the count in brackets is of those in
+  which that decode finds at least two words of the item's reference (speech the model can hear).
+- WER per category two ways: the mean of the items' WERs (a 3-word clip weighs as much as a 60-word
+  one), and by words (errors over reference words, each item's WER weighted by its reference length).
 - Latency: emitted_at_s of the item's last echo minus its true speech end (stream time).
 """
 
@@ -411,6 +417,8 @@ class ItemOutcome:
     lost_s: float
     stretches: list[Interval]
     text: str
+    ref_words: int = 0  # words of the (cleaned) reference, for the word-weighted WER
+    heard_offline: int = 0  # lost stretches >= LONG_STRETCH_S in which the offline decode finds words
 
 
 @dataclass
@@ -484,11 +492,13 @@ def join_text(echoes: Sequence[Echo]) -> str:
     return " ".join(" ".join(e.text for e in msgs) for msgs in utts.values())
 
 
-def analyse_hard(label: str, pieces: Sequence[Item], records: Iterable[dict[str, object]], wer_fn: WerFn) -> HardResult:
+def analyse_hard(label: str, pieces: Sequence[Item], records: Iterable[dict[str, object]], wer_fn: WerFn,
+                 margins: Interval = (0.0, 0.0)) -> HardResult:
+    """`margins`: (before, after) seconds of audio the ASR got around each echo's speech bounds."""
     echoes = parse_echoes(records)
     speech = [(i, p.speech_span) for i, p in enumerate(pieces) if p.is_speech]
     extents = [(i, p.extent) for i, p in enumerate(pieces)]
-    covers = merge_intervals((e.start, e.end) for e in echoes)
+    covers = merge_intervals((e.start - margins[0], e.end + margins[1]) for e in echoes)
     mine: dict[int, list[Echo]] = {}
     halluc: list[tuple[str, Echo]] = []
     for e in echoes:
@@ -508,8 +518,38 @@ def analyse_hard(label: str, pieces: Sequence[Item], records: Iterable[dict[str,
         latency = max(e.emitted for e in got) - (p.offset_s + p.true_end_s) if got else None
         outcomes.append(ItemOutcome(
             p.name, p.category, len({e.utterance_id for e in got}), wer_fn(p.ref, hyp) if got else 1.0,
-            wer_fn(p.ref, p.offline_text), latency, sum(b - a for a, b in p.regions), lost, stretches, hyp))
+            wer_fn(p.ref, p.offline_text), latency, sum(b - a for a, b in p.regions), lost, stretches, hyp,
+            len(p.ref.split())))
     return HardResult(label, outcomes, halluc, [c for c in CATEGORIES if any(p.category == c for p in pieces)])
+
+
+def long_lost_audio(pieces: Sequence[Item], r: HardResult) -> list[tuple[ItemOutcome, Audio]]:
+    """The audio of every lost stretch of LONG_STRETCH_S or more (with 0.2 s either side), per outcome."""
+    speech = [p for p in pieces if p.is_speech]
+    out = []
+    for p, o in zip(speech, r.items, strict=True):
+        for a, b in o.stretches:
+            if b - a >= LONG_STRETCH_S:
+                lo, hi = max(0.0, a - p.offset_s - 0.2), b - p.offset_s + 0.2
+                out.append((o, p.audio[int(lo * SR):int(hi * SR)]))
+    return out
+
+
+def count_heard_offline(pieces: Sequence[Item], r: HardResult, decode: Callable[[list[Audio]], list[str]],
+                        normalize: Callable[[str], str], min_words: int = 2) -> None:
+    """Set `heard_offline`: lost stretches in which the offline decode (same engine, gate off) of that
+    stretch alone finds at least `min_words` words of the item's reference, and mostly such words (at
+    least half of what it wrote: a garbled decode of noise-masked speech matches "the", "of", "in" by
+    chance). The issue's target counts only speech "that the offline decode transcribes"; speech the
+    model cannot hear in the noise is not a loss of the relay's."""
+    found = long_lost_audio(pieces, r)
+    texts = decode([audio for _, audio in found]) if found else []
+    for (o, _), text in zip(found, texts, strict=True):
+        ref = set(normalize(next(p.ref for p in pieces if p.name == o.name)).split())
+        words = normalize(text).split()
+        hits = sum(w in ref for w in words)
+        if hits >= min_words and hits >= len(words) / 2:
+            o.heard_offline += 1
 
 
 # ------------------------------------------------------------------------------------ report
@@ -520,23 +560,28 @@ def pct(values: Sequence[float], q: float) -> float:
 
 
 def summary_cells(items: Sequence[ItemOutcome], halluc: int) -> list[str]:
-    """Cells: items, streamed WER, offline WER, missed, speech lost, longest lost, lost >= 1 s,
-    hallucinated echoes, latency p50, p95."""
+    """Cells: items, streamed WER, offline WER (each: mean over items, then over words), missed, speech
+    lost, longest lost, lost >= 1 s, hallucinated echoes, latency p50, p95."""
     if not items:
-        return ["0", "–", "–", "–", "–", "–", "–", str(halluc), "–", "–"]
+        return ["0", "–", "–", "–", "–", "–", "–", "–", "–", str(halluc), "–", "–"]
+    words = sum(o.ref_words for o in items) or 1
     lat = [o.latency_s for o in items if o.latency_s is not None]
     stretches = [b - a for o in items for a, b in o.stretches]
     lost, total = sum(o.lost_s for o in items), sum(o.speech_s for o in items)
     return [str(len(items)), f"{100 * statistics.mean(o.wer for o in items):.1f} %",
             f"{100 * statistics.mean(o.offline_wer for o in items):.1f} %",
+            f"{100 * sum(o.wer * o.ref_words for o in items) / words:.1f} %",
+            f"{100 * sum(o.offline_wer * o.ref_words for o in items) / words:.1f} %",
             str(sum(o.echoes == 0 for o in items)),
             f"{lost:.1f} s of {total:.0f} s ({100 * lost / total:.1f} %)" if total else "–",
-            f"{max(stretches, default=0.0):.2f} s", str(sum(s >= LONG_STRETCH_S for s in stretches)), str(halluc),
+            f"{max(stretches, default=0.0):.2f} s",
+            f"{sum(s >= LONG_STRETCH_S for s in stretches)} ({sum(o.heard_offline for o in items)})", str(halluc),
             f"{pct(lat, 50):.2f} s" if lat else "–", f"{pct(lat, 95):.2f} s" if lat else "–"]
 
 
-HEAD = ("| {first} | items | streamed WER | offline WER | missed | speech lost | longest lost | lost ≥ 1 s "
-        "| hallucinated echoes | p50 | p95 |\n|---|---|---|---|---|---|---|---|---|---|---|")
+HEAD = ("| {first} | items | streamed WER, mean of items | offline WER, mean of items | streamed WER, by words "
+        "| offline WER, by words | missed | speech lost | longest lost | lost ≥ 1 s (offline hears words in it) "
+        "| hallucinated echoes | p50 | p95 |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def summary_table(results: Sequence[HardResult]) -> str:
