@@ -540,6 +540,7 @@ def hard_section(hard_results: list[hard_audio.HardResult], pieces: list[hard_au
         if h.lost_lines:
             out += ["Relay log lines about lost or unheard speech:\n", "```", *h.lost_lines, "```", ""]
         out += ["Hallucinated echoes:\n", hard_audio.hallucination_table(h), "",
+                "Echoes of speech no reference covers (not hallucinations):\n", hard_audio.unreferenced_table(h), "",
                 "Per item:\n", hard_audio.item_table(h), ""]
     return out
 

@@ -33,7 +33,8 @@ Analysis of the relay's JSONL echoes:
 - Each echo goes to the speech item whose speech span (first region start .. last region end) its
   audio window [audio_start_s, audio_end_s] overlaps most. An echo that overlaps no speech span is a
   hallucination, filed under the category of the piece its window overlaps most (noise only, music
-  tail, gap, long session).
+  tail, gap, long session), unless it overlaps speech no reference covers (UNREFERENCED_SPEECH: the
+  spoken guitar lesson in mix_02's music tail), which is listed apart.
 - Streamed WER: an item's echoes (grouped by utterance_id, in order) against its reference; offline
   WER: the relay's ASR engine on the item's audio (speech span +-1 s: the whole item for noisy
   mixes; the 120 s music mixes are not decoded past 1 s after the speech). References have
@@ -87,6 +88,10 @@ GAP_S = 3.0
 LEVEL_GAP_S = 2.5
 PEAK_LIMIT = 0.97  # of full scale
 LONG_STRETCH_S = 1.0
+# Speech in the audio that no reference covers (item time): echoes there are neither hallucinations nor
+# counted in WER. mix_02's "music-only" tail holds a spoken guitar lesson ("Hey everyone, this is Brian
+# from ... activemelody.com. This week's guitar lesson ..."): offline decodes of 95-100 s and 99-120 s.
+UNREFERENCED_SPEECH: dict[str, list[Interval]] = {"mix_02_2428-83705-0024_-0SdAVK79lg": [(95.0, 120.0)]}
 
 SNRS = (0.0, 5.0, 10.0)
 SPONTANEOUS = ("mfa/acoustic_corpus.wav", "mfa/mfa_um.flac", "mfa/mfa_internalsil.flac")
@@ -124,6 +129,7 @@ class Item:
     decode_window: Interval | None = None  # item time; None = the whole item
     offset_s: float = 0.0  # set by assemble()
     offline_text: str = ""
+    unreferenced: list[Interval] = field(default_factory=list)  # item time: speech no reference covers
 
     @property
     def is_speech(self) -> bool:
@@ -321,7 +327,9 @@ def music_items(src: Sources) -> list[Item]:
         regions = speech_regions(clean)
         audio = src.clips[k]
         window = (0.0, min(len(audio) / SR, regions[-1][1] + NOISE_MARGIN_S))
-        items.append(Item(Path(k).stem, "music", audio, src.refs[k], regions, speech_bounds(clean)[1], window))
+        item = Item(Path(k).stem, "music", audio, src.refs[k], regions, speech_bounds(clean)[1], window)
+        item.unreferenced = UNREFERENCED_SPEECH.get(item.name, [])
+        items.append(item)
     return items
 
 
@@ -426,6 +434,7 @@ class HardResult:
     label: str
     items: list[ItemOutcome]
     hallucinations: list[tuple[str, Echo]]  # (category, echo)
+    unreferenced: list[Echo] = field(default_factory=list)  # echoes of speech no reference covers
     categories: list[str] = field(default_factory=list)  # those present in the stream
     peak_rss_mb: float = 0.0
     lost_lines: list[str] = field(default_factory=list)
@@ -499,12 +508,16 @@ def analyse_hard(label: str, pieces: Sequence[Item], records: Iterable[dict[str,
     speech = [(i, p.speech_span) for i, p in enumerate(pieces) if p.is_speech]
     extents = [(i, p.extent) for i, p in enumerate(pieces)]
     covers = merge_intervals((e.start - margins[0], e.end + margins[1]) for e in echoes)
+    unreferenced = [(p.offset_s + a, p.offset_s + b) for p in pieces for a, b in p.unreferenced]
     mine: dict[int, list[Echo]] = {}
     halluc: list[tuple[str, Echo]] = []
+    heard_unreferenced: list[Echo] = []
     for e in echoes:
         i = best_match((e.start, e.end), speech)
         if i is not None:
             mine.setdefault(i, []).append(e)
+        elif any(overlap((e.start, e.end), u) > 0 for u in unreferenced):
+            heard_unreferenced.append(e)
         else:
             j = best_match((e.start, e.end), extents)
             halluc.append((pieces[j].category if j is not None else "gap", e))
@@ -520,7 +533,8 @@ def analyse_hard(label: str, pieces: Sequence[Item], records: Iterable[dict[str,
             p.name, p.category, len({e.utterance_id for e in got}), wer_fn(p.ref, hyp) if got else 1.0,
             wer_fn(p.ref, p.offline_text), latency, sum(b - a for a, b in p.regions), lost, stretches, hyp,
             len(p.ref.split())))
-    return HardResult(label, outcomes, halluc, [c for c in CATEGORIES if any(p.category == c for p in pieces)])
+    return HardResult(label, outcomes, halluc, heard_unreferenced,
+                      [c for c in CATEGORIES if any(p.category == c for p in pieces)])
 
 
 def long_lost_audio(pieces: Sequence[Item], r: HardResult) -> list[tuple[ItemOutcome, Audio]]:
@@ -608,6 +622,13 @@ def item_table(r: HardResult) -> str:
             f"| {o.lost_s:.2f} / {o.speech_s:.2f} s | {max((b - a for a, b in o.stretches), default=0.0):.2f} s "
             f"| {'–' if o.latency_s is None else f'{o.latency_s:.2f} s'} | {md_cell(o.text)} |" for o in r.items]
     return head + "\n" + "\n".join(rows)
+
+
+def unreferenced_table(r: HardResult) -> str:
+    if not r.unreferenced:
+        return "No echoes of unreferenced speech."
+    head = "| audio window | text |\n|---|---|"
+    return head + "\n" + "\n".join(f"| {e.start:.2f}–{e.end:.2f} s | {md_cell(e.text)} |" for e in r.unreferenced)
 
 
 def hallucination_table(r: HardResult) -> str:
