@@ -109,8 +109,8 @@ class VadSettings(_Section):
     speech_pad_ms: int = Field(150, ge=0, le=1000, description="silence kept after speech end in the utterance audio")
     # Silero's LSTM state drifts: after noise or long digital silence it scores a quiet speaker far lower
     # than a fresh state does. Resetting inside short pauses costs the next phrase its context (jfk's
-    # "ask not"), so the state is reset once a non-speech stretch is this long (pipeline/vad/silero.py).
-    state_reset_ms: int = Field(2000, ge=0, description="Silero: reset its state after this much non-speech; 0 = never")
+    # "ask not"), so the state is reset each time non-speech has lasted this long (pipeline/vad/silero.py).
+    state_reset_ms: int = Field(2000, ge=0, description="Silero: reset its state every this much non-speech; 0 = never")
     state_reset_below: float = Field(0.2, gt=0, lt=1, description="... where non-speech is a probability below this")
     unheard_threshold: float = Field(0.35, gt=0, lt=1, description="speech-like frames (probability >= this) that "
                                      "never become part of an utterance are counted as unheard speech")

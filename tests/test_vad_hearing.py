@@ -69,6 +69,18 @@ def test_quiet_speaker_after_noise_and_silence_is_heard_as_by_a_fresh_vad() -> N
     assert vad.state_resets >= 1
 
 
+@pytest.mark.parametrize("silence_s", [5.0, 30.0])
+def test_quiet_speaker_after_long_silence_is_heard_as_by_a_fresh_vad(silence_s: float) -> None:
+    """The state drifts in long silence too: one reset when it starts is not enough (30 s: 26 frames with
+    one reset at 2 s, 67 carried, 86 with a reset every 2 s, 89 fresh)."""
+    noisy, quiet = drift_stream()[0][:10 * SR], gain(load("mfa/mfa_internalsil.flac"), -25.0)
+    head = np.concatenate([noisy, np.zeros(int(silence_s * SR), np.int16)])
+    stream = np.concatenate([head, quiet])
+    fresh = sum(frames_over(SileroVad(), quiet))
+    heard = sum(frames_over(SileroVad(), stream)[len(head) // FRAME_SAMPLES:])
+    assert heard >= 0.9 * fresh, (heard, fresh)
+
+
 def test_no_state_reset_inside_the_pauses_of_speech() -> None:
     """jfk pauses up to ~1 s between phrases: a reset there would leave "ask not" to a cold model."""
     jfk = load("whisper.cpp/jfk.wav")
