@@ -25,7 +25,7 @@ of active frames (a whisper may never reach the threshold); the ASR's gate then 
 
 - QUIET keeps a ring buffer of the last `pre_roll_samples` of audio, so an utterance's audio starts
   that long before the first speech frame and first words are never clipped.
-- STARTING counts speech frames of one start run; a single non-speech frame inside the run is
+- STARTING counts active frames of one start run; a single inactive frame inside the run is
   tolerated (it counts as neither), two in a row abandon it. Since every tolerated gap must be
   followed by speech, a run that opens spans at most 2 * start_frames - 1 frames.
 - SPEAKING/PAUSING: `speech_end` follows the end of the last speech frame. When the silence after
@@ -234,7 +234,7 @@ class _Frame:
     speech: bool
     energy: float  # RMS
     prob: float = 0.0
-    active: bool = False  # prob >= neg_threshold: keeps an open utterance (or a start run) going
+    active: bool = False  # neg_threshold reached, or weak speech: keeps a start run or an utterance going
 
     @property
     def end(self) -> int:
@@ -244,6 +244,15 @@ class _Frame:
 def _rms(samples: Pcm) -> float:
     x = samples.astype(np.float32)
     return float(np.sqrt(np.dot(x, x) / len(x))) if len(x) else 0.0
+
+
+@dataclass(slots=True)
+class _UnheardRun:
+    start: int
+    end: int
+    speech_samples: int
+    peak_prob: float
+    gap_frames: int = 0  # non-speech-like frames since the last speech-like one
 
 
 def _dbfs(rms: float) -> float:
@@ -269,8 +278,7 @@ class Segmenter:
         self._run_speech = 0  # active frames in the start run
         self._run_strong = 0  # of which speech frames
         self._run_gap = 0
-        # Unheard run (no utterance open): start, end, speech-like samples, trailing gap frames, peak
-        self._weak: tuple[int, int, int, int, float] | None = None
+        self._unheard: _UnheardRun | None = None  # speech-like frames while no utterance is open
         # SPEAKING / PAUSING
         self._uid: str | None = None
         self._audio_start = 0
@@ -311,19 +319,20 @@ class Segmenter:
                 raise ValueError(f"frame at {start} goes back in the stream (expected {self._pos})")
             self._gap(start - self._pos, events)
         energy = _rms(samples)
-        floor = self._noise.update(_dbfs(energy), len(samples) / SAMPLE_RATE)
+        level = _dbfs(energy)
+        floor = self._noise.update(level, len(samples) / SAMPLE_RATE)
         if self.state is State.QUIET:
             self._peak = 0.0
         active = prob >= p.neg_threshold or (
             p.weak_prob is not None and prob >= p.weak_prob and self._peak < p.weak_max_peak
-            and _dbfs(energy) >= floor + p.weak_snr_db)
+            and level >= floor + p.weak_snr_db)
         frame = _Frame(start, samples.copy(), prob >= p.threshold, energy, prob, active)
         self._step(frame, events)
         self._peak = max(self._peak, prob)
         if self._uid is None:
             self._track_unheard(frame, events)
         else:
-            self._weak = None  # the run became (the pre-roll of) an utterance
+            self._unheard = None  # the run became (the pre-roll of) an utterance
         return events
 
     def end_now(self, reason: EndReason = "sentence_end") -> Utterance | None:
@@ -352,24 +361,24 @@ class Segmenter:
 
     # ----------------------------------------------------------------------------- internals
     def _track_unheard(self, frame: _Frame, events: list[Event]) -> None:
+        run = self._unheard
         if frame.prob >= self.params.unheard_threshold:
-            if self._weak is None:
-                self._weak = (frame.start, frame.end, len(frame.samples), 0, frame.prob)
+            if run is None:
+                self._unheard = _UnheardRun(frame.start, frame.end, len(frame.samples), frame.prob)
             else:
-                start, _end, n, _gap, peak = self._weak
-                self._weak = (start, frame.end, n + len(frame.samples), 0, max(peak, frame.prob))
-        elif self._weak is not None:
-            start, end, n, gap, peak = self._weak
-            self._weak = (start, end, n, gap + 1, peak)
-            if gap + 1 > UNHEARD_GAP_FRAMES:
+                run.end, run.gap_frames = frame.end, 0
+                run.speech_samples += len(frame.samples)
+                run.peak_prob = max(run.peak_prob, frame.prob)
+        elif run is not None:
+            run.gap_frames += 1
+            if run.gap_frames > UNHEARD_GAP_FRAMES:
                 self._end_unheard(events)
 
     def _end_unheard(self, events: list[Event]) -> None:
-        if self._weak is not None and self._uid is None:
-            start, end, n, _gap, peak = self._weak
-            if n >= max(1, self.params.unheard_min_samples):
-                events.append(Unheard(start, end, n, peak))
-        self._weak = None
+        run = self._unheard
+        if run is not None and self._uid is None and run.speech_samples >= max(1, self.params.unheard_min_samples):
+            events.append(Unheard(run.start, run.end, run.speech_samples, run.peak_prob))
+        self._unheard = None
 
     def _reset(self) -> None:
         self.state = State.QUIET
@@ -378,7 +387,7 @@ class Segmenter:
         self._pos = None
         self._floor = None
         self._uid = None
-        self._weak = None
+        self._unheard = None
 
     def _append(self, frame: _Frame) -> None:
         self._frames.append(frame)
