@@ -152,10 +152,6 @@ class NoiseFloor:
         self._t = 0.0  # stream time of the next frame, s
         self._mins: deque[tuple[float, float]] = deque()  # (time, level), levels increasing: window minima
 
-    @property
-    def level(self) -> float | None:
-        return self._mins[0][1] if self._mins else None
-
     def update(self, frame_dbfs: float, frame_s: float) -> float:
         """Add one frame of `frame_s` seconds; returns the floor including it."""
         x = max(frame_dbfs, self.min_dbfs)
