@@ -56,7 +56,7 @@ sys.path.insert(0, str(REPO))
 import hard_audio  # noqa: E402
 from hard_audio import pct  # noqa: E402
 
-from pipeline.config import AsrSettings  # noqa: E402
+from pipeline.config import AsrSettings, Settings  # noqa: E402
 from pipeline.dsp import speech_bounds, wav_bytes  # noqa: E402
 from pipeline.source.file import decode_file  # noqa: E402
 
@@ -133,19 +133,26 @@ def wer(norm, ref: str, hyp: str) -> float:  # type: ignore[no-untyped-def]
     return float(jiwer.wer(r, h)) if r else float(bool(h))
 
 
-def asr_margins(settings_overrides: list[str]) -> tuple[float, float]:
-    """Audio the ASR gets around an utterance's speech bounds: (vad.pre_roll_ms, vad.speech_pad_ms) in s."""
+def bench_settings(settings_overrides: list[str]) -> Settings:
+    """The settings a run with these key=value overrides gets: the config file write_overrides writes for
+    it, loaded as the relay loads it (so `vad.weak_prob=null` is None, as in the run)."""
     from pipeline.config import load_settings
 
-    vad = load_settings(REPO / "config.yaml", overrides=dict(kv.split("=", 1) for kv in settings_overrides)).vad
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        write_overrides(path, settings_overrides)
+        return load_settings(path)
+
+
+def asr_margins(settings_overrides: list[str]) -> tuple[float, float]:
+    """Audio the ASR gets around an utterance's speech bounds: (vad.pre_roll_ms, vad.speech_pad_ms) in s."""
+    vad = bench_settings(settings_overrides).vad
     return vad.pre_roll_ms / 1000, vad.speech_pad_ms / 1000
 
 
 def offline_asr_settings(settings_overrides: list[str]) -> AsrSettings:
     """The relay's ASR settings with the hallucination gate disabled (the offline ceiling keeps all text)."""
-    from pipeline.config import load_settings
-
-    settings = load_settings(REPO / "config.yaml", overrides=dict(kv.split("=", 1) for kv in settings_overrides))
+    settings = bench_settings(settings_overrides)
     gate_off = settings.asr.gate.model_copy(update={"min_avg_logprob": -100.0, "no_speech_prob": 1.0})
     return settings.asr.model_copy(update={"gate": gate_off})
 
