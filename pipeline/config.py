@@ -112,6 +112,8 @@ class VadSettings(_Section):
     # "ask not"), so the state is reset each time non-speech has lasted this long (pipeline/vad/silero.py).
     state_reset_ms: int = Field(2000, ge=0, description="Silero: reset its state every this much non-speech; 0 = never")
     state_reset_below: float = Field(0.2, gt=0, lt=1, description="... where non-speech is a probability below this")
+    state_reset_max_dbfs: float = Field(-40.0, le=0, description="... in a frame quieter than this (a loud background "
+                                        "such as music stays adapted: a fresh state hears singing as speech)")
     unheard_threshold: float = Field(0.35, gt=0, lt=1, description="speech-like frames (probability >= this) that "
                                      "never become part of an utterance are counted as unheard speech")
     unheard_min_ms: int = Field(150, ge=0, description="shorter speech-like runs are not counted as unheard")

@@ -65,7 +65,8 @@ def _silero(settings: VadSettings) -> VadEngine:
     from pipeline.vad.silero import SileroVad
 
     return SileroVad(threshold=settings.threshold, state_reset_ms=settings.state_reset_ms,
-                     state_reset_below=settings.state_reset_below)
+                     state_reset_below=settings.state_reset_below,
+                     state_reset_max_dbfs=settings.state_reset_max_dbfs)
 
 
 BUILTIN_ENGINES: dict[str, Callable[[VadSettings], VadEngine]] = {"webrtc": _webrtc, "silero": _silero}
