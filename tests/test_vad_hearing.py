@@ -89,6 +89,17 @@ def test_no_state_reset_inside_the_pauses_of_speech() -> None:
     assert vad.state_resets == 0
 
 
+def test_no_state_reset_in_loud_background_music() -> None:
+    """A fresh state hears the singing in background music as speech (mix_01's tail: 250 frames over 0.5
+    with resets there); the state adapted to the loud music keeps it out, so resets wait for quiet."""
+    music = decode_file(MUSIC_01)[int(MUSIC_ONLY_FROM_S * SR):]
+    vad = SileroVad()
+    assert sum(frames_over(vad, music)) <= 10
+    assert vad.state_resets == 0
+    reset_anyway = SileroVad(state_reset_max_dbfs=0.0)
+    assert sum(frames_over(reset_anyway, music)) >= 100  # what the cap prevents
+
+
 # ------------------------------------------------------------------------------ no false echoes
 def write_config(tmp_path: Path, **vad: object) -> Path:
     tree = yaml.safe_load((REPO / "config.yaml").read_text())
