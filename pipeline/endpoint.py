@@ -11,15 +11,14 @@ anything else after the full hangover.
 from __future__ import annotations
 
 from pipeline.config import EndpointSettings
-
-SENTENCE_END = (".", "?", "!")
+from pipeline.text import SENTENCE_END
 
 
 def required_silence_ms(text: str, final_punct_prob: float | None, settings: EndpointSettings,
                         hangover_ms: int) -> int:
     """Silence (ms after the speech end) after which an utterance with this transcript is finished."""
     text = text.rstrip()
-    if not text or not text.endswith(SENTENCE_END) or final_punct_prob is None:
+    if not text or not text.endswith(tuple(SENTENCE_END)) or final_punct_prob is None:
         return hangover_ms
     if final_punct_prob >= settings.confident_prob:
         return min(settings.confident_pause_ms, hangover_ms)

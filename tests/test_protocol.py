@@ -1,17 +1,65 @@
-"""Protocol messages: exact fields, size limits, splitting, audio chunking."""
+"""Protocol messages: exact fields, the size limit with headroom, text splitting, audio chunking."""
 
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import numpy as np
 import pytest
+import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import protocol
 
+LIMIT = protocol.DEFAULT_MAX_MESSAGE_BYTES
+HEADROOM = protocol.ENVELOPE_HEADROOM_BYTES
+IID = "0123456789abcdef" * 2  # as long as new_inference_id()
+FAMILY = "👩\u200d👩\u200d👧\u200d👦"  # one grapheme cluster of 7 code points (4 emoji joined by ZWJ)
 
+
+def texts(msgs: list[dict[str, Any]]) -> list[str]:
+    return [m["properties"]["text"] for m in msgs]
+
+
+def grapheme_bounds(text: str) -> set[int]:
+    return {0} | {m.end() for m in regex.finditer(r"\X", text)}
+
+
+def locate(text: str, pieces: list[str]) -> list[tuple[int, int]]:
+    """Where each piece sits in `text`: pieces are verbatim slices, in order, separated only by whitespace."""
+    spans, pos = [], 0
+    for piece in pieces:
+        start = text.find(piece, pos)
+        assert start >= 0, f"piece {piece[:40]!r} is not in the text after offset {pos}"
+        assert text[pos:start].strip() == "", f"lost {text[pos:start]!r} before {piece[:40]!r}"
+        spans.append((start, start + len(piece)))
+        pos = start + len(piece)
+    assert text[pos:].strip() == "", f"lost the tail {text[pos:][:40]!r}"
+    return spans
+
+
+def check_echoes(text: str, msgs: list[dict[str, Any]], conversation_id: str | None, inference_id: str,
+                 done: bool, max_bytes: int) -> list[str]:
+    """The invariants every text_echoes result must hold; returns the pieces."""
+    assert msgs
+    for m in msgs:
+        assert protocol.serialized_size(m) <= max_bytes - HEADROOM
+        assert m["message_type"] == "conversation" and m["event_type"] == protocol.ECHO
+        assert m["conversation_id"] == (conversation_id or "")
+        assert m["properties"]["modality"] == "text" and m["properties"]["inference_id"] == inference_id
+    assert [m["properties"]["done"] for m in msgs] == [False] * (len(msgs) - 1) + [done]
+    pieces = texts(msgs)
+    bounds = grapheme_bounds(text)
+    for start, end in locate(text, pieces):
+        assert start in bounds and end in bounds, f"cut inside a grapheme cluster at {start}..{end}"
+    if len(pieces) > 1:
+        assert all(p.strip() for p in pieces)  # no empty or whitespace-only echo
+    return pieces
+
+
+# ----------------------------------------------------------------------------------------------- fields
 def test_text_echo_fields() -> None:
     m = protocol.echo_text("Hello there.", "c123", inference_id="utt-1")
     assert m == {"message_type": "conversation", "event_type": "conversation.echo", "conversation_id": "c123",
@@ -36,32 +84,162 @@ def test_normalize_done_rejects(value: object) -> None:
         protocol.normalize_done(value)
 
 
+def test_serialized_size_is_compact_utf8_json() -> None:
+    m = protocol.echo_text('é "q"\n', "c", "i", False)
+    wire = ('{"message_type":"conversation","event_type":"conversation.echo","conversation_id":"c",'
+            '"properties":{"modality":"text","text":"é \\"q\\"\\n","inference_id":"i","done":false}}')
+    assert protocol.serialized_size(m) == len(wire.encode("utf-8"))
+
+
+# ------------------------------------------------------------------------------------------- text echoes
+def test_short_text_is_one_verbatim_echo() -> None:
+    msgs = protocol.text_echoes("  Hello there.  ", "c1", "utt-1", done=False)
+    assert msgs == [protocol.echo_text("  Hello there.  ", "c1", "utt-1", False)]
+
+
+def test_empty_text_is_one_empty_echo() -> None:
+    assert protocol.text_echoes("", "c1", "utt-1") == [protocol.echo_text("", "c1", "utt-1", True)]
+
+
+@pytest.mark.parametrize("done", [True, False])
+def test_long_run_splits_into_two_full_pieces(done: bool) -> None:
+    # Old defect: pieces sized as if done=true were 4097 bytes with done=false and got split again,
+    # so "x"*5000 went out as 3894, 1 and 1105 characters.
+    text = "x" * 5000
+    msgs = protocol.text_echoes(text, "c123", IID, done=done, max_bytes=LIMIT)
+    pieces = check_echoes(text, msgs, "c123", IID, done, LIMIT)
+    assert len(pieces) == 2 and "".join(pieces) == text
+    assert protocol.serialized_size(msgs[0]) >= LIMIT - HEADROOM - 2  # the first piece is filled, no waste
+
+
+@pytest.mark.parametrize("max_bytes", [1024, 2048, LIMIT])
+def test_zwj_emoji_sequences_stay_whole(max_bytes: int) -> None:
+    # Old defect: a lone U+200D went out as its own echo and a family emoji was cut in two.
+    text = FAMILY * 400
+    msgs = protocol.text_echoes(text, "c123", IID, max_bytes=max_bytes)
+    pieces = check_echoes(text, msgs, "c123", IID, True, max_bytes)
+    assert len(pieces) > 1 and "".join(pieces) == text
+    for piece in pieces:
+        assert set(regex.findall(r"\X", piece)) == {FAMILY}
+    assert protocol.serialized_size(msgs[0]) > max_bytes - HEADROOM - len(FAMILY.encode())  # filled to one cluster
+
+
+def test_combining_marks_stay_with_their_letter() -> None:
+    text = "e\u0301" * 3000  # é as e + COMBINING ACUTE ACCENT
+    msgs = protocol.text_echoes(text, None, "utt-1", max_bytes=1024)
+    pieces = check_echoes(text, msgs, None, "utt-1", True, 1024)
+    assert all(not p.startswith("\u0301") for p in pieces) and "".join(pieces) == text
+
+
 def test_long_text_splits_at_sentences_under_limit() -> None:
     sentences = [f"This is sentence number {i} of a long monologue." for i in range(200)]
     text = " ".join(sentences)
-    pieces = protocol.split_text(text, "c123", max_bytes=1024)
+    msgs = protocol.text_echoes(text, "c123", "utt-1", max_bytes=1024)
+    pieces = check_echoes(text, msgs, "c123", "utt-1", True, 1024)
     assert len(pieces) > 1
     assert " ".join(pieces) == text  # nothing lost, nothing reordered
-    for piece in pieces:
-        assert piece.endswith(".")  # cut at sentence boundaries
-        assert protocol.serialized_size(protocol.echo_text(piece, "c123")) <= 1024
+    assert all(p.endswith(".") for p in pieces)  # cut at sentence boundaries
+
+
+def test_sentence_end_wins_over_a_fuller_word_cut() -> None:
+    first = "Short first sentence."
+    rest = " ".join(["word"] * 2000)  # one sentence far too long for a message
+    text = f"{first} {rest}"
+    pieces = texts(protocol.text_echoes(text, "c", "i", max_bytes=1024))
+    assert pieces[0] == first
+    assert all(set(p.split()) == {"word"} for p in pieces[1:])  # then whole words
+
+
+def test_words_not_cut_and_dots_inside_tokens_are_not_sentence_ends() -> None:
+    text = " ".join(["v1.2.3", "e.g.", "3.14", "wait...what", "example.com/a?b=c"] * 300)
+    msgs = protocol.text_echoes(text, "c", "i", max_bytes=2048)
+    pieces = check_echoes(text, msgs, "c", "i", True, 2048)
+    assert len(pieces) > 1 and " ".join(pieces) == text  # every cut at whitespace
+    tokens = set(text.split())
+    assert all(set(p.split()) <= tokens for p in pieces)
+
+
+def test_cjk_splits_after_ideographic_full_stop() -> None:
+    sentence = "今日は晴れです。明日は雨です。"
+    text = sentence * 200  # no spaces anywhere
+    msgs = protocol.text_echoes(text, "c", "i", max_bytes=1024)
+    pieces = check_echoes(text, msgs, "c", "i", True, 1024)
+    assert len(pieces) > 1 and "".join(pieces) == text
+    assert all(p.endswith("。") and p.startswith(("今日", "明日")) for p in pieces)
+
+
+@pytest.mark.parametrize("mark", ["！", "？", "‼", "⁉", "؟", "।", "॥", "።", "۔", "．"])
+def test_other_scripts_sentence_ends_split_without_space(mark: str) -> None:
+    text = f"あいうえおかきくけこ{mark}" * 300
+    pieces = texts(protocol.text_echoes(text, "c", "i", max_bytes=1024))
+    assert len(pieces) > 1 and "".join(pieces) == text
+    assert all(p.endswith(mark) for p in pieces)
+
+
+def test_sentence_end_then_closing_quote() -> None:
+    text = "「はい。」" * 600
+    pieces = texts(protocol.text_echoes(text, "c", "i", max_bytes=1024))
+    assert len(pieces) > 1 and "".join(pieces) == text and all(p.endswith("。」") for p in pieces)
+
+
+def test_json_escapes_are_counted() -> None:
+    text = '"\\\x01\x02' * 1000  # escaped as \" \\ \u0001 \u0002: 2+2+6+6 bytes per 4 characters
+    msgs = protocol.text_echoes(text, "c", "i", max_bytes=LIMIT)
+    pieces = check_echoes(text, msgs, "c", "i", True, LIMIT)
+    assert "".join(pieces) == text
+    assert protocol.serialized_size(msgs[0]) >= LIMIT - HEADROOM - 6
+
+
+def test_whitespace_only_text_over_the_limit_is_one_empty_echo() -> None:
+    assert texts(protocol.text_echoes(" " * 5000, "c", "i")) == [""]
+
+
+def test_no_break_space_is_not_a_cut() -> None:
+    text = "a\u00a0b " * 1000
+    pieces = texts(protocol.text_echoes(text, "c", "i", max_bytes=1024))
+    assert all(set(p.split(" ")) == {"a\u00a0b"} for p in pieces)
+
+
+def test_refuses_a_limit_too_small_for_one_grapheme() -> None:
+    with pytest.raises(protocol.MessageTooLarge):
+        protocol.text_echoes("x" * 100, "c", "i", max_bytes=HEADROOM + 50)  # below the envelope alone
+    envelope = protocol.serialized_size(protocol.echo_text("", "c", "i", False))
+    with pytest.raises(protocol.MessageTooLarge):  # room for 10 bytes of text, a family emoji needs 25
+        protocol.text_echoes(FAMILY * 3, "c", "i", max_bytes=HEADROOM + envelope + 10)
+
+
+# Fragments that exercise every rule: words, whitespace, ZWJ and flag emoji, combining marks, CJK with its
+# sentence ends, RTL scripts, Latin punctuation inside tokens, and characters JSON must escape.
+FRAGMENTS = ["hello", "world", "ok.", "3.14", "e.g.", "wait...", "Really?!", "“Quoted.”", " ", "  ", "\n", "\r\n",
+             "\t", FAMILY, "🏳️\u200d🌈", "🇯🇵", "👍🏽", "e\u0301", "a\u0308\u0301", "今日は", "晴れです", "。", "！",
+             "？", "「はい。」", "שלום", "مرحبا", "؟", "नमस्ते", "।", '"', "\\", "\x00", "\x1f", "\x7f", "\u2028",
+             "\u00a0", "…", "‼"]
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.text(min_size=0, max_size=3000), st.integers(min_value=400, max_value=5000))
-def test_split_never_exceeds_limit_or_loses_words(text: str, limit: int) -> None:
-    pieces = protocol.split_text(text, "conv", max_bytes=limit)
-    for piece in pieces:
-        assert protocol.serialized_size(protocol.echo_text(piece, "conv")) <= limit
+@given(st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=4)), max_size=900),
+       st.integers(min_value=480, max_value=5000), st.booleans(), st.sampled_from([None, "c123", 'c"\\é']))
+def test_split_property(parts: list[str], limit: int, done: bool, conversation_id: str | None) -> None:
+    text = "".join(parts)
+    msgs = protocol.text_echoes(text, conversation_id, "inf-1", done=done, max_bytes=limit)
+    pieces = check_echoes(text, msgs, conversation_id, "inf-1", done, limit)
     assert "".join("".join(pieces).split()) == "".join(text.split())
 
 
-def test_audio_chunks_under_limit_one_inference_id_closed_by_silence() -> None:
+# ------------------------------------------------------------------------------------------ audio echoes
+def tone(seconds: float, rate: int = 24_000) -> np.ndarray:
+    n = int(rate * seconds)
+    return (np.sin(np.arange(n) * 2 * np.pi * 440 / rate) * 10_000).astype(np.int16)
+
+
+@pytest.mark.parametrize("max_bytes", [LIMIT, 1024, 9000])
+def test_audio_echoes_under_limit_one_inference_id_closed_by_silence(max_bytes: int) -> None:
     rate = 24_000
-    pcm = (np.sin(np.arange(rate) * 2 * np.pi * 440 / rate) * 10_000).astype(np.int16)  # 1 s tone
-    msgs = protocol.audio_chunks(pcm, rate, "c1", max_bytes=4096)
-    assert len({m["properties"]["inference_id"] for m in msgs}) == 1
-    assert all(protocol.serialized_size(m) <= 4096 for m in msgs)
+    pcm = tone(1.0, rate)
+    msgs = protocol.audio_echoes(pcm, rate, "c1", "aud-1", max_bytes=max_bytes)
+    assert {m["properties"]["inference_id"] for m in msgs} == {"aud-1"}
+    # Old defect: every chunk was exactly 4096 bytes, no room for Daily's own envelope.
+    assert all(protocol.serialized_size(m) <= max_bytes - HEADROOM for m in msgs)
     assert [m["properties"]["done"] for m in msgs] == [False] * (len(msgs) - 1) + [True]
     decoded = b"".join(base64.b64decode(m["properties"]["audio"]) for m in msgs[:-1])
     assert np.array_equal(np.frombuffer(decoded, "<i2"), pcm)  # lossless, in order
@@ -70,6 +248,15 @@ def test_audio_chunks_under_limit_one_inference_id_closed_by_silence() -> None:
     assert all(m["properties"]["sample_rate"] == rate and m["properties"]["modality"] == "audio" for m in msgs)
 
 
-def test_audio_chunks_refuse_impossible_limit() -> None:
-    with pytest.raises(protocol.MessageTooLarge):
-        protocol.audio_chunks(np.zeros(100, np.int16), 24_000, "c", max_bytes=100)
+def test_audio_echoes_not_done_leave_the_utterance_open() -> None:
+    pcm = tone(0.5)
+    msgs = protocol.audio_echoes(pcm, 24_000, "c1", "aud-1", done=False)
+    assert msgs and all(m["properties"]["done"] is False for m in msgs)
+    decoded = b"".join(base64.b64decode(m["properties"]["audio"]) for m in msgs)
+    assert np.array_equal(np.frombuffer(decoded, "<i2"), pcm)  # no closing silence appended
+    assert all(protocol.serialized_size(m) <= LIMIT - HEADROOM for m in msgs)
+
+
+def test_audio_echoes_refuse_impossible_limit() -> None:
+    with pytest.raises(protocol.MessageTooLarge):  # HEADROOM + 100 is below the audio envelope alone
+        protocol.audio_echoes(np.zeros(100, np.int16), 24_000, "c", "i", max_bytes=HEADROOM + 100)
