@@ -7,13 +7,14 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.asr import make_asr_engine
 from pipeline.asr.base import AsrEngine, AsrError
-from pipeline.config import ConfigError, Settings
+from pipeline.config import ConfigError, Settings, TavusSettings
 from pipeline.frames import UtteranceMeta
 from pipeline.logs import register_secret
 from pipeline.metrics import Metrics
@@ -25,7 +26,7 @@ from pipeline.source.file import decode_file
 from pipeline.transform import build_chain
 from pipeline.vad import VadStage, make_vad_stage
 
-log = logging.getLogger("echo_relay")
+log = logging.getLogger(__name__)
 
 # Exit statuses (documented in the README and `echo-relay --help`).
 EXIT_OK = 0
@@ -36,6 +37,7 @@ EXIT_MODEL = 4  # ASR model missing or corrupt, ASR server unreachable at start
 EXIT_PORT = 5  # control API cannot listen (port in use, refused public bind)
 EXIT_REMOTE = 6  # Tavus/Daily refused at start: key rejected, invalid room URL, join failed
 EXIT_INTERRUPTED = 130  # second Ctrl-C: exit at once
+END_ON_EXIT_S = 3.0  # second Ctrl-C: time allowed to end the Tavus conversation this process created
 
 
 class StartupError(Exception):
@@ -57,8 +59,16 @@ def build_relay(settings: Settings, *, metrics: Metrics | None = None, source: A
     metrics = metrics or Metrics()
     chain = build_chain(settings.transform, metrics)
     vad = make_vad_stage(settings)
-    return Relay(settings, source=source or make_source(settings, metrics), sink=sink or make_sink(settings, metrics),
-                 asr=asr or make_asr_engine(settings.asr, metrics), vad=vad, chain=chain, metrics=metrics)
+    source = source or make_source(settings, metrics)
+    sink = sink or make_sink(settings, metrics)
+    if source.name == "daily" and sink.name == "daily":  # listen in the sink's room, do not join twice
+        from pipeline.sink.daily import DailySink
+        from pipeline.source.daily import DailySource
+        if isinstance(source, DailySource) and isinstance(sink, DailySink):
+            daily_sink = sink
+            source.room_from = lambda: daily_sink.connection
+    return Relay(settings, source=source, sink=sink, asr=asr or make_asr_engine(settings.asr, metrics), vad=vad,
+                 chain=chain, metrics=metrics)
 
 
 async def run_daemon(settings: Settings, relay: Relay | None = None) -> int:
@@ -86,6 +96,7 @@ async def run_daemon(settings: Settings, relay: Relay | None = None) -> int:
             relay.stop()
         else:
             log.warning("%s again: exiting now", signame)
+            end_owned_conversation(relay.sink, settings.tavus)
             os._exit(EXIT_INTERRUPTED)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -120,6 +131,9 @@ async def run_daemon(settings: Settings, relay: Relay | None = None) -> int:
     reasons = f" {ledger.dropped}" if ledger.dropped else ""  # e.g. {'empty': 1}
     log.info("done: %d utterance(s), %d delivered, %d dropped%s, %d undeliverable", ledger.closed,
              ledger.delivered, sum(ledger.dropped.values()), reasons, ledger.undeliverable)
+    if relay.ended and not relay.failed:
+        log.info("the conversation ended (%s)%s", relay.ended,
+                 "; everything was delivered" if not ledger.undeliverable else "")
     # Audio the VAD scored as speech-like but never opened an utterance on: shown even when nothing was
     # dropped, so an operator sees what was not heard (vad.unheard_threshold).
     log.log(logging.WARNING if ledger.unheard else logging.INFO, "unheard speech: %d region(s), %.1f s",
@@ -131,6 +145,26 @@ async def run_daemon(settings: Settings, relay: Relay | None = None) -> int:
         log.error("%d message(s) could not be delivered (logged above with their text)", ledger.undeliverable)
         return EXIT_RUNTIME
     return EXIT_OK
+
+
+def end_owned_conversation(sink: Sink, tavus: TavusSettings, timeout_s: float = END_ON_EXIT_S) -> None:
+    """Exit at once, but do not leave a conversation this process created running (billed until
+    its timeout): end it within `timeout_s` from a helper thread (the event loop is not awaited on),
+    else print its id and the command that ends it."""
+    cid = sink.owned_conversation()
+    if cid is None:
+        return
+    from pipeline.tavus.provision import end_command, end_conversation
+    outcome: list[bool] = []
+
+    def end() -> None:
+        outcome.append(asyncio.run(end_conversation(tavus, cid, timeout_s=timeout_s)))
+
+    worker = threading.Thread(target=end, name="end-conversation", daemon=True)
+    worker.start()
+    worker.join(timeout_s + 0.5)
+    if not (outcome and outcome[0]):  # end_conversation logged the success
+        log.error("Tavus conversation %s may still be running; end it with: %s", cid, end_command(cid))
 
 
 # ------------------------------------------------------------------------------ transcribe

@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a bug: one line, the traceback only at debug level
-        logging.getLogger("echo_relay").debug("unexpected error", exc_info=True)
+        logging.getLogger(__name__).debug("unexpected error", exc_info=True)
         return _fail(f"unexpected error: {type(exc).__name__}: {exc} (rerun with --log-level debug)", 1)
 
 

@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from pipeline.specs import SpecError, parse_sink_spec, parse_source_spec
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_SAMPLE = PACKAGE_DIR / "assets" / "jfk.wav"  # bundled real speech, see pipeline/assets/README.md
 CONFIG_ENV = "ECHO_RELAY_CONFIG"
@@ -31,11 +33,11 @@ class ConfigError(Exception):
         self.key = key
 
 
-def _checked_spec(parse: Callable[[str], object], error: type[Exception], spec: str) -> str:
-    """Validate a source/sink spec with the stage's own parser, as a pydantic error naming the key."""
+def _checked_spec(parse: Callable[[str], object], spec: str) -> str:
+    """Validate a source/sink spec with the grammar the stage uses, as a pydantic error naming the key."""
     try:
         parse(spec)
-    except error as exc:
+    except SpecError as exc:
         raise ValueError(str(exc)) from None
     return spec
 
@@ -70,8 +72,7 @@ class SourceSettings(_Section):
     @field_validator("spec")
     @classmethod
     def _known_spec(cls, v: str) -> str:
-        from pipeline.source import SourceError, parse_source_spec  # the stage owns its grammar
-        return _checked_spec(parse_source_spec, SourceError, v)
+        return _checked_spec(parse_source_spec, v)
 
     # 32 ms = one Silero frame: each wakeup carries exactly one VAD frame (20 ms blocks woke the loop
     # 50 times a second and left a frame waiting 8 ms on average for the block that completes it).
@@ -204,7 +205,6 @@ class DailySinkSettings(_Section):
     replica_name: str | None = Field(None, description="user name identifying the replica; null = the persona's")
     join_timeout_s: float = Field(30.0, gt=0, description="wait for the join completion")
     replica_timeout_s: float = Field(60.0, gt=0, description="wait for the replica to be in the room")
-    pending_max: int = Field(200, ge=1, description="messages held while the room is not ready")
     send_deadline_s: float = Field(15.0, gt=0, description="retry a failed send until this deadline, then give up")
     retry_initial_s: float = Field(0.2, gt=0)
     retry_max_s: float = Field(2.0, gt=0)
@@ -217,15 +217,18 @@ class SinkSettings(_Section):
     @field_validator("spec")
     @classmethod
     def _known_spec(cls, v: str) -> str:
-        from pipeline.sink import SinkError, parse_sink_spec  # the stage owns its grammar
-        return _checked_spec(parse_sink_spec, SinkError, v)
+        return _checked_spec(parse_sink_spec, v)
     max_message_bytes: int = Field(4096, ge=512, description="serialized size limit per app-message")
     queue_size: int = Field(64, ge=1, description="messages waiting for the sink; when full the relay waits")
     drain_timeout_s: float = Field(10.0, gt=0, description="on shutdown, time allowed to deliver what is queued")
     audio_sample_rate: int = Field(24000, description="rate of audio echo (Tavus recommends 24000)")
     mode: Literal["text", "audio"] = Field("text", description="relay recognised text, or the user's own voice")
+    # Relaying the speaker's words, the replica is always a line behind the speaker: interrupting it
+    # whenever they talk would cut every line (off). A transform that answers the speaker wants the
+    # reply cut when they talk over it (speech_start, or min_speech to ignore coughs and "mm-hm").
     barge_in: Literal["off", "speech_start", "min_speech"] = Field(
-        "speech_start", description="send conversation.interrupt when the user talks over the replica")
+        "off", description="send conversation.interrupt when the user talks over the replica: off for a relay, "
+                           "speech_start / min_speech when a transform answers the speaker")
     barge_in_min_ms: int = Field(300, ge=0, description="speech needed before interrupting, for min_speech")
     daily: DailySinkSettings = DailySinkSettings()
 

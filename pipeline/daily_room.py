@@ -1,7 +1,7 @@
 """Daily room plumbing shared by the Daily sink and the Daily source.
 
-Threading rule (shared/reference §C.4): daily-python runs every completion and event on its own
-native thread with the GIL held. Here those callbacks only copy their arguments onto the asyncio loop
+Threading rule (daily-python 0.36 API reference): daily-python runs every completion and event on
+its own native thread with the GIL held. Here those callbacks only copy their arguments onto the asyncio loop
 with `loop.call_soon_threadsafe`; they never block, never wait, and never call a CallClient method.
 Everything else (state, parsing, subscribers) happens on the loop.
 
@@ -24,6 +24,7 @@ import asyncio
 import atexit
 import collections
 import contextlib
+import enum
 import importlib
 import inspect
 import logging
@@ -36,8 +37,6 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
-
-from pipeline.sink.base import RoomState
 
 log = logging.getLogger(__name__)
 
@@ -133,24 +132,6 @@ def _deinit_at_exit(module: ModuleType) -> None:
         pass
 
 
-_shared_ref: weakref.ReferenceType[RoomConnection] | None = None
-
-
-def share_connection(conn: RoomConnection | None) -> None:
-    """Make `conn` the process's shared Daily room (the Daily sink does this after joining), so a
-    Daily source built without an explicit room rides on it instead of joining a second time."""
-    global _shared_ref
-    _shared_ref = weakref.ref(conn) if conn is not None else None
-
-
-def shared_connection() -> RoomConnection | None:
-    """The shared room if it is still usable (joined, not closed, not ended), else None."""
-    conn = _shared_ref() if _shared_ref is not None else None
-    if conn is None or conn.closed or conn.ended.is_set() or conn.client is None:
-        return None
-    return conn
-
-
 def redact_url(url: str | None) -> str:
     """The room URL without its query string (which may carry a meeting token `?t=`)."""
     if not url:
@@ -160,6 +141,25 @@ def redact_url(url: str | None) -> str:
     except ValueError:
         return "<invalid url>"
     return urlunsplit((p.scheme, p.netloc, p.path, "", ""))
+
+
+@dataclass(slots=True)
+class RoomState:
+    """What we know about the room; shown by /status and given to transforms. Sinks without a room
+    (console, jsonl) keep the defaults."""
+
+    joined: bool = False
+    replica_present: bool = False
+    replica_speaking: bool = False
+    conversation_id: str | None = None
+    conversation_url: str | None = None
+    network: str = "unknown"
+    last_events: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"joined": self.joined, "replica_present": self.replica_present,
+                "replica_speaking": self.replica_speaking, "conversation_id": self.conversation_id,
+                "network": self.network}
 
 
 # ------------------------------------------------------------------------------------- events
@@ -234,7 +234,7 @@ def parse_app_message(message: Any, sender: str | None = None) -> RoomEvent:
     if event_type in ("conversation.started_speaking", "conversation.stopped_speaking"):
         who = "user" if role == "user" else "replica"  # newer unified form: properties.role
         kind = f"{who}_{event_type.rsplit('.', 1)[1]}"
-    if role == "pal":  # PAL turns are sent as "pal" and again as legacy "replica" (§A.6)
+    if role == "pal":  # Tavus sends PAL turns twice, as "pal" and as legacy "replica" (its Interactions docs)
         role = "replica"
     inference_id = message.get("inference_id") or props.get("inference_id")
     seq = message.get("seq")
@@ -338,6 +338,18 @@ Subscriber = Callable[[RoomEvent], "Awaitable[None] | None"]
 
 
 # ----------------------------------------------------------------------------- RoomConnection
+class RoomPhase(enum.Enum):
+    """A RoomConnection's lifecycle: NEW -join()-> JOINED -leave()-> LEAVING -close()-> CLOSED.
+
+    JOINED lasts through reconnects (the SDK's call state may go back to "joining"); the call state
+    "left" while JOINED (not after our leave) means the conversation ended server-side (`ended`)."""
+
+    NEW = "new"
+    JOINED = "joined"
+    LEAVING = "leaving"
+    CLOSED = "closed"
+
+
 class RoomConnection:
     """One CallClient in one Daily room, driven from the asyncio loop.
 
@@ -358,6 +370,7 @@ class RoomConnection:
         self.state = state if state is not None else RoomState()
         self.ended = asyncio.Event()
         self.ended_reason: str | None = None
+        self.shutdown_reason: str | None = None  # properties.shutdown_reason of a system.shutdown
         self.call_state = "new"
         self.replica_id: str | None = None
         self.speaking_inference_id: str | None = None
@@ -374,18 +387,16 @@ class RoomConnection:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._waiters: list[asyncio.Future[None]] = []
         self._seen: collections.OrderedDict[tuple[str | None, int], None] = collections.OrderedDict()
-        self._leaving = False
         self._refs = 1
-        self._closed = False
         self._replica_left_at: float | None = None
         self._connections_down: set[str] = set()
-        self._was_joined = False
+        self.phase = RoomPhase.NEW
 
     # ---- properties
     @property
     def ready(self) -> bool:
         """In the call (a reconnect in progress counts as in the call) and the replica is present."""
-        in_call = self._was_joined and self.call_state not in ("leaving", "left")
+        in_call = self.phase is RoomPhase.JOINED and self.call_state not in ("leaving", "left")
         return in_call and self.state.replica_present and not self.ended.is_set()
 
     @property
@@ -398,7 +409,7 @@ class RoomConnection:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self.phase is RoomPhase.CLOSED
 
     def is_replica(self, p: Mapping[str, Any] | None) -> bool:
         name = participant_name(p)
@@ -483,7 +494,7 @@ class RoomConnection:
 
     def _apply_join(self, data: Any) -> None:
         self.call_state = "joined"
-        self._was_joined = True
+        self.phase = RoomPhase.JOINED
         self.state.joined = True
         if self.state.network == "unknown":
             self.state.network = "connected"
@@ -508,7 +519,7 @@ class RoomConnection:
         else its error string. Raises InvalidAppMessage when the SDK refuses the message itself."""
         client = self._client
         loop = self._loop
-        if client is None or loop is None or self._closed:
+        if client is None or loop is None or self.phase is RoomPhase.CLOSED:
             return "not connected (the room connection is closed)"
         fut: asyncio.Future[Any] = loop.create_future()
 
@@ -547,7 +558,7 @@ class RoomConnection:
         client = self._client
         if client is None or self._loop is None:
             return
-        self._leaving = True
+        self.phase = RoomPhase.LEAVING
         fut: asyncio.Future[Any] = self._loop.create_future()
 
         def on_left(error: Any) -> None:
@@ -581,14 +592,12 @@ class RoomConnection:
         """Drop one reference; the last one leaves, waits for the completion, then releases.
         Returns True when this call actually left the room."""
         self._refs -= 1
-        if self._refs > 0 or self._closed:
+        if self._refs > 0 or self.phase is RoomPhase.CLOSED:
             return False
         if self._client is not None:
             await self.leave(leave_timeout_s)
             await self.release()
-        self._closed = True
-        if _shared_ref is not None and _shared_ref() is self:
-            share_connection(None)
+        self.phase = RoomPhase.CLOSED
         for task in list(self._tasks):
             task.cancel()
         self.notify()
@@ -651,6 +660,7 @@ class RoomConnection:
         elif kind == "replica_interrupted":
             self.state.replica_speaking = False
         elif kind == "shutdown":
+            self.shutdown_reason = event.text
             self._mark_ended(f"Tavus shut the conversation down ({event.text or 'no reason given'})")
         self._remember(event)
         self._emit(event)
@@ -691,16 +701,17 @@ class RoomConnection:
         previous, self.call_state = self.call_state, str(state)
         self.state.joined = self.call_state == "joined" and not self.ended.is_set()
         if self.call_state == "joined":
-            if self._was_joined and previous != "joined":
+            if self.phase is RoomPhase.JOINED and previous != "joined":
                 log.info("call state: joined again")
-            self._was_joined = True
+            elif self.phase is RoomPhase.NEW:
+                self.phase = RoomPhase.JOINED
             if not self._connections_down:
                 self.net_down_since = None
         elif self.call_state == "joining" and previous == "joined":
             log.warning("call state went back to joining (reconnecting); delivery paused")
             if self.net_down_since is None:
                 self.net_down_since = time.monotonic()
-        if self.call_state == "left" and not self._leaving and self._was_joined:
+        if self.call_state == "left" and self.phase is RoomPhase.JOINED:
             extra = ""
             if self._replica_left_at is not None:
                 extra = f"; the replica left {time.monotonic() - self._replica_left_at:.1f} s before"

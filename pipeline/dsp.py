@@ -11,6 +11,7 @@ Conventions:
 from __future__ import annotations
 
 import io
+import math
 import wave
 from collections import deque
 from collections.abc import Iterator
@@ -122,22 +123,34 @@ class StreamResampler:
         self.samples_out = 0
 
 
+def rms(x: npt.NDArray[Any]) -> float:
+    """RMS as a fraction of full scale: int16 is scaled by 32768, floats are taken as [-1, 1].
+    Empty input gives 0.0."""
+    a = np.asarray(x)
+    if a.size == 0:
+        return 0.0
+    f = a.astype(np.float64)
+    if np.issubdtype(a.dtype, np.integer):
+        f /= _INT16_SCALE
+    return float(np.sqrt(np.mean(f * f)))
+
+
+def dbfs(rms: float) -> float:
+    """An RMS fraction of full scale (see `rms`) in dBFS. Zero, NaN, inf and anything below
+    `SILENCE_DBFS` give `SILENCE_DBFS` (-120.0) instead of -inf, so the value is always usable in
+    arithmetic and metrics."""
+    if not math.isfinite(rms) or rms <= 0.0:
+        return SILENCE_DBFS
+    return max(SILENCE_DBFS, 20.0 * math.log10(rms))
+
+
 def rms_dbfs(x: npt.NDArray[Any]) -> float:
     """RMS level in dBFS (a full-scale square wave is 0 dBFS, a full-scale sine about -3 dBFS).
 
     int16 is scaled by 32768, floats are taken as [-1, 1]. Empty input and digital silence give
-    `SILENCE_DBFS` (-120.0) instead of -inf, so the value is always usable in arithmetic and metrics.
+    `SILENCE_DBFS` (-120.0), see `dbfs`.
     """
-    a = np.asarray(x)
-    if a.size == 0:
-        return SILENCE_DBFS
-    f = a.astype(np.float64)
-    if np.issubdtype(a.dtype, np.integer):
-        f /= _INT16_SCALE
-    ms = float(np.mean(f * f))
-    if not np.isfinite(ms) or ms <= 0.0:
-        return SILENCE_DBFS
-    return max(SILENCE_DBFS, 10.0 * float(np.log10(ms)))
+    return dbfs(rms(x))
 
 
 class NoiseFloor:

@@ -24,6 +24,11 @@ def s_to_samples(seconds: float) -> int:
     return round(seconds * SAMPLE_RATE)
 
 
+def ms_to_samples(ms: float) -> int:
+    """Milliseconds -> samples at SAMPLE_RATE (exact for whole ms: 16 samples per ms)."""
+    return round(ms * SAMPLE_RATE / 1000)
+
+
 @dataclass(frozen=True, slots=True)
 class AudioFrame:
     """A block of 16 kHz mono int16 audio and its position in the source stream."""

@@ -53,7 +53,8 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
-    for name in ("echo_relay", "pipeline"):  # the relay's own loggers and every module's __name__ logger
-        logging.getLogger(name).setLevel(level.upper())
+    # Every module logs to getLogger(__name__), so the package logger sets the relay's level; third-party
+    # loggers stay at the root's WARNING.
+    logging.getLogger("pipeline").setLevel(level.upper())
     # httpx logs every request line at INFO; keep it at WARNING so logs stay about the relay.
     logging.getLogger("httpx").setLevel(logging.WARNING)

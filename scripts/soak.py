@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
-    logging.getLogger("echo_relay").setLevel(logging.INFO)
+    logging.getLogger("pipeline").setLevel(logging.INFO)
     return asyncio.run(soak(args.minutes, args.seed, args.real_share, args.speed, log_path, args.intensity))
 
 

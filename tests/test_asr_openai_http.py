@@ -256,7 +256,8 @@ async def test_verbose_json_segments_give_confidence_and_gate(server: FakeTransc
     tr = await engine.transcribe(speech, _meta())
     await engine.close()
     assert tr.text == "" and tr.dropped_reason == "no_speech"
-    assert metrics.value("echo_relay_dropped_total", {"stage": "asr", "reason": "no_speech"}) == 1
+    # The verdict is the typed field; the relay's delivery counts the drops it accounts.
+    assert metrics.value("echo_relay_dropped_total", {"stage": "asr", "reason": "no_speech"}) == 0
 
 
 async def test_phantom_and_empty_text_are_dropped(server: FakeTranscriptionServer) -> None:
@@ -271,5 +272,4 @@ async def test_phantom_and_empty_text_are_dropped(server: FakeTranscriptionServe
     kept = await engine.transcribe(loud, _meta())  # said at speech level: kept
     await engine.close()
     assert kept.text == "Thank you." and kept.dropped_reason is None
-    assert metrics.value("echo_relay_dropped_total", {"stage": "asr", "reason": "phantom"}) == 1
-    assert metrics.value("echo_relay_dropped_total", {"stage": "asr", "reason": "empty"}) == 1
+    assert metrics.value("echo_relay_dropped_total", {"stage": "asr", "reason": "phantom"}) == 0

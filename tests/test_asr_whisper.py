@@ -177,17 +177,10 @@ def test_silence_and_quiet_noise_give_no_text(kind: str, seconds: float) -> None
     else:
         level = float(kind.split("-")[1])
         pcm = (np.random.default_rng(7).standard_normal(n) * 32768 * 10 ** (-level / 20)).astype(np.int16)
-    before = sum(engine.metrics.value("echo_relay_dropped_total", {"stage": "asr", "reason": r})
-                 for r in ("empty", "no_speech", "low_logprob", "repetition", "phantom"))
     tr = engine.transcribe_sync(pcm, meta_for(pcm))
     assert tr.text == ""
     assert tr.dropped_reason in ("empty", "no_speech", "low_logprob", "repetition", "phantom")
     assert tr.final_punct_prob is None
-    after = sum(engine.metrics.value("echo_relay_dropped_total", {"stage": "asr", "reason": r})
-                for r in ("empty", "no_speech", "low_logprob", "repetition", "phantom"))
-    assert after == before + 1
-    assert engine.metrics.value("echo_relay_dropped_total",
-                                {"stage": "asr", "reason": tr.dropped_reason}) >= 1
 
 
 def test_model_loaded_metric_and_source() -> None:
@@ -225,19 +218,16 @@ def test_english_only_model_ignores_other_languages() -> None:
     assert wer(reference("deepspeech-examples/2830-3980-0043.wav"), tr.text) <= 0.15, tr.text
 
 
-def test_speculative_decodes_are_not_counted_as_drops() -> None:
+def test_the_engine_gives_a_verdict_and_does_not_count_drops() -> None:
+    """A decode may be speculative and thrown away: only the relay's delivery, which accounts the
+    utterance, counts its drop (tests/test_delivery.py checks the count)."""
     engine = shared_engine()
     pcm = np.zeros(16000, np.int16)
     key = {"stage": "asr", "reason": "empty"}
     before = engine.metrics.value("echo_relay_dropped_total", key)
-    meta = meta_for(pcm)
-    meta.extra["speculative"] = True
-    tr = engine.transcribe_sync(pcm, meta)
-    assert tr.dropped_reason == "empty" and "drop_counted" not in tr.extra
-    assert engine.metrics.value("echo_relay_dropped_total", key) == before
     tr = engine.transcribe_sync(pcm, meta_for(pcm))
-    assert tr.extra["drop_counted"] is True
-    assert engine.metrics.value("echo_relay_dropped_total", key) == before + 1
+    assert tr.dropped_reason == "empty" and tr.text == ""
+    assert engine.metrics.value("echo_relay_dropped_total", key) == before
 
 
 def test_short_utterance_doubted_in_the_short_window_gets_a_full_window_decode() -> None:

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import Settings
-from pipeline.control.api import QueueFull
+from pipeline.control.api import InterruptOutcome, QueueFull
 from pipeline.control.server import ControlServer, start_control_server
 from pipeline.metrics import Metrics
 
@@ -48,8 +48,9 @@ class RecordingHandle:
         self.calls += 1
         return [inference_id or "x"]
 
-    async def interrupt(self) -> None:
+    async def interrupt(self) -> InterruptOutcome:
         self.calls += 1
+        return InterruptOutcome(True, 0, "interrupt sent")
 
     def status(self) -> dict[str, Any]:
         return {"ok": True}

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.config import Settings
 from pipeline.control import server as control_server
-from pipeline.control.api import QueueFull
+from pipeline.control.api import InterruptOutcome, QueueFull
 from pipeline.control.server import (
     ControlServer,
     ControlServerError,
@@ -70,9 +70,10 @@ class FakeHandle:
         self.n += 1
         return [inference_id or f"gen-{self.n}"]
 
-    async def interrupt(self) -> None:
+    async def interrupt(self) -> InterruptOutcome:
         self.calls.append(("interrupt", {}))
         self._check()
+        return InterruptOutcome(True, 2, "interrupt sent; 2 pending echo(es) dropped")
 
     def status(self) -> dict[str, Any]:
         return {"conversation_id": "c1", "queues": {"delivery": np.int64(3)}, "ratio": np.float32(0.5),
@@ -158,7 +159,7 @@ async def test_port_zero_gives_actual_port_and_url(srv: Served) -> None:
 
 
 async def test_start_logs_the_url(start: Starter, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO", logger="echo_relay.control")
+    caplog.set_level("INFO", logger="pipeline.control.server")
     s = await start()
     assert f"control API on http://127.0.0.1:{s.server.port}" in caplog.text
 
@@ -466,7 +467,9 @@ async def test_unexpected_error_is_a_generic_500(srv: Served, caplog: pytest.Log
 # -------------------------------------------------------------------------- the other endpoints
 async def test_interrupt(srv: Served) -> None:
     r = await srv.client.post("/interrupt")
-    assert r.status_code == 200 and r.json() == {"status": "success"}
+    assert r.status_code == 200
+    assert r.json() == {"status": "success", "sent": True, "dropped_echoes": 2,
+                        "detail": "interrupt sent; 2 pending echo(es) dropped"}
     assert srv.handle.calls == [("interrupt", {})]
 
 

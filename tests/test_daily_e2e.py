@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -215,11 +216,12 @@ def run_cli(args: list[str], env_extra: dict[str, str], timeout: float = 120) ->
                           text=True, timeout=timeout)
 
 
-def test_cli_run_sink_daily_provisions_delivers_barges_in_survives_a_drop_and_ends(
+def test_cli_run_sink_daily_provisions_delivers_survives_a_drop_and_ends(
         tmp_path: Path, tavus: FakeTavusServer, stream: Stream) -> None:
     """`echo-relay run --source file:... --sink daily`: the replica joins 1 s late, "speaks" every echo for
-    30 s (so later speech barges in), the network drops for 1 s after its 2nd message; on exit the
-    conversation we created is ended through the API."""
+    30 s (so later speech talks over it), the network drops for 1 s after its 2nd message; on exit the
+    conversation we created is ended through the API. Barge-in is off by default (a relay's replica is
+    always a line behind the speaker), so no interrupt cuts a line."""
     config = tmp_path / "config.yaml"
     config.write_text(f"tavus:\n  replica_id: {FAKE_REPLICA_ID}\n  persona_name: {PERSONA}\n"
                       "sink:\n  daily:\n    replica_timeout_s: 30\n    send_deadline_s: 20\n")
@@ -249,20 +251,59 @@ def test_cli_run_sink_daily_provisions_delivers_barges_in_survives_a_drop_and_en
     assert kinds[0] == "replica_joined"  # nothing can arrive before the replica is in the room
     inbox = [e["message"] for e in log if e["event"] == "received"]
     assert_echoes_match_clips(inbox, stream.names, conv["conversation_id"])
-    assert set(event_types(inbox)) == {protocol.ECHO, protocol.INTERRUPT}, event_types(inbox)
-
-    # Barge-in: the replica was speaking (since the first echo) when later clips started.
-    interrupts = [i for i, m in enumerate(inbox) if m["event_type"] == protocol.INTERRUPT]
-    first_echo = event_types(inbox).index(protocol.ECHO)
-    assert 1 <= len(interrupts) <= n - 1 and interrupts[0] > first_echo, event_types(inbox)
-    assert all(inbox[i] == {"message_type": "conversation", "event_type": protocol.INTERRUPT,
-                            "conversation_id": conv["conversation_id"]} for i in interrupts)
+    # The replica was speaking (since the first echo) when later clips started: no interrupt by default.
+    assert set(event_types(inbox)) == {protocol.ECHO}, event_types(inbox)
 
     # The network drop happened mid-stream: nothing arrived during it, echoes arrived after it, none lost
     # (checked above: every clip exactly once, in order).
     down, up = kinds.index("network_down"), kinds.index("network_up")
     assert down < up and "received" not in kinds[down:up]
     assert any(e["event"] == "received" and e["message"]["event_type"] == protocol.ECHO for e in log[up:])
+
+
+def test_second_ctrl_c_exits_at_once_and_still_ends_the_conversation_it_created(
+        tmp_path: Path, tavus: FakeTavusServer, stream: Stream) -> None:
+    """Before: the second Ctrl-C called os._exit and left the created conversation running (billed until
+    its timeout). The replica never comes, so the first Ctrl-C's drain waits; the second exits with 130
+    at once and the conversation is ended through the API on the way out."""
+    config = tmp_path / "config.yaml"
+    config.write_text(f"tavus:\n  replica_id: {FAKE_REPLICA_ID}\n  persona_name: {PERSONA}\n"
+                      "sink:\n  drain_timeout_s: 30\n  daily:\n    replica_timeout_s: 60\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ECHO_RELAY_", "TAVUS_"))}
+    env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TAVUS_API_KEY": API_KEY,
+                "TAVUS_API_URL": tavus.url, "ECHO_RELAY_DAILY_MODULE": FAKE_DAILY,
+                fake_daily.ENV_REPLICA: PERSONA, fake_daily.ENV_REPLICA_DELAY: "3600"})  # it never comes
+    err = tmp_path / "stderr.log"
+    with err.open("wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--config", str(config), "--source",
+                                 f"file:{stream.path}", "--sink", "daily", "--no-control"],
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=fh)
+
+    def log() -> str:
+        return err.read_text(encoding="utf-8", errors="replace")
+
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while "waiting up to 60 s for the replica" not in log():
+            assert proc.poll() is None and time.monotonic() < deadline, log()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        while "SIGINT: stopping capture" not in log():
+            assert proc.poll() is None and time.monotonic() < deadline, log()
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        status = proc.wait(timeout=15)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert status == 130, log()
+    assert elapsed < 5.0, log()  # at once: not after the 30 s drain (ending the conversation takes <= 3 s)
+    conv = only_conversation(tavus)
+    assert conv["status"] == "ended" and tavus.end_calls(conv["conversation_id"]) == 1, log()
+    assert f"ended Tavus conversation {conv['conversation_id']}" in log()
+    assert API_KEY not in log()
 
 
 # -------------------------------------------------------------------------- 2. in-process runs
@@ -277,7 +318,7 @@ async def test_late_replica_gets_every_utterance_in_order_and_the_conversation_i
         assert isinstance(sink, DailySink)
         # The first echo waits in the sink (its send() returns once delivered); the next utterances wait
         # behind it in the relay's delivery queue.
-        await wait_until(lambda: sink.pending >= 1 and relay.ledger.closed >= 2)
+        await wait_until(lambda: relay.delivery.sending and relay.ledger.closed >= 2)
         held_at_join.append(relay.ledger.closed)
         rooms[0].add_replica(PERSONA, delay_s=0.5)
 
@@ -349,9 +390,9 @@ async def test_network_drop_mid_stream_loses_nothing(
         await wait_until(lambda: bool(rooms) and len(echoes(rooms[0].replica_inbox)) >= 1)
         rooms[0].drop_network(None)
         await asyncio.sleep(1.0)
-        await wait_until(lambda: sink.pending >= 1)  # an utterance is held by the outage
+        await wait_until(lambda: relay.delivery.sending)  # an utterance is held by the outage
         seen["during_outage"] = len(rooms[0].replica_inbox)
-        seen["held"] = sink.pending
+        seen["held"] = relay.ledger.closed - relay.ledger.settled
         rooms[0].restore_network()
 
     relay = await run_relay(settings_for(tavus, stream, speed=4), drop_after_first_echo)
@@ -380,7 +421,7 @@ async def test_replica_never_joins_every_utterance_is_reported_undeliverable(
     assert rooms[0].replica_inbox == [] and rooms[0].messages == []
     # The relay logged each lost utterance with its words, in order.
     pattern = re.compile(r"^undeliverable echo u\w+: .*\(text: (['\"])(.*)\1\)$")
-    lost = [m.group(2) for r in caplog.records if r.name == "echo_relay.relay"
+    lost = [m.group(2) for r in caplog.records if r.name == "pipeline.delivery"
             for m in [pattern.search(r.getMessage())] if m]
     assert len(lost) == n, caplog.text
     for text, name in zip(lost, stream.names, strict=True):

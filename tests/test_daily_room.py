@@ -18,6 +18,7 @@ from pipeline import daily_room
 from pipeline.daily_room import (
     RoomConnection,
     RoomError,
+    RoomPhase,
     get_daily_module,
     parse_app_message,
     parse_network_status,
@@ -102,16 +103,15 @@ async def test_callbacks_reach_subscribers_on_the_loop_thread() -> None:
     assert conn.closed and room.clients() == []
 
 
-async def test_shared_connection_is_reference_counted() -> None:
+async def test_a_retained_connection_is_reference_counted() -> None:
+    """The Daily source riding on the sink's room retains it: the last holder's close() leaves."""
     room = FakeRoom.create()
     conn = RoomConnection(fake_daily)
     await conn.join(room.url, timeout_s=2)
-    daily_room.share_connection(conn)
-    assert daily_room.shared_connection() is conn
+    assert conn.phase is RoomPhase.JOINED
     conn.retain()
-    assert await conn.close() is False and len(room.clients()) == 1
-    assert await conn.close() is True and room.clients() == []
-    assert daily_room.shared_connection() is None
+    assert await conn.close() is False and len(room.clients()) == 1 and conn.phase is RoomPhase.JOINED
+    assert await conn.close() is True and room.clients() == [] and conn.phase is RoomPhase.CLOSED
 
 
 async def test_replica_name_arriving_in_an_update_is_recognised() -> None:

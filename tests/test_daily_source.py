@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 
-from pipeline import daily_room
+from pipeline.app import build_relay
 from pipeline.config import Settings, set_dotted
 from pipeline.frames import SAMPLE_RATE, AudioFrame
 from pipeline.metrics import Metrics
@@ -24,11 +23,7 @@ FAKE = "pipeline.testing.fake_daily"
 PERSONA = "Echo Persona"
 
 
-@pytest.fixture(autouse=True)
-def _unshared(clean_fake_daily: None) -> Iterator[None]:
-    daily_room.share_connection(None)
-    yield
-    daily_room.share_connection(None)
+pytestmark = pytest.mark.usefixtures("clean_fake_daily")  # fresh rooms, no error inside a callback
 
 
 def make_settings(room: FakeRoom | None, **dotted: Any) -> Settings:
@@ -145,10 +140,14 @@ async def test_participant_is_chosen_by_name() -> None:
 async def test_rides_on_the_sinks_room_and_leaves_with_the_last_user() -> None:
     room = FakeRoom.create()
     room.add_replica(PERSONA)
-    settings = make_settings(room)
-    sink = DailySink(settings, Metrics(), daily_module=FAKE)
+    settings = make_settings(room, source__spec="daily", sink__spec="daily", sink__daily__module=FAKE)
+    # The wiring, not a process-wide registry, tells the source which room to listen in.
+    relay = build_relay(settings)
+    sink, src = relay.sink, relay.source
+    assert isinstance(sink, DailySink) and isinstance(src, DailySource)
+    assert src.room_from() is None  # the sink has not joined yet
     await sink.start()
-    src = DailySource(settings, Metrics(), daily_module=FAKE)  # no room given: uses the shared one
+    assert src.room_from() is sink.connection
     await src.start()
     assert len(room.clients()) == 1
     pcm = signal(0.2)

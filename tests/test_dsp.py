@@ -12,10 +12,12 @@ from pipeline.dsp import (
     NoiseFloor,
     Reblocker,
     StreamResampler,
+    dbfs,
     float_to_int16,
     int16_to_float,
     reblock,
     resample,
+    rms,
     rms_dbfs,
     to_mono,
 )
@@ -167,6 +169,15 @@ def test_rms_dbfs_levels():
     assert rms_dbfs(np.full(10, -32768, dtype=np.int16)) == pytest.approx(0.0, abs=1e-9)
     assert rms_dbfs(sine(1000.0, 16000, 1.0, amp=0.1)) == pytest.approx(-23.01, abs=0.05)
     assert rms_dbfs(np.array([np.nan])) == SILENCE_DBFS
+
+
+def test_rms_and_dbfs_are_the_two_steps_of_rms_dbfs():
+    """The segmenter keeps each frame's RMS and its level: the same scale and silence value."""
+    half = np.full(64, 16384, dtype=np.int16)
+    assert rms(half) == 0.5 and rms(half.astype(np.float32) / 32768) == 0.5
+    assert dbfs(rms(half)) == rms_dbfs(half) == pytest.approx(-6.02, abs=0.01)
+    assert rms(np.zeros(0, dtype=np.int16)) == 0.0
+    assert dbfs(0.0) == dbfs(float("nan")) == dbfs(1e-9) == SILENCE_DBFS
 
 
 # ------------------------------------------------------------------------------------ reblock

@@ -196,9 +196,12 @@ async def test_outage_longer_than_the_send_deadline(track: Track, caplog: pytest
 
 
 @pytest.mark.parametrize(("reason", "is_error"), [("end_conversation_endpoint_hit", False),
+                                                  ("max_call_duration reached", False),
+                                                  (None, False),  # no shutdown message: the call state left
+                                                  ("exception_encountered_during_conversation_startup", True),
                                                   ("replica error: pipeline crashed", True)])
 async def test_conversation_ended_server_side_stops_cleanly(track: Track, caplog: pytest.LogCaptureFixture,
-                                                            reason: str, is_error: bool) -> None:
+                                                            reason: str | None, is_error: bool) -> None:
     """Tavus ends the conversation mid-stream: the relay stops capture at once, counts what can no longer
     be delivered as undeliverable (logged with its text), says why, and exits: 1 for an error reason or
     when anything was undeliverable (README: exit statuses), else 0."""
@@ -213,7 +216,10 @@ async def test_conversation_ended_server_side_stops_cleanly(track: Track, caplog
 
     async def end_it() -> None:
         await wait_until(lambda: len(room.replica_inbox) >= 2, timeout=30)
-        room.end_conversation(shutdown_message=True, reason=reason)
+        if reason is None:  # ended from the dashboard or the API: the room just goes away
+            room.end_conversation(shutdown_message=False)
+        else:
+            room.end_conversation(shutdown_message=True, reason=reason)
 
     ender = asyncio.ensure_future(end_it())
     t0 = asyncio.get_running_loop().time()
@@ -225,7 +231,11 @@ async def test_conversation_ended_server_side_stops_cleanly(track: Track, caplog
     assert elapsed < track.duration_s / 3 * 0.7  # stopped early, not at the end of the file
     assert ledger.delivered >= 2 and ledger.closed == ledger.settled, ledger.as_dict()
     check_room(relay, sink, room)
-    assert f"room closed: Tavus shut the conversation down ({reason}); stopping" in caplog.text
+    if reason is None:
+        assert "the conversation ended (removed from the Daily room (call state left)" in caplog.text
+    else:
+        assert f"the conversation ended (Tavus shut the conversation down ({reason})); stopping" in caplog.text
+    assert ("run failed" in caplog.text) == (exit_status == EXIT_RUNTIME)
     if is_error:
         assert "run failed: Tavus shut the conversation down" in caplog.text
-    assert caplog.text.count("undeliverable echo u") + caplog.text.count("undeliverable u") == ledger.undeliverable
+    assert caplog.text.count("undeliverable echo u") == ledger.undeliverable

@@ -61,7 +61,7 @@ def test_api_key_never_printed(tmp_path: Path) -> None:
 
     assert run.returncode == 0, run.stderr[-3000:]
     assert re.search(r"done: \d+ utterance\(s\), [1-9]\d* delivered", run.stderr), run.stderr[-3000:]
-    for logger in ("echo_relay.relay", "pipeline.sink.daily", "pipeline.daily_room", "httpcore"):
+    for logger in ("pipeline.relay", "pipeline.sink.daily", "pipeline.daily_room", "httpcore"):
         assert f"DEBUG   {logger}" in run.stderr or f"INFO    {logger}" in run.stderr, logger  # all on
     assert check.returncode == 0, check.stderr
     assert listing.returncode == 0, listing.stderr

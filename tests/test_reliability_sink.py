@@ -46,7 +46,7 @@ async def test_slow_sink_backpressure_bounds_the_queue_and_loses_nothing(track: 
 
     async def sample(relay: Any) -> None:
         while True:
-            samples.append((relay._jobs.qsize(), relay.ledger.closed - relay.ledger.settled))
+            samples.append((relay.delivery.depth, relay.ledger.closed - relay.ledger.settled))
             await asyncio.sleep(0.02)
 
     settings = relay_settings(f"file:{track.path}", sink__queue_size=queue_size)
@@ -103,8 +103,9 @@ async def test_drain_deadline_counts_the_message_in_the_sink_as_undeliverable(
     assert ledger.closed >= 2 and ledger.delivered == 0
     assert ledger.undeliverable == ledger.closed, ledger.as_dict()
     check_invariants(relay, sink.sent, single_piece=False)
-    assert "drain deadline (1.0s) passed" in caplog.text
-    assert caplog.text.count("undeliverable u") == ledger.closed
+    assert "not delivered within the shutdown drain time (sink.drain_timeout_s=1 s): the recording sink " \
+           "had not finished sending" in caplog.text
+    assert caplog.text.count("undeliverable echo u") == ledger.closed
 
 
 async def test_mic_with_a_slow_sink_drops_oldest_blocks_counted(track: Track) -> None:

@@ -1,4 +1,4 @@
-"""console and jsonl sinks: the record fields of shared/DESIGN.md, one flushed line per message."""
+"""console and jsonl sinks: the record fields of README "Sinks and the JSONL record", one flushed line per message."""
 
 from __future__ import annotations
 

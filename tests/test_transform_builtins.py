@@ -10,6 +10,7 @@ from pipeline.config import ConfigError, TransformSettings, TransformStep
 from pipeline.frames import UtteranceMeta
 from pipeline.metrics import Metrics
 from pipeline.transform import BUILTINS, build_chain
+from pipeline.transform.base import OptionError
 from pipeline.transform.builtins import (
     Blocklist,
     Casing,
@@ -19,7 +20,6 @@ from pipeline.transform.builtins import (
     RegexReplace,
     StripAnnotations,
 )
-from pipeline.transform.chain import OptionError
 
 META = UtteranceMeta(utterance_id="u1", audio_start_s=0.0, audio_end_s=1.0)
 

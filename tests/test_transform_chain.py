@@ -13,7 +13,8 @@ from pipeline.config import ConfigError, Settings, TransformSettings, TransformS
 from pipeline.frames import UtteranceMeta
 from pipeline.metrics import Metrics
 from pipeline.transform import BUILTINS, BoundStep, TransformChain, build_chain
-from pipeline.transform.chain import MAX_PENDING_CALLS, OptionError, is_plain_step
+from pipeline.transform.base import OptionError
+from pipeline.transform.chain import MAX_PENDING_CALLS, is_plain_step
 
 DROPPED = "echo_relay_dropped_total"
 

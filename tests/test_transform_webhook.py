@@ -16,7 +16,7 @@ from pipeline.config import ConfigError, TransformSettings, TransformStep
 from pipeline.frames import UtteranceMeta
 from pipeline.metrics import Metrics
 from pipeline.transform import WebhookError, WebhookStep, build_chain
-from pipeline.transform.chain import OptionError
+from pipeline.transform.base import OptionError
 
 META = UtteranceMeta(utterance_id="utt-42", audio_start_s=3.25, audio_end_s=5.5, asr_text="um hello there",
                      confidence=0.87, language="en")

@@ -143,7 +143,7 @@ def test_jfk_speech_bounds(engine: str, bound: str) -> None:
 
 
 def test_webrtc_counts_the_applause_after_jfk_as_speech() -> None:
-    """Why Silero is the default: webrtcvad is poor at speech vs noise (anchors 2.6) and runs the last
+    """Why Silero is the default: webrtcvad is poor at speech vs noise (BENCHMARKS.md item 6) and runs the last
     utterance into the applause after "country" (10.6-11 s), past the 0.3 s bound Silero meets."""
     audio = load("whisper.cpp/jfk.wav")
     _, end_s = true_bounds(audio)

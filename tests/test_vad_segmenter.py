@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from pipeline.config import VadSettings
 from pipeline.frames import Utterance
 from pipeline.vad.segmenter import (
+    TAIL_RISE,
     Discarded,
     Event,
     Segmenter,
@@ -515,15 +516,31 @@ def test_utterances_are_ordered_disjoint_and_cover_their_speech(
 
 # -------------------------------------------------------------------------------- hysteresis
 def test_speech_continues_down_to_neg_threshold() -> None:
-    """Silero's hysteresis: 0.5 starts speech, frames down to 0.35 keep it going (not a pause)."""
+    """Silero's hysteresis: 0.5 starts speech, frames down to 0.35 keep it going (not a pause) once
+    they rise again after a dip (0.45 after 0.38)."""
     seg = Segmenter(PARAMS)
-    events = feed_probs(seg, [0.9] * 10 + [0.4] * 12 + [0.9] * 5 + [0.0] * 12)
+    events = feed_probs(seg, [0.9] * 10 + [0.45, 0.38] + [0.45] * 10 + [0.9] * 5 + [0.0] * 12)
     assert [type(e) for e in events] == [SpeechStarted, SpeechPaused, UtteranceEnded]
     (ended,) = of(events, UtteranceEnded)
-    assert ended.utterance.speech_end == 27 * F  # the 0.4 frames were speech: no pause, no resume
+    assert ended.utterance.speech_end == 27 * F  # the 0.45 frames were speech: no pause, no resume
     # The same frames at 0.3 are a pause that the hangover (10 frames) ends.
     events = feed_probs(Segmenter(PARAMS), [0.9] * 10 + [0.3] * 12 + [0.9] * 5 + [0.0] * 12)
     assert [e.utterance.speech_end for e in of(events, UtteranceEnded)] == [10 * F, 27 * F]
+
+
+def test_falling_tail_after_clear_speech_is_silence() -> None:
+    """Silero's probability decays over a few frames after the last word (0.53, 0.47, 0.45, 0.45, 0.32
+    at the end of 2902-9006-0017): those frames end the utterance where the speech frames end, so the
+    echo is not delayed by the tail. A tail that rises by TAIL_RISE is speech again."""
+    tail = [0.48, 0.45, 0.452, 0.44, 0.4]
+    (ended,) = of(feed_probs(Segmenter(PARAMS), [0.9] * 10 + tail + [0.0] * 12), UtteranceEnded)
+    assert ended.utterance.speech_end == 10 * F
+    rising = [0.48, 0.40, 0.40 + TAIL_RISE, 0.47]
+    (ended,) = of(feed_probs(Segmenter(PARAMS), [0.9] * 10 + rising + [0.0] * 12), UtteranceEnded)
+    assert ended.utterance.speech_end == 14 * F
+    # Without clear speech before it (a whisper peaking at 0.6) a falling run keeps the utterance going.
+    (ended,) = of(feed_probs(Segmenter(PARAMS), [0.6] * 10 + tail + [0.0] * 12), UtteranceEnded)
+    assert ended.utterance.speech_end == 15 * F
 
 
 def test_neg_threshold_frames_alone_open_only_after_weak_start() -> None:

@@ -21,39 +21,18 @@ Reasons, checked in this order:
 
 from __future__ import annotations
 
-import math
 import re
 import unicodedata
 import zlib
 from collections.abc import Iterable, Sequence
-from typing import Any
-
-import numpy as np
 
 from pipeline.config import GateSettings
+from pipeline.dsp import SILENCE_DBFS as SILENCE_DBFS  # re-exported: the engines and tests import from here
+from pipeline.dsp import rms_dbfs as rms_dbfs
 
 DROP_REASONS = ("empty", "no_speech", "low_logprob", "repetition", "phantom")
 
-SILENCE_DBFS = -120.0  # level reported for digital silence (and empty audio)
-
 _ANNOTATION = re.compile(r"^\s*(?:(?:\[[^\]]*\]|\([^)]*\)|\*[^*]*\*|[♪♫#\s-])\s*)+$")
-
-
-def rms_dbfs(audio: Any) -> float:
-    """RMS level of int16 (full scale 32768) or float (full scale 1.0) audio, in dBFS.
-
-    Digital silence and empty input give `SILENCE_DBFS`.
-    """
-    a = np.asarray(audio)
-    if a.size == 0:
-        return SILENCE_DBFS
-    x = a.astype(np.float64)
-    if np.issubdtype(a.dtype, np.integer):
-        x /= 32768.0
-    ms = float(np.mean(x * x))
-    if ms <= 0.0:
-        return SILENCE_DBFS
-    return max(SILENCE_DBFS, 10.0 * math.log10(ms))
 
 
 def compression_ratio(text: str) -> float:

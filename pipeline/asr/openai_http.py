@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 BACKOFF_INITIAL_S = 0.2
 BACKOFF_MAX_S = 2.0
-SENTENCE_END = ".?!"
 
 
 class AsrRequestError(AsrError):
@@ -167,9 +166,6 @@ class OpenAIHttpEngine(AsrEngine):
         if reason is not None:
             log.debug("ASR dropped utterance %s (%s): %r", meta.utterance_id, reason, text)
             extra["dropped_text"] = text
-            if self.metrics is not None and not meta.extra.get("speculative"):
-                self.metrics.drop("asr", reason)
-                extra["drop_counted"] = True  # the relay must not count this drop again
         language = body.get("language") if isinstance(body.get("language"), str) else self.settings.language
         return Transcript(
             text="" if reason else text,

@@ -25,9 +25,8 @@ CTranslate2 directly instead of `WhisperModel.transcribe`:
   final ``.``/``?``/``!`` is the model's confidence that the sentence ended. With beam search the
   per-step logits are not returned, so one extra forced-prefix pass computes it.
 - **Gate**: `pipeline.asr.gate` drops hallucinations (no speech, low log-probability, loops,
-  phantom phrases on near-silence); drops are counted in `metrics.dropped{stage="asr"}` and marked
-  ``extra["drop_counted"] = True`` so the relay does not count them twice. Decodes whose
-  ``meta.extra["speculative"]`` is true are not counted (their result may be discarded).
+  phantom phrases on near-silence); the verdict is `Transcript.dropped_reason`. Engines do not count
+  drops: the relay's delivery counts the ones it accounts (a speculative decode may be thrown away).
 """
 
 from __future__ import annotations
@@ -47,6 +46,7 @@ from pipeline.asr.gate import compression_ratio, gate, has_repetition, is_double
 from pipeline.asr.models import ModelLocation, check_model_dir, resolve_model
 from pipeline.config import AsrSettings
 from pipeline.frames import SAMPLE_RATE, Pcm, Transcript, UtteranceMeta
+from pipeline.text import SENTENCE_END
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
@@ -67,7 +67,6 @@ WINDOW_MARGIN_S = 1.0  # window >= utterance + this
 TOKENS_PER_S = 8.0  # generation budget per second of audio (read speech: 2-5 tokens/s) ...
 TOKENS_MARGIN = 16  # ... plus this
 TEMPERATURE_FALLBACK = (0.2, 0.4)  # tried only when greedy decoding loops even on the full window
-SENTENCE_END = ".?!"
 MIN_SAMPLES = SAMPLE_RATE // 10  # shorter audio is zero-padded to 0.1 s (the STFT needs some samples)
 WARMUP_S = 1.0
 
@@ -423,9 +422,6 @@ class FasterWhisperEngine(SyncAsrEngine):
             log.debug("ASR dropped utterance %s (%s): %r no_speech_prob=%.2f avg_logprob=%.2f cr=%.2f "
                       "%.1f dBFS", meta.utterance_id, reason, d.text, d.no_speech_prob, d.avg_logprob,
                       d.compression_ratio, dbfs)
-            if self.metrics is not None and not meta.extra.get("speculative"):
-                self.metrics.drop("asr", reason)
-                extra["drop_counted"] = True  # the relay must not count this drop again
         return Transcript(
             text="" if reason else d.text,
             confidence=float(min(1.0, math.exp(d.avg_logprob))),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pipeline.frames import Pcm
@@ -9,6 +10,16 @@ from pipeline.frames import Pcm
 
 class QueueFull(Exception):
     """The relay cannot accept more messages right now (maps to HTTP 503)."""
+
+
+@dataclass(frozen=True, slots=True)
+class InterruptOutcome:
+    """What POST /interrupt did: whether conversation.interrupt went out, and how many pending echoes
+    it dropped (pipeline/delivery.py gives the rule)."""
+
+    sent: bool
+    dropped: int
+    detail: str
 
 
 class RelayHandle(Protocol):
@@ -24,8 +35,8 @@ class RelayHandle(Protocol):
         Returns the inference id(s) queued. Raises QueueFull."""
         ...
 
-    async def interrupt(self) -> None:
-        """Send conversation.interrupt through the sink."""
+    async def interrupt(self) -> InterruptOutcome:
+        """Send conversation.interrupt at once (not queued), dropping the echoes not yet sent."""
         ...
 
     def status(self) -> dict[str, Any]:

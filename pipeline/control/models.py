@@ -111,6 +111,14 @@ class SuccessResponse(BaseModel):
     status: Literal["success"] = Field(default="success", description='Always "success".')
 
 
+class InterruptResponse(SuccessResponse):
+    sent: bool = Field(description="conversation.interrupt went out (false: nothing to interrupt, e.g. the "
+                                   "replica is not in the room; `detail` says why).")
+    dropped_echoes: int = Field(description="Echoes queued or in progress that the interrupt dropped (they "
+                                            "would start the replica again); counted as dropped \"interrupted\".")
+    detail: str = Field(description="What happened, in words.")
+
+
 class FieldErrorItem(BaseModel):
     field: str = Field(description='Dotted path of the offending field, e.g. "properties.text"; "body" for '
                                    "the whole body.")

@@ -42,13 +42,13 @@ from pipeline.control.models import (
     ErrorResponse,
     FieldErrorItem,
     HealthResponse,
+    InterruptResponse,
     ReadyResponse,
     SendResponse,
-    SuccessResponse,
 )
 from pipeline.metrics import Metrics
 
-log = logging.getLogger("echo_relay.control")
+log = logging.getLogger(__name__)
 
 # The text format produced by prometheus_client.generate_latest (Metrics.render).
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -473,12 +473,13 @@ def create_app(handle: RelayHandle, metrics: Metrics, settings: Settings) -> Fas
         log.debug("control API: %s echo %s (%s)", p.modality, ids, message)
         return SendResponse(message=message, modality=p.modality, inference_ids=ids)
 
-    @app.post("/interrupt", response_model=SuccessResponse, responses=_ERRORS,
+    @app.post("/interrupt", response_model=InterruptResponse, responses=_ERRORS,
               summary="Stop the persona mid-speech (conversation.interrupt)")
-    async def interrupt() -> SuccessResponse:
-        """Send `conversation.interrupt` to the room right away (not queued behind pending echoes)."""
-        await handle.interrupt()
-        return SuccessResponse()
+    async def interrupt() -> InterruptResponse:
+        """Send `conversation.interrupt` to the room right away (not queued behind pending echoes).
+        Echoes queued or in progress are dropped first: they would start the replica again."""
+        outcome = await handle.interrupt()
+        return InterruptResponse(sent=outcome.sent, dropped_echoes=outcome.dropped, detail=outcome.detail)
 
     @app.get("/status", responses=_ERRORS, summary="Relay state",
              response_description="Room state, conversation id, model, queue depths, counters, recent "

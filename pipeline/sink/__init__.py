@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pipeline import specs
 from pipeline.sink.base import Outgoing, RoomState, Sink, SinkError
 
 if TYPE_CHECKING:
@@ -14,14 +15,11 @@ __all__ = ["Outgoing", "RoomState", "Sink", "SinkError", "make_sink", "parse_sin
 
 
 def parse_sink_spec(spec: str) -> tuple[str, str | None]:
-    kind, sep, arg = spec.partition(":")
-    if kind == "console" and not sep:
-        return kind, None
-    if kind == "jsonl" and arg:
-        return kind, arg
-    if kind == "daily" and not sep:
-        return kind, None
-    raise SinkError(f"unknown sink spec {spec!r}: expected console, jsonl:PATH or daily")
+    """`pipeline.specs.parse_sink_spec` (see there), raising SinkError as `make_sink` does."""
+    try:
+        return specs.parse_sink_spec(spec)
+    except specs.SpecError as exc:
+        raise SinkError(str(exc)) from None
 
 
 def make_sink(settings: Settings, metrics: Metrics) -> Sink:

@@ -1,10 +1,17 @@
-"""Sink interface: deliver outgoing protocol messages (echo / interrupt)."""
+"""Sink interface: send one outgoing protocol message (echo / interrupt) to where it goes.
+
+The relay owns the queue and the order (`pipeline.delivery`); a sink sends the one message it is
+given, retrying it while its destination can take it, and raises SinkError(reason) when it gives up.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
+
+from pipeline.daily_room import RoomState
 
 
 class SinkError(Exception):
@@ -13,7 +20,7 @@ class SinkError(Exception):
 
 @dataclass(slots=True)
 class Outgoing:
-    """One message for the room plus the record fields of the jsonl sink (shared/DESIGN.md)."""
+    """One message for the room plus the record fields of the jsonl sink (README "JSONL output")."""
 
     event: Literal["echo", "interrupt"]
     message: dict[str, Any]
@@ -22,8 +29,8 @@ class Outgoing:
     audio_end_s: float = 0.0
     asr_text: str = ""
     text: str = ""
-    seq: int = 0  # assigned by the relay, increasing per run
-    emitted_at_s: float = 0.0  # stream clock when handed to the sink (set by the relay)
+    seq: int = 0  # assigned by the relay's delivery, increasing per run
+    emitted_at_s: float = 0.0  # stream clock when handed to the sink (set by the relay's delivery)
 
     def record(self) -> dict[str, Any]:
         return {"event": self.event, "seq": self.seq, "utterance_id": self.utterance_id,
@@ -32,40 +39,42 @@ class Outgoing:
                 "message": self.message}
 
 
-@dataclass(slots=True)
-class RoomState:
-    """What the sink knows about the room; shown by /status and given to transforms."""
-
-    joined: bool = False
-    replica_present: bool = False
-    replica_speaking: bool = False
-    conversation_id: str | None = None
-    conversation_url: str | None = None
-    network: str = "unknown"
-    last_events: list[dict[str, Any]] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"joined": self.joined, "replica_present": self.replica_present,
-                "replica_speaking": self.replica_speaking, "conversation_id": self.conversation_id,
-                "network": self.network}
-
-
 class Sink(ABC):
+    """What the relay reads from a sink: `room`, `conversation_id`, `ended` (set when the conversation
+    ended server-side, with `ended_reason`; `ended_with_error` when that end names an error),
+    `is_ready()`, `blocked_reason()` and `stats()`."""
+
     name: str = "sink"
-    conversation_id: str | None = None
 
     def __init__(self) -> None:
         self.room = RoomState()
+        self.conversation_id: str | None = None
+        self.ended = asyncio.Event()
+        self.ended_reason: str | None = None
+        self.ended_with_error = False
 
     async def start(self) -> None:  # noqa: B027 - optional hook
-        """Open files / join the room. Sending may begin before the room is ready (sinks queue)."""
+        """Open files / join the room. Sending may begin before the room is ready (send() waits)."""
 
     def is_ready(self) -> bool:
         return True
 
+    def blocked_reason(self) -> str | None:
+        """What a send() would be waiting for right now, in words an operator can act on (None when
+        nothing blocks it)."""
+        return None
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+    def owned_conversation(self) -> str | None:
+        """The id of a conversation this sink created and ends on close (None otherwise)."""
+        return None
+
     @abstractmethod
     async def send(self, out: Outgoing) -> None:
-        """Deliver (or durably queue) one message, in order. Raises SinkError when it gives up."""
+        """Send one message. Raises SinkError when it gives up. An interrupt is sent once, at once
+        (a late interrupt would cut a later line); it fails when there is nothing to interrupt."""
 
     async def close(self, drain_timeout_s: float = 10.0) -> None:  # noqa: B027 - optional hook
-        """Deliver what is queued within the deadline, then release everything."""
+        """Release everything (the relay has delivered or accounted every message before)."""

@@ -1,84 +1,56 @@
-"""The Daily sink: deliver `conversation.echo` / `conversation.interrupt` app-messages to the Tavus
-replica in the conversation's Daily room (shared/reference §A, §C, §D, §E).
+"""The Daily sink: send `conversation.echo` / `conversation.interrupt` app-messages to the Tavus
+replica in the conversation's Daily room (docs/tavus.md).
 
-Delivery contract (what the relay relies on)
-- `await send(out)` returns once every room message of `out` was accepted by daily-python (the send
-  completion reported no error) and raises `SinkError` when the sink gives up on it. So the caller
-  knows, per utterance, delivered vs undeliverable. Every give-up is logged (error, with its text)
-  and counted in `self.given_up` / `stats()`; the caller that receives the SinkError counts it in
-  `metrics.send_failures` (the relay's `_emit` does, once per SinkError), so the sink does not, to
-  avoid counting twice. Likewise `echoes_sent` / `interrupts_sent` are counted by the relay when
-  `send()` returns; the sink counts `metrics.send_retries` and `metrics.drop("sink", "cancelled")`.
-- `await submit(out)` queues without waiting for delivery and returns the delivery future (resolved
-  or failed exactly like `send()`), for a caller that wants to pipeline. Cancelling a `send()` (or the
-  future) withdraws a message that has not started; a started message finishes its current piece.
-- Strict order: one message at a time; a message is sent only after the previous one was delivered or
-  given up. Interrupts (Outgoing(event="interrupt")) take their place in the same order: they do not
-  overtake queued echoes (a caller doing barge-in should cancel what it no longer wants first).
-- Pending queue: at most `sink.daily.pending_max` Outgoing wait in the sink. When it is full,
-  `send()`/`submit()` wait for room (FIFO, nothing dropped): back-pressure goes to the relay's own
-  bounded queue and its documented full policy.
-- Not ready (not joined yet, or the replica, recognised by `info.userName` == persona name, is not in
-  the room): messages wait. If the room stays not ready for `sink.daily.replica_timeout_s`, every
-  queued message is given up (one error naming the replica and the count, then each text), and new
-  messages fail at once until the replica is there again.
-- Send failures (completion error string) are retried with exponential backoff
-  (`retry_initial_s` .. `retry_max_s`) until `send_deadline_s` after the first attempt. A network
-  interruption (`on_network_connection_status_updated` "interrupted", or the call state leaving
-  `joined`) pauses delivery until "connected"; the pause counts against the same deadline, and an
-  outage longer than it gives up everything queued, then fails fast until the link is back.
-  A retried message can only be duplicated if daily-python reports an error for a send that actually
-  went out (not observed; the SDK has no delivery receipts).
-- Size: every serialized message is <= `sink.max_message_bytes`. An oversize text echo is split at
-  sentence (then word) boundaries into consecutive echoes with the same inference_id, done=false on all
-  but the last (which keeps the original `done`); an oversize audio echo is re-cut into smaller
-  chunks the same way. Anything else oversize is refused (SinkError), never sent.
-- `conversation_id` is filled in (ours wins) on every message; `self.conversation_id` is set by
-  `start()`. `self.room` is the live `RoomState`.
-- Conversation ended server-side (call state `left` without our leave, or a `system.shutdown`
-  app-message): everything pending fails with a clear SinkError, `self.ended` (asyncio.Event) is set
-  and `self.ended_reason` says why (`ended_with_error` is True only for a shutdown reason that names an
-  error); later sends fail at once.
-- The room connection is registered as the process's shared Daily room (`daily_room.shared_connection`)
-  so a Daily source started after the sink rides on it instead of joining a second time.
+The relay owns the queue and the order (`pipeline.delivery`); this sink is about the room only.
 
-Room: `tavus.conversation_url` (+ `conversation_id`, `meeting_token`) is joined as given; otherwise a
-conversation is created through the Tavus API (reusing `tavus.persona_id`, or creating an echo persona
-named `tavus.persona_name`), and ended on `close()` when `sink.daily.end_conversation_on_exit`.
+Contract of `send(out)`:
+- It returns once daily-python accepted the message (the send completion reported no error) and
+  raises `SinkError(reason)` when it gives up; the relay accounts the message and logs the reason.
+- Echoes wait while the room is not ready (not joined yet, or the replica, recognised by
+  `info.userName` == persona name, is not in the room). If it stays not ready for
+  `sink.daily.replica_timeout_s` the echo is given up with a reason that names the replica, and later
+  echoes fail at once until the replica is there again.
+- Send failures (completion error string) are retried with exponential backoff (`retry_initial_s` ..
+  `retry_max_s`) until `send_deadline_s` after the first attempt. A network interruption
+  (`on_network_connection_status_updated` "interrupted", or the call state leaving `joined`) pauses
+  sending until "connected"; the pause counts against the same deadline. A retried message can only
+  be duplicated if daily-python reports an error for a send that actually went out (not observed;
+  the SDK has no delivery receipts).
+- Interrupts are sent once and at once: there is nothing to interrupt without a replica, and a
+  retried interrupt would cut a later line. They fail when the room is not ready.
+- Messages are sent as given: `pipeline.protocol` sized them and stamped the conversation id.
+- The conversation ended server-side (call state `left` without our leave, or a `system.shutdown`
+  app-message): sends fail with that reason, `ended` is set and `ended_reason` says why;
+  `ended_with_error` is True only for a shutdown reason that names an error (`ERROR_SHUTDOWN_WORDS`):
+  max_call_duration, the participant timeouts and a conversation ended from the dashboard or the API
+  are normal ends.
+
+Lifecycle (`SinkPhase`): NEW -start()-> OPEN -close()-> CLOSED. The conversation to join comes from
+`pipeline.tavus.provision` (given, or created and then ended on close when
+`sink.daily.end_conversation_on_exit`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import collections
 import contextlib
-import copy
+import enum
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from pipeline.daily_room import (
     InvalidAppMessage,
     RoomConnection,
     RoomError,
     RoomEvent,
-    redact_url,
     resolve_daily_module,
-    share_connection,
 )
-from pipeline.protocol import (
-    ECHO,
-    INTERRUPT,
-    MessageTooLarge,
-    serialized_size,
-    split_text,
-)
+from pipeline.protocol import ECHO, INTERRUPT
 from pipeline.sink.base import Outgoing, Sink, SinkError
+from pipeline.tavus.provision import ProvisionError, end_conversation, provision
 
 if TYPE_CHECKING:
     from pipeline.config import Settings
@@ -86,10 +58,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_WITHDRAWN = "withdrawn by the caller"  # sentinel (compared by identity)
 SEND_COMPLETION_GRACE_S = 5.0  # extra wait for a send completion beyond the message's deadline
-ERROR_SHUTDOWN_WORDS = ("error", "exception", "could_not_join", "deleted")  # in a shutdown reason
-END_CONVERSATION_TIMEOUT_S = 20.0
+INTERRUPT_SEND_TIMEOUT_S = 2.0  # an interrupt later than this would stop the wrong line
+# Shutdown reasons that mean something went wrong (Tavus's list: exception_encountered_during_
+# conversation_startup, bot_could_not_join_meeting_it_was_probably_ended, internal error at step x).
+ERROR_SHUTDOWN_WORDS = ("error", "exception", "could_not_join")
+
+
+class SinkPhase(enum.Enum):
+    NEW = "new"  # constructed; start() provisions and joins
+    OPEN = "open"  # joined: send() works (waiting for the replica if needed)
+    CLOSED = "closed"  # close() ran: sends fail
 
 
 def describe(message: dict[str, Any]) -> str:
@@ -108,29 +87,12 @@ def describe(message: dict[str, Any]) -> str:
     return f"{event_type} message"
 
 
-def conversation_id_from_url(url: str) -> str | None:
-    """Tavus rooms are https://tavus.daily.co/<conversation_id>."""
-    try:
-        path = urlsplit(url).path.strip("/")
-    except ValueError:
-        return None
-    return path.rsplit("/", 1)[-1] or None
-
-
-@dataclass(eq=False)
-class _Job:
-    """One Outgoing: its room messages (one, or several after a split) and its delivery future."""
-
-    out: Outgoing
-    messages: list[dict[str, Any]]
-    future: asyncio.Future[None]
-    label: str
-    enqueued_at: float = field(default_factory=time.monotonic)
-    cancelled: bool = False
-    started: bool = False
-    # A piece is with the SDK, awaiting its completion. A concurrent give-up (the conversation ended,
-    # the replica timed out) must not settle this job: the completion may still report it delivered.
-    in_flight: bool = False
+def ended_with_error(shutdown_reason: str | None) -> bool:
+    """A Tavus shutdown reason that names an error (not a normal end such as max_call_duration).
+    A conversation that ended without one (the call state left: ended from the dashboard or the
+    API, room deleted) is a normal end."""
+    text = (shutdown_reason or "").lower()
+    return any(w in text for w in ERROR_SHUTDOWN_WORDS)
 
 
 class DailySink(Sink):
@@ -144,50 +106,56 @@ class DailySink(Sink):
         self.metrics = metrics
         self._tavus_factory = tavus_client_factory
         self._daily_module_spec = daily_module
-        self.conversation_id: str | None = None
+        self.phase = SinkPhase.NEW
         self.conversation_url: str | None = None
-        self.persona_id: str | None = settings.tavus.persona_id
         self.persona_name: str | None = None
         self.created_conversation = False  # we created it (and may end it on close)
-        self.ended = asyncio.Event()
-        self.ended_reason: str | None = None
-        self.ended_with_error = False
         self.delivered = 0  # room messages accepted by daily-python
-        self.given_up = 0  # Outgoing given up
+        self.given_up = 0  # messages given up
         self._conn: RoomConnection | None = None
-        self._queue: collections.deque[_Job] = collections.deque()
-        self._space_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._drained: list[asyncio.Future[None]] = []
-        self._wake: asyncio.Event | None = None
-        self._worker: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self._started = False
-        self._closing = False
-        self._closed = False
-        self._abort = False
-        self._unsubscribe: Callable[[], None] | None = None
         self._subscribers: list[Callable[[RoomEvent], Any]] = []
-        self._not_ready_reported: float | None = None
+        self._retrying: str | None = None  # the last send error while a message is being retried
+        self._room_released = asyncio.Event()  # close() left and released the room: no completion will come
 
     # ------------------------------------------------------------------------------ properties
     @property
     def connection(self) -> RoomConnection | None:
-        """The RoomConnection after start() (the Daily source can share it: `DailySource(room=...)`)."""
+        """The RoomConnection after start() (the Daily source listens in it)."""
         return self._conn
-
-    @property
-    def pending(self) -> int:
-        return len(self._queue)
 
     def stats(self) -> dict[str, int]:
         conn = self._conn
-        return {"delivered": self.delivered, "given_up": self.given_up, "pending": len(self._queue),
+        return {"delivered": self.delivered, "given_up": self.given_up,
                 "unknown_room_events": conn.unknown_events if conn is not None else 0,
                 "duplicate_room_events": conn.duplicate_events if conn is not None else 0}
 
     def is_ready(self) -> bool:
         conn = self._conn
         return bool(conn is not None and conn.ready and conn.network_ok)
+
+    def owned_conversation(self) -> str | None:
+        if self.created_conversation and self.settings.sink.daily.end_conversation_on_exit:
+            return self.conversation_id
+        return None
+
+    def blocked_reason(self) -> str | None:
+        conn = self._conn
+        if self.phase is SinkPhase.CLOSED:
+            return "the Daily sink is closed"
+        if self.phase is SinkPhase.NEW or conn is None:
+            return "the Daily room was not joined yet"
+        if conn.ended.is_set():
+            return f"the conversation ended ({conn.ended_reason})"
+        now = time.monotonic()
+        if not conn.ready:
+            return self._not_ready_reason(now)
+        if not conn.network_ok:
+            down = now - (conn.net_down_since or now)
+            return f"the Daily connection has been down for {down:.1f} s"
+        if self._retrying:
+            return f"sends are failing and being retried (last error: {self._retrying})"
+        return None
 
     def subscribe(self, callback: Callable[[RoomEvent], Any]) -> Callable[[], None]:
         """Receive every RoomEvent (replica started/stopped speaking, utterances, ...) on the loop.
@@ -203,199 +171,92 @@ class DailySink(Sink):
 
     # ------------------------------------------------------------------------------ start
     async def start(self) -> None:
-        if self._started:
+        if self.phase is not SinkPhase.NEW:
             return
-        self._started = True
         sd = self.settings.sink.daily
         try:
             module = resolve_daily_module(self._daily_module_spec, self.settings)
         except RoomError as exc:
             raise SinkError(str(exc)) from None
-        url, token, conversation_id, persona_name = await self._provision()
-        self.conversation_id = conversation_id
-        self.conversation_url = url
-        self.persona_name = persona_name
-        replica_name = getattr(sd, "replica_name", None) or persona_name
-        conn = RoomConnection(module, user_name=sd.user_name, replica_name=replica_name, metrics=self.metrics,
-                              unsubscribe_media=True, state=self.room)
-        self.room.conversation_id = conversation_id
-        for job in list(self._queue):  # queued before start(): now the conversation_id is known
-            if not job.started and not job.future.done():
-                try:
-                    job.messages = self._prepare(job.out)
-                except SinkError as exc:
-                    self._give_up([job], str(exc))
+        try:
+            conversation = await provision(self.settings.tavus, replica_name=sd.replica_name,
+                                           client_factory=self._tavus_factory)
+        except ProvisionError as exc:
+            raise SinkError(str(exc)) from None
+        self.conversation_id = conversation.conversation_id
+        self.conversation_url = conversation.url
+        self.persona_name = conversation.persona_name
+        self.created_conversation = conversation.created
+        conn = RoomConnection(module, user_name=sd.user_name, replica_name=conversation.persona_name,
+                              metrics=self.metrics, unsubscribe_media=True, state=self.room)
+        self.room.conversation_id = conversation.conversation_id
         self._conn = conn
         conn.subscribe(self._on_room_event)
         for cb in self._subscribers:
             conn.subscribe(cb)
         try:
-            await conn.join(url, token, timeout_s=sd.join_timeout_s)
+            await conn.join(conversation.url, conversation.meeting_token, timeout_s=sd.join_timeout_s)
         except RoomError as exc:
             await conn.close()
-            if self.created_conversation:
-                await self._end_conversation()
+            await self._end_conversation()
             raise SinkError(str(exc)) from None
-        share_connection(conn)
-        self._wake = asyncio.Event()
-        self._worker = asyncio.create_task(self._run(), name="daily-sink-worker")
+        self.phase = SinkPhase.OPEN
         self._watcher = asyncio.create_task(self._watch_replica(), name="daily-sink-replica-watch")
         if not conn.ready:
             log.info("waiting up to %g s for the replica %r to join (sink.daily.replica_timeout_s); "
-                     "messages are queued until then", sd.replica_timeout_s, replica_name)
-
-    async def _provision(self) -> tuple[str, str | None, str | None, str]:
-        """-> (room url, meeting token, conversation id, persona name that identifies the replica)."""
-        t = self.settings.tavus
-        api_key = t.api_key.get_secret_value() if t.api_key is not None else None
-        if t.conversation_url:
-            url = t.conversation_url
-            conversation_id = t.conversation_id or conversation_id_from_url(url)
-            token = t.meeting_token.get_secret_value() if t.meeting_token is not None else None
-            persona_name = t.persona_name
-            if t.persona_id and api_key and not getattr(self.settings.sink.daily, "replica_name", None):
-                try:
-                    async with self._tavus_client(api_key) as client:
-                        persona = await client.get_persona(t.persona_id)
-                    persona_name = str(persona.get("persona_name") or persona_name)
-                except Exception as exc:
-                    log.warning("could not read persona %s (%s); recognising the replica by "
-                                "tavus.persona_name=%r", t.persona_id, _safe_error(exc), persona_name)
-            log.info("using the given conversation %s (%s)", conversation_id, redact_url(url))
-            return url, token, conversation_id, persona_name
-        if not api_key:
-            raise SinkError("the daily sink needs tavus.api_key (env TAVUS_API_KEY) to create a "
-                            "conversation, or tavus.conversation_url to join an existing one")
-        try:
-            async with self._tavus_client(api_key) as client:
-                if t.persona_id:
-                    persona = await client.get_persona(t.persona_id)
-                    persona_id = t.persona_id
-                    persona_name = str(persona.get("persona_name") or t.persona_name)
-                    mode = persona.get("pipeline_mode")
-                    if mode is not None and mode != "echo":
-                        log.warning("persona %s has pipeline_mode=%r, not 'echo': echoes may be ignored",
-                                    persona_id, mode)
-                else:
-                    persona = await client.create_persona(t.persona_name, pipeline_mode="echo")
-                    persona_id = str(persona["persona_id"])
-                    persona_name = str(persona.get("persona_name") or t.persona_name)
-                    log.info("created echo persona %s named %r (set tavus.persona_id to reuse it)",
-                             persona_id, persona_name)
-                self.persona_id = persona_id
-                properties = {k: getattr(t, k) for k in
-                              ("max_call_duration", "participant_left_timeout", "participant_absent_timeout")
-                              if getattr(t, k) is not None}
-                conversation = await client.create_conversation(
-                    persona_id, replica_id=t.replica_id, conversation_name=t.conversation_name,
-                    test_mode=True if t.test_mode else None, properties=properties or None)
-        except SinkError:
-            raise
-        except Exception as exc:
-            raise SinkError(f"Tavus API: {_safe_error(exc)}") from None
-        try:
-            conversation_id = str(conversation["conversation_id"])
-            url = str(conversation["conversation_url"])
-        except (KeyError, TypeError):
-            raise SinkError("Tavus API: create conversation answered without "
-                            "conversation_id/conversation_url") from None
-        self.created_conversation = True
-        token = conversation.get("meeting_token")
-        log.info("created Tavus conversation %s (%s)", conversation_id, redact_url(url))
-        if t.test_mode:
-            log.warning("tavus.test_mode is on: the replica does not join, so echoes cannot be delivered")
-        return url, (str(token) if token else None), conversation_id, persona_name
-
-    def _tavus_client(self, api_key: str) -> Any:
-        t = self.settings.tavus
-        factory = self._tavus_factory
-        if factory is None:
-            from pipeline.tavus.client import TavusClient
-            factory = TavusClient
-        return factory(t.api_url, api_key, timeout_s=t.timeout_s, retries=t.retries)
+                     "echoes wait until then", sd.replica_timeout_s, conversation.persona_name)
 
     async def _end_conversation(self) -> None:
-        t = self.settings.tavus
-        if not self.conversation_id or t.api_key is None:
+        cid = self.owned_conversation()
+        if cid is None:
             return
-        try:
-            async with self._tavus_client(t.api_key.get_secret_value()) as client:
-                await asyncio.wait_for(client.end_conversation(self.conversation_id),
-                                       END_CONVERSATION_TIMEOUT_S)
-            log.info("ended Tavus conversation %s", self.conversation_id)
-        except Exception as exc:
-            log.warning("could not end Tavus conversation %s: %s (it ends by itself after "
-                        "participant_left_timeout)", self.conversation_id, _safe_error(exc))
+        if await end_conversation(self.settings.tavus, cid, client_factory=self._tavus_factory):  # logs the outcome
+            self.created_conversation = False
 
     # ------------------------------------------------------------------------------ sending
     async def send(self, out: Outgoing) -> None:
-        job = await self._enqueue(out)
-        try:
-            await asyncio.shield(job.future)
-        except asyncio.CancelledError:
-            job.future.cancel()  # withdraws it (see _on_job_done)
-            raise
-
-    async def submit(self, out: Outgoing) -> asyncio.Future[None]:
-        """Queue `out` (waiting while the pending queue is full) and return its delivery future."""
-        job = await self._enqueue(out)
-        return job.future
-
-    async def _enqueue(self, out: Outgoing) -> _Job:
-        try:
-            messages = self._prepare(out)
-        except SinkError as exc:  # a message that cannot fit
-            self._give_up_unsent(out, str(exc))
-            raise
-        label = describe(messages[0]) if len(messages) == 1 else \
-            f"{describe(messages[0])} (+{len(messages) - 1} more piece(s))"
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        job = _Job(out, messages, future, label)
-        future.add_done_callback(lambda fut: self._on_job_done(job, fut))
-        refusal = self._refusal()
+        if not isinstance(out.message, dict):
+            self._give_up(f"outgoing message must be a JSON object, got {type(out.message).__name__}")
+        refusal = self._refusal(out)
         if refusal is not None:
-            self._give_up([job], refusal)
-            raise SinkError(f"{refusal}: {label}")
-        # FIFO wait for room in the pending queue (nothing is dropped).
-        if len(self._queue) >= self.settings.sink.daily.pending_max or self._space_waiters:
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._space_waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                if waiter in self._space_waiters:
-                    self._space_waiters.remove(waiter)
-                self._wake_space()
-                raise
-            refusal = self._refusal()
-            if refusal is not None:
-                self._give_up([job], refusal)
-                self._wake_space()
-                raise SinkError(f"{refusal}: {label}")
-        self._queue.append(job)
-        self._set_depth()
-        if self._wake is not None:
-            self._wake.set()
-        return job
-
-    def _refusal(self) -> str | None:
-        """Why a new message must fail at once (closed, ended, long-unready room), or None."""
-        if self._closing or self._closed:
-            return "the Daily sink is closed"
+            self._give_up(refusal)
         conn = self._conn
-        if self.ended.is_set() or (conn is not None and conn.ended.is_set()):
-            return f"the conversation ended ({self.ended_reason or (conn.ended_reason if conn else '')})"
-        if conn is None or conn.call_state == "new":
-            return None
-        sd = self.settings.sink.daily
+        assert conn is not None
+        if out.event == "interrupt":
+            error = await self._send_interrupt(conn, out.message)
+        else:
+            error = await self._send_echo(conn, out.message)
+        if error is not None:
+            self._give_up(error)
+
+    def _closed(self) -> bool:
+        return self.phase is SinkPhase.CLOSED
+
+    def _give_up(self, reason: str) -> None:
+        self.given_up += 1
+        raise SinkError(reason)
+
+    def _refusal(self, out: Outgoing) -> str | None:
+        """Why a message must fail at once (closed, ended, long-unready room), or None."""
+        conn = self._conn
+        if self.phase is SinkPhase.CLOSED:
+            return "the Daily sink is closed"
+        if conn is None:
+            return "the Daily sink was not started"
+        if self.ended.is_set() or conn.ended.is_set():
+            return f"the conversation ended ({self.ended_reason or conn.ended_reason})"
         now = time.monotonic()
+        if out.event == "interrupt":
+            return None if conn.ready and conn.network_ok else \
+                f"nothing to interrupt: {self.blocked_reason() or 'the room is not ready'}"
+        sd = self.settings.sink.daily
         if not conn.ready and conn.not_ready_since is not None \
                 and now - conn.not_ready_since >= sd.replica_timeout_s:
             return self._not_ready_reason(now)
         if conn.ready and not conn.network_ok and conn.net_down_since is not None \
                 and now - conn.net_down_since >= sd.send_deadline_s:
-            return f"the Daily connection has been down for {now - conn.net_down_since:.0f} s"
+            return f"the Daily connection has been down for {now - conn.net_down_since:.0f} s " \
+                   "(sink.daily.send_deadline_s)"
         return None
 
     def _not_ready_reason(self, now: float) -> str:
@@ -404,319 +265,128 @@ class DailySink(Sink):
         waited = now - (conn.not_ready_since or now)
         if not conn.state.joined:
             return f"not joined to the Daily room for {waited:.1f} s"
-        return (f"the replica {conn.replica_name!r} is not in the Daily room "
-                f"(waited {waited:.1f} s, sink.daily.replica_timeout_s)")
+        return (f"the replica {conn.replica_name!r} is not in the Daily room (waited {waited:.1f} s of "
+                f"sink.daily.replica_timeout_s={self.settings.sink.daily.replica_timeout_s:g}); check that "
+                "the conversation is live and the persona's name matches")
 
-    def _prepare(self, out: Outgoing) -> list[dict[str, Any]]:
-        """Copy the message, set conversation_id, and make every piece fit max_message_bytes."""
-        if not isinstance(out.message, dict):
-            raise SinkError(f"outgoing message must be a JSON object, got {type(out.message).__name__}")
-        msg = copy.deepcopy(out.message)
-        if self.conversation_id and msg.get("message_type", "conversation") == "conversation":
-            msg["conversation_id"] = self.conversation_id
-        limit = self.settings.sink.max_message_bytes
-        size = serialized_size(msg)
-        if size <= limit:
-            return [msg]
-        props = msg.get("properties") if isinstance(msg.get("properties"), dict) else None
+    async def _room_send(self, conn: RoomConnection, message: dict[str, Any], timeout_s: float) -> str | None:
+        """`conn.send()`, but stop waiting once close() has released the room: a completion daily-python
+        has not reported by then may never come (one it reports in time still counts)."""
+        sending = asyncio.ensure_future(conn.send(message, timeout_s=timeout_s))
+        released = asyncio.ensure_future(self._room_released.wait())
         try:
-            if msg.get("event_type") == ECHO and props is not None and props.get("modality") == "text":
-                pieces = self._split_text_message(msg, props, limit)
-            elif msg.get("event_type") == ECHO and props is not None and props.get("modality") == "audio":
-                pieces = self._split_audio_message(msg, props, limit)
-            else:
-                raise MessageTooLarge(f"{msg.get('event_type')} message of {size} bytes cannot be split")
-        except (MessageTooLarge, ValueError) as exc:
-            raise SinkError(f"message over sink.max_message_bytes={limit}: {exc}") from None
-        log.info("split a %d-byte echo into %d messages under %d bytes", size, len(pieces), limit)
-        return pieces
+            await asyncio.wait({sending, released}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            released.cancel()
+            completed = sending.done()
+            if not completed:
+                sending.cancel()
+        if not completed:
+            return "the Daily sink was closed before daily-python reported the send"
+        return sending.result()  # raises InvalidAppMessage
 
-    def _split_text_message(self, msg: dict[str, Any], props: dict[str, Any],
-                            limit: int) -> list[dict[str, Any]]:
-        text = str(props.get("text", ""))
-        done = props.get("done", True)
-        budget = limit
-        for _ in range(8):  # split_text assumes a standard envelope: shrink the budget until all fit
-            pieces = split_text(text, msg.get("conversation_id"), budget)
-            out = []
-            for i, piece in enumerate(pieces):
-                m = copy.deepcopy(msg)
-                m["properties"]["text"] = piece
-                m["properties"]["done"] = done if i == len(pieces) - 1 else False
-                out.append(m)
-            excess = max(serialized_size(m) for m in out) - limit
-            if excess <= 0:
-                return out
-            budget -= excess
-        raise MessageTooLarge("could not split the text under the limit")
+    async def _send_interrupt(self, conn: RoomConnection, message: dict[str, Any]) -> str | None:
+        try:
+            error = await self._room_send(conn, message, INTERRUPT_SEND_TIMEOUT_S)
+        except InvalidAppMessage as exc:
+            return str(exc)
+        if error is None:
+            self.delivered += 1
+            return None
+        return f"interrupt not sent: {error}"
 
-    def _split_audio_message(self, msg: dict[str, Any], props: dict[str, Any],
-                             limit: int) -> list[dict[str, Any]]:
-        raw = base64.b64decode(str(props.get("audio", "")))
-        done = props.get("done", True)
-        empty = copy.deepcopy(msg)
-        empty["properties"]["audio"] = ""
-        empty["properties"]["done"] = False
-        overhead = serialized_size(empty)
-        per = ((limit - overhead) // 4) * 3 // 6 * 6  # whole base64 quanta of whole samples
-        if per <= 0:
-            raise MessageTooLarge("no audio fits the limit")
-        out = []
-        chunks = [raw[i:i + per] for i in range(0, len(raw), per)] or [b""]
-        for i, chunk in enumerate(chunks):
-            m = copy.deepcopy(msg)
-            m["properties"]["audio"] = base64.b64encode(chunk).decode("ascii")
-            m["properties"]["done"] = done if i == len(chunks) - 1 else False
-            out.append(m)
-        if max(serialized_size(m) for m in out) > limit:
-            raise MessageTooLarge("could not cut the audio under the limit")
-        return out
-
-    # ------------------------------------------------------------------------------ the worker
-    async def _run(self) -> None:
-        assert self._wake is not None
-        while True:
-            while not self._queue:
-                self._notify_drained()
-                self._wake.clear()
-                await self._wake.wait()
-            job = self._queue[0]
-            if job.cancelled:
-                self._withdrawn(job, 0)
-            elif not job.future.done():
-                try:
-                    await self._deliver(job)
-                except asyncio.CancelledError:
-                    self._give_up([job], "the Daily sink was closed while sending")
-                    raise
-                except Exception as exc:  # a bug must not stall the queue silently
-                    log.exception("Daily sink: unexpected error")
-                    self._give_up([job], f"unexpected error: {exc}")
-            if self._queue and self._queue[0] is job:
-                self._queue.popleft()
-            self._set_depth()
-            self._wake_space()
-
-    def _withdrawn(self, job: _Job, sent: int) -> None:
-        self.metrics.drop("sink", "cancelled")
-        if sent:
-            log.info("withdrawn after %d of %d piece(s): %s", sent, len(job.messages), job.label)
-        else:
-            log.info("withdrawn before sending: %s", job.label)
-
-    async def _deliver(self, job: _Job) -> None:
-        conn = self._conn
-        assert conn is not None
+    async def _send_echo(self, conn: RoomConnection, message: dict[str, Any]) -> str | None:
+        """Send one echo: None when delivered, else why it was given up."""
         sd = self.settings.sink.daily
-        for index, message in enumerate(job.messages):
-            error = await self._deliver_one(conn, job, message, sd)
-            if error is _WITHDRAWN:
-                self._withdrawn(job, index)
-                return
-            if error is not None or job.future.done():
-                self._give_up([job], error or "given up")
-                return
-        if not job.future.done():
-            job.future.set_result(None)
-
-    async def _deliver_one(self, conn: RoomConnection, job: _Job, message: dict[str, Any],
-                           sd: Any) -> str | None:
-        """Send one room message: None when delivered, `_WITHDRAWN` when the caller cancelled, else
-        why it was given up. May give up the whole queue (readiness timeout, long outage)."""
         backoff = sd.retry_initial_s
         attempts = 0
         first_ready_at: float | None = None
-        last_error = ""
-
-        def interrupted() -> bool:
-            return conn.ended.is_set() or self._abort or job.cancelled
-
-        while True:
-            if job.cancelled:
-                return _WITHDRAWN
-            if self._abort:
-                return "the Daily sink was closed before it could be delivered"
-            if conn.ended.is_set():
-                return f"the conversation ended ({conn.ended_reason})"
-            now = time.monotonic()
-            if not conn.ready:
-                first_ready_at = None
-                since = conn.not_ready_since if conn.not_ready_since is not None else now
-                ok = await conn.wait_until(lambda: conn.ready or interrupted(),
-                                           since + sd.replica_timeout_s - now)
-                if not ok:
-                    reason = self._not_ready_reason(time.monotonic())
-                    self._report_not_ready(reason)
-                    return reason
-                continue
-            if first_ready_at is None:
-                first_ready_at = now
-            deadline = first_ready_at + sd.send_deadline_s
-            if not conn.network_ok:
-                ok = await conn.wait_until(lambda: conn.network_ok or not conn.ready or interrupted(),
-                                           deadline - now)
-                if not ok:
-                    reason = (f"the Daily connection stayed down past sink.daily.send_deadline_s="
-                              f"{sd.send_deadline_s:g} s")
-                    self._give_up_all(reason, headline=True)
-                    return reason
-                continue
-            attempts += 1
-            job.started = True
-            job.in_flight = True
-            try:
-                error = await conn.send(message, timeout_s=max(0.0, deadline - now) + SEND_COMPLETION_GRACE_S)
-            except InvalidAppMessage as exc:
-                return str(exc)
-            finally:
-                job.in_flight = False
-            if error is None:
-                self.delivered += 1
-                if attempts > 1:
-                    log.info("delivered after %d attempts: %s", attempts, job.label)
-                return None
-            last_error = error
-            if interrupted():
-                continue  # no retry: the checks above say why it stops
-            now = time.monotonic()
-            if now >= deadline:
-                return (f"send failed {attempts} time(s) over {now - first_ready_at:.1f} s "
-                        f"(sink.daily.send_deadline_s={sd.send_deadline_s:g}); last error: {last_error}")
-            self.metrics.send_retries.inc()
-            log.warning("send failed (%s); retrying in %.2f s: %s", error, min(backoff, deadline - now),
-                        job.label)
-            await conn.wait_until(interrupted, min(backoff, deadline - now))
-            backoff = min(backoff * 2, sd.retry_max_s)
-
-    # ------------------------------------------------------------------------------ give-ups
-    def _give_up(self, jobs: list[_Job], reason: str) -> None:
-        for job in jobs:
-            if job.future.done():
-                continue
-            self.given_up += 1
-            log.error("undeliverable: %s: %s", reason, job.label)
-            job.future.set_exception(SinkError(f"{reason}: {job.label}"))
-
-    def _give_up_unsent(self, out: Outgoing, reason: str) -> None:
-        self.given_up += 1
-        label = describe(out.message) if isinstance(out.message, dict) else repr(out.message)[:200]
-        log.error("undeliverable: %s: %s", reason, label)
-
-    def _give_up_all(self, reason: str, headline: bool = False) -> None:
-        """Give up every queued message except a piece already with the SDK: its worker settles it
-        from the completion (delivered, or given up for the same reason on its next check)."""
-        jobs = [j for j in self._queue if not j.future.done() and not j.cancelled and not j.in_flight]
-        if headline:
-            log.error("%s: %d queued message(s) undeliverable", reason, len(jobs))
-        self._give_up(jobs, reason)
-
-    def _report_not_ready(self, reason: str) -> None:
-        """The room stayed not ready for replica_timeout_s: one clear error, then every queued message
-        is given up (each logged with its text). Reported once per not-ready period."""
-        conn = self._conn
-        marker = conn.not_ready_since if conn is not None else None
-        if marker is None or marker != self._not_ready_reported:
-            self._not_ready_reported = marker
-            queued = sum(1 for j in self._queue if not j.future.done() and not j.cancelled and not j.in_flight)
-            log.error("%s: %d queued message(s) undeliverable; new messages fail until it is ready",
-                      reason, queued)
-        self._give_up_all(reason)
+        label = describe(message)
+        try:
+            while True:
+                if self.phase is SinkPhase.CLOSED:
+                    return "the Daily sink was closed before it could be delivered"
+                if conn.ended.is_set():
+                    return f"the conversation ended ({conn.ended_reason})"
+                now = time.monotonic()
+                if not conn.ready:
+                    first_ready_at = None
+                    since = conn.not_ready_since if conn.not_ready_since is not None else now
+                    # close() wakes the waiters (conn.notify()): stop waiting once the sink is closed
+                    if not await conn.wait_until(lambda: conn.ready or conn.ended.is_set() or self._closed(),
+                                                 since + sd.replica_timeout_s - now):
+                        return self._not_ready_reason(time.monotonic())
+                    continue
+                if first_ready_at is None:
+                    first_ready_at = now
+                deadline = first_ready_at + sd.send_deadline_s
+                if not conn.network_ok:
+                    if not await conn.wait_until(lambda: conn.network_ok or not conn.ready or conn.ended.is_set()
+                                                 or self._closed(), deadline - now):
+                        return (f"the Daily connection stayed down past sink.daily.send_deadline_s="
+                                f"{sd.send_deadline_s:g} s")
+                    continue
+                attempts += 1
+                try:
+                    error = await self._room_send(conn, message, max(0.0, deadline - now) + SEND_COMPLETION_GRACE_S)
+                except InvalidAppMessage as exc:
+                    return str(exc)
+                if error is None:
+                    self.delivered += 1
+                    if attempts > 1:
+                        log.info("delivered after %d attempts: %s", attempts, label)
+                    return None
+                self._retrying = error
+                if conn.ended.is_set() or self._closed():
+                    continue  # the check above says why it stops
+                now = time.monotonic()
+                if now >= deadline:
+                    return (f"send failed {attempts} time(s) over {now - first_ready_at:.1f} s "
+                            f"(sink.daily.send_deadline_s={sd.send_deadline_s:g}); last error: {error}")
+                self.metrics.send_retries.inc()
+                log.warning("send failed (%s); retrying in %.2f s: %s", error, min(backoff, deadline - now), label)
+                await conn.wait_until(lambda: conn.ended.is_set() or self._closed(), min(backoff, deadline - now))
+                backoff = min(backoff * 2, sd.retry_max_s)
+        finally:
+            self._retrying = None
 
     # ------------------------------------------------------------------------------ room events
     def _on_room_event(self, event: RoomEvent) -> None:
-        if event.kind == "ended":
+        if event.kind == "ended" and not self.ended.is_set():
             self.ended_reason = event.detail
-            detail = (event.detail or "").lower()
-            self.ended_with_error = any(w in detail for w in ERROR_SHUTDOWN_WORDS)
-            if not self.ended.is_set():
-                log.error("stopping the Daily sink: %s", event.detail)
-                self.ended.set()
-            self._give_up_all(f"the conversation ended ({event.detail})", headline=bool(self._queue))
-            if self._wake is not None:
-                self._wake.set()
+            self.ended_with_error = ended_with_error(self._conn.shutdown_reason if self._conn else None)
+            log.log(logging.ERROR if self.ended_with_error else logging.WARNING,
+                    "the conversation ended: %s", event.detail)
+            self.ended.set()
 
     async def _watch_replica(self) -> None:
-        """Say clearly when the replica has not shown up, even if nothing is queued yet."""
+        """Say clearly when the replica has not shown up, even if nothing is being sent."""
         conn = self._conn
         assert conn is not None
         timeout = self.settings.sink.daily.replica_timeout_s
-        while not self._closed:
-            await conn.wait_until(lambda: not conn.ready or conn.ended.is_set() or self._closing, None)
-            if conn.ended.is_set() or self._closing:
+        while self.phase is SinkPhase.OPEN:
+            await conn.wait_until(lambda: not conn.ready or conn.ended.is_set(), None)
+            if conn.ended.is_set():
                 return
             since = conn.not_ready_since or time.monotonic()
-            ok = await conn.wait_until(lambda: conn.ready or conn.ended.is_set() or self._closing,
-                                       since + timeout - time.monotonic())
-            if conn.ended.is_set() or self._closing:
-                return
-            if not ok:
-                self._report_not_ready(self._not_ready_reason(time.monotonic()))
-                await conn.wait_until(lambda: conn.ready or conn.ended.is_set() or self._closing, None)
-
-    def _on_job_done(self, job: _Job, fut: asyncio.Future[None]) -> None:
-        if fut.cancelled():  # the caller withdrew it (cancelled send() or the submit() future)
-            job.cancelled = True
-            if self._conn is not None:
-                self._conn.notify()  # a worker waiting on this job re-checks at once
-        else:
-            fut.exception()  # failures are logged by the sink: no 'exception never retrieved' warning
-
-    # ------------------------------------------------------------------------------ queue plumbing
-    def _wake_space(self) -> None:
-        free = self.settings.sink.daily.pending_max - len(self._queue)
-        while self._space_waiters and free > 0:
-            waiter = self._space_waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                free -= 1
-
-    def _notify_drained(self) -> None:
-        waiters, self._drained = self._drained, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
-
-    def _set_depth(self) -> None:
-        with contextlib.suppress(Exception):
-            self.metrics.queue_depth.labels(queue="daily_sink").set(len(self._queue))
+            if not await conn.wait_until(lambda: conn.ready or conn.ended.is_set(),
+                                         since + timeout - time.monotonic()):
+                log.error("%s; echoes fail until it is ready", self._not_ready_reason(time.monotonic()))
+                await conn.wait_until(lambda: conn.ready or conn.ended.is_set(), None)
 
     # ------------------------------------------------------------------------------ close
     async def close(self, drain_timeout_s: float = 10.0) -> None:
-        if self._closed:
+        if self.phase is SinkPhase.CLOSED:
             return
-        self._closing = True
+        was_open, self.phase = self.phase is SinkPhase.OPEN, SinkPhase.CLOSED
+        if self._watcher is not None and not self._watcher.done():
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watcher
         conn = self._conn
-        try:
-            if self._queue and self._worker is not None and not self._worker.done():
-                loop = asyncio.get_running_loop()
-                waiter: asyncio.Future[None] = loop.create_future()
-                self._drained.append(waiter)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter, drain_timeout_s)
-            if self._queue:
-                self._abort = True
-                self._give_up_all(f"not delivered within the shutdown drain time ({drain_timeout_s:g} s)",
-                                  headline=True)
-            for waiter in self._space_waiters:
-                if not waiter.done():
-                    waiter.set_result(None)  # they re-check and see the sink closed
-            for task in (self._worker, self._watcher):
-                if task is not None and not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
-            if conn is not None:
-                conn.notify()
+        if conn is not None:
+            conn.notify()  # a send waiting for the room re-checks and sees the sink closed
+            if was_open:
                 await conn.close()
-        finally:
-            self._closed = True
-            if self.created_conversation and self.settings.sink.daily.end_conversation_on_exit:
-                await self._end_conversation()
-
-
-
-
-def _safe_error(exc: BaseException) -> str:
-    """An error text for logs that cannot carry the API key (it is never put in messages anyway)."""
-    text = str(exc) or type(exc).__name__
-    return text[:500]
+        self._room_released.set()
+        await self._end_conversation()

@@ -1,4 +1,5 @@
-"""JSONL sink: one JSON object per outgoing message, flushed per line (fields in shared/DESIGN.md)."""
+"""JSONL sink: one JSON object per outgoing message, flushed per line (fields: README.md, "Sinks and the
+JSONL record")."""
 
 from __future__ import annotations
 

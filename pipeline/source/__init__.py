@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from pipeline import specs
 from pipeline.source.base import Source, SourceError
 from pipeline.source.file import FileSource, decode_file
 from pipeline.source.mic import (
@@ -35,33 +36,12 @@ __all__ = [
     "parse_source_spec",
 ]
 
-SPEC_HELP = "expected mic[:DEVICE], file:PATH or daily"
-
-
 def parse_source_spec(spec: str) -> tuple[str, str | int | None]:
-    """`'mic'` -> ('mic', None); `'mic:2'` -> ('mic', 2); `'mic:USB'` -> ('mic', 'USB');
-    `'file:a.wav'` -> ('file', 'a.wav'); `'daily'` -> ('daily', None). Otherwise SourceError.
-
-    Only the first colon separates kind from argument, so paths and device names may contain colons.
-    """
-    text = (spec or "").strip()
-    kind, sep, arg = text.partition(":")
-    kind = kind.strip().lower()
-    if kind == "mic":
-        if not sep:
-            return "mic", None
-        dev = arg.strip()
-        if not dev:
-            raise SourceError(f"source spec '{spec}': give a device index or name after 'mic:' "
-                              "(or just 'mic')")
-        return "mic", int(dev) if dev.isdigit() else dev
-    if kind == "file" and sep:
-        if not arg.strip():
-            raise SourceError(f"source spec '{spec}': give a path after 'file:'")
-        return "file", arg
-    if kind == "daily" and not sep:
-        return "daily", None
-    raise SourceError(f"unknown source spec '{spec}': {SPEC_HELP}")
+    """`pipeline.specs.parse_source_spec` (see there), raising SourceError as `make_source` does."""
+    try:
+        return specs.parse_source_spec(spec)
+    except specs.SpecError as exc:
+        raise SourceError(str(exc)) from None
 
 
 def make_source(settings: Settings, metrics: Metrics | None = None) -> Source:

@@ -1,7 +1,7 @@
 """Daily source: one remote participant's microphone from the Daily room, as 16 kHz mono int16 frames.
 
-- The room: the `room` given to the constructor (e.g. the Daily sink's `connection`), else the
-  process's shared room registered by a started Daily sink (`daily_room.shared_connection()`), else
+- The room: the `room` given to the constructor, else the one `room_from()` returns when the source
+  starts (the wiring in `pipeline.app.build_relay` points it at the Daily sink's `connection`), else
   our own join of `tavus.conversation_url` (+ `tavus.meeting_token`). A shared room is reference-
   counted: closing the source does not leave it while the sink still uses it.
 - The participant: `source.daily.participant` (a user name or a participant id), else the first remote
@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +37,6 @@ from pipeline.daily_room import (
     participant_name,
     redact_url,
     resolve_daily_module,
-    shared_connection,
 )
 from pipeline.frames import SAMPLE_RATE, AudioFrame
 from pipeline.source.base import Source, SourceError
@@ -61,6 +60,8 @@ class DailySource(Source):
         self.settings = settings
         self.metrics = metrics
         self._shared = room
+        # Set by the wiring: the room of a Daily sink started before this source (None: join our own).
+        self.room_from: Callable[[], RoomConnection | None] = lambda: None
         self._daily_module_spec = daily_module
         self._conn: RoomConnection | None = None
         self._selector = settings.source.daily.participant
@@ -94,7 +95,7 @@ class DailySource(Source):
             return
         self._started = True
         self._loop = asyncio.get_running_loop()
-        shared = self._shared if self._shared is not None else shared_connection()
+        shared = self._shared if self._shared is not None else self.room_from()
         if shared is not None:
             self._conn = shared.retain()
             log.info("Daily source: listening in the sink's room %s", redact_url(shared.url))

@@ -1,4 +1,5 @@
-"""Tavus REST API v2 client (`TavusClient`) and the `echo-relay tavus ...` commands (`pipeline.tavus.cli`)."""
+"""Tavus REST API v2 client (`TavusClient`), conversation provisioning (`provision`,
+`end_conversation`) and the `echo-relay tavus ...` commands (`pipeline.tavus.cli`)."""
 
 from pipeline.tavus.client import (
     TavusAuthError,
@@ -10,8 +11,21 @@ from pipeline.tavus.client import (
     TavusServerError,
     TavusTimeout,
 )
+from pipeline.tavus.provision import (
+    END_CONVERSATION_TIMEOUT_S,
+    Conversation,
+    ProvisionError,
+    conversation_id_from_url,
+    end_command,
+    end_conversation,
+    provision,
+    safe_error,
+)
 
 __all__ = [
+    "END_CONVERSATION_TIMEOUT_S",
+    "Conversation",
+    "ProvisionError",
     "TavusAuthError",
     "TavusClient",
     "TavusConnectionError",
@@ -20,4 +34,9 @@ __all__ = [
     "TavusRateLimited",
     "TavusServerError",
     "TavusTimeout",
+    "conversation_id_from_url",
+    "end_command",
+    "end_conversation",
+    "provision",
+    "safe_error",
 ]

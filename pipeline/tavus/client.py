@@ -1,6 +1,7 @@
 """Async client for the Tavus REST API v2 (personas and conversations).
 
-Reference: `shared/reference/tavus-daily-protocol.md` section B. Summary of the behaviour:
+Endpoints, bodies and error shapes follow Tavus's API v2 reference (https://docs.tavus.io/api-reference);
+docs/tavus.md shows how echo-relay uses them. Summary of the behaviour:
 
 - Auth is the `x-api-key` header, added per request by a small `httpx.Auth` (so the key is not in
   the client's default headers), with `Content-Type: application/json`.
@@ -20,7 +21,7 @@ Reference: `shared/reference/tavus-daily-protocol.md` section B. Summary of the 
   `api_key=***`. (httpx itself logs the URL and status at INFO and httpcore logs connection events
   and *response* headers at DEBUG, never request headers.)
 
-Choices where the reference is [unconfirmed]:
+Choices where Tavus's reference is silent or differs from what was observed:
 
 - `GET /v2/personas/{id}`: the spec wraps the object in `{"data": [...]}`, a real response was
   flat. Both are accepted; the flat object is returned (same for conversations, for safety).

@@ -2,8 +2,8 @@
 
 Install it with `pipeline.daily_room.get_daily_module("pipeline.testing.fake_daily")` (or the env var
 `ECHO_RELAY_DAILY_MODULE=pipeline.testing.fake_daily`). Public names and signatures mirror the real
-module exactly (`tests/test_daily_fake_signatures.py` compares them with the installed `daily`), and
-the behaviour follows what daily-python 0.36.0 was observed to do (shared/reference §C, offline probes):
+module exactly (`tests/test_daily_fake.py` compares them with the installed `daily`), and the
+behaviour follows what the installed daily-python 0.36.0 was observed to do in offline probes (no room):
 
 - `Daily.init()` must run once before any `CallClient`; a second `init()` (or a `CallClient` before
   `init()`) aborts the real process (Rust panic, SIGABRT). Here it raises `DailyAbort`, a
@@ -885,7 +885,8 @@ class _Scripted:
 
 
 class FakeReplica(_Scripted):
-    """A Tavus replica: records app-messages, emits Tavus events (shared/reference §A.6)."""
+    """A Tavus replica: records app-messages, emits Tavus events (their envelope and event types as in
+    Tavus's Interactions Protocol docs, https://docs.tavus.io/api-reference/interactions-protocol)."""
 
     def __init__(self, room: FakeRoom, user_name: str, auto_speak_s: float | None = None) -> None:
         super().__init__(room, user_name)

@@ -1,6 +1,7 @@
 """A local fake of the Tavus REST API v2: a real HTTP server (FastAPI + uvicorn) on 127.0.0.1.
 
-It implements what echo-relay uses, as documented in `shared/reference/tavus-daily-protocol.md` B:
+It implements what echo-relay uses, as Tavus's API v2 reference (https://docs.tavus.io/api-reference)
+documents it:
 
     POST   /v2/personas                 create (200: persona_id, persona_name, created_at)
     GET    /v2/personas                 list  ({"data": [...], "total_count": N}; limit, page, persona_type)

@@ -4,11 +4,10 @@ See `chain.py` for the timeout and error rules, `builtins.py` for the built-in s
 docs/transforms.md for writing your own.
 """
 
-from pipeline.transform.base import Step, StepResult
+from pipeline.transform.base import OptionError, Step, StepResult
 from pipeline.transform.builtins import BUILTINS
 from pipeline.transform.chain import (
     BoundStep,
-    OptionError,
     StepDrop,
     StepTiming,
     TransformChain,

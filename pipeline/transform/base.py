@@ -14,3 +14,14 @@ from pipeline.frames import UtteranceMeta
 
 StepResult: TypeAlias = "str | None"
 Step: TypeAlias = Callable[[str, UtteranceMeta], "str | Awaitable[str | None] | None"]
+
+
+class OptionError(ValueError):
+    """Raised by a step factory for an invalid option value; `option` names the option.
+
+    `build_chain` turns it into a `ConfigError` on the key `transform.steps[i].<option>`.
+    """
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(message)
+        self.option = option

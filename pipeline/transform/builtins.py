@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.frames import UtteranceMeta
-from pipeline.transform.chain import OptionError
+from pipeline.text import SENTENCE_END as _SENTENCE_END
+from pipeline.transform.base import OptionError
 from pipeline.transform.webhook import WebhookStep
 
 # Only true hesitation sounds: never words that carry meaning ("like", "you know", "so", "well").
 DEFAULT_FILLERS: tuple[str, ...] = ("um", "uh", "uhm", "erm", "er", "ah", "hmm", "hm", "mm")
 
-_SENTENCE_END = ".!?…"
 _CLOSERS = "\"'”’)]»"
 
 

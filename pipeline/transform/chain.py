@@ -46,28 +46,19 @@ from typing import TYPE_CHECKING, Any, Literal
 from pipeline.config import ConfigError, TransformSettings
 from pipeline.frames import UtteranceMeta
 from pipeline.plugins import TRANSFORM_GROUP, PluginError, resolve
+from pipeline.transform.base import OptionError
+from pipeline.transform.builtins import BUILTINS
 
 if TYPE_CHECKING:
     from pipeline.metrics import Metrics
 
-log = logging.getLogger("pipeline.transform")
+log = logging.getLogger(__name__)
 
 OnError = Literal["pass", "drop"]
 MAX_PENDING_CALLS = 4  # per sync step: calls still running in threads (e.g. after timeouts)
 
 # Why a step did not hand on text. `dropped_by` = the step returned None.
 Reason = Literal["dropped_by", "empty", "error", "timeout", "bad_type", "busy"]
-
-
-class OptionError(ValueError):
-    """Raised by a step factory for an invalid option value; `option` names the option.
-
-    `build_chain` turns it into a `ConfigError` on the key `transform.steps[i].<option>`.
-    """
-
-    def __init__(self, option: str, message: str) -> None:
-        super().__init__(message)
-        self.option = option
 
 
 class StepBusyError(RuntimeError):
@@ -412,7 +403,6 @@ def build_chain(settings: TransformSettings, metrics: Metrics | None = None,
                 builtins: Mapping[str, Callable[..., Any]] | None = None) -> TransformChain:
     """Resolve and create every configured step; config mistakes raise `ConfigError` naming the key."""
     if builtins is None:
-        from pipeline.transform.builtins import BUILTINS
         builtins = BUILTINS
     names = _display_names([s.step for s in settings.steps])
     # Steps must not hold resources that need a running loop until first use (the webhook creates

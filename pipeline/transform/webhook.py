@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from pipeline.frames import UtteranceMeta
-from pipeline.transform.chain import OptionError
+from pipeline.transform.base import OptionError
 
 
 class WebhookError(RuntimeError):

@@ -20,6 +20,12 @@ the room, steady noise does not stand above its own floor. That weak path only s
 scored `weak_max_peak`: clear speech ends where Silero says (jfk's applause is loud and scores 0.1-0.3,
 and must not prolong "... for your country"). Only speech starts a start run; active
 frames continue a start run and an open utterance ("speech" below means active once a run started).
+
+Falling tails: after clear speech (peak `weak_max_peak` or more) Silero's probability decays over a
+few frames once the last word ends (0.53, 0.47, 0.45, 0.45, 0.32 at the end of 2902-9006-0017). There a
+frame under `threshold` is active only when it rises `TAIL_RISE` over the lowest probability since
+the last speech frame: speech coming back. So the hysteresis bridges dips inside a sentence without
+moving the end of the last one (which would delay every echo by the length of the tail).
 A start run opens after `start_samples` when it holds a speech frame, else after `weak_start_samples`
 of active frames (a whisper may never reach the threshold); the ASR's gate then judges it.
 
@@ -63,18 +69,17 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from pipeline.config import VadSettings
-from pipeline.dsp import SILENCE_DBFS, NoiseFloor
-from pipeline.frames import SAMPLE_RATE, EndReason, Pcm, Utterance
+from pipeline.dsp import NoiseFloor, dbfs, rms
+from pipeline.frames import SAMPLE_RATE, EndReason, Pcm, Utterance, ms_to_samples
 
 DEFAULT_SPECULATIVE_MS = 150  # matches EndpointSettings.speculative_ms
 # Silero's own hysteresis (faster-whisper's VadOptions.neg_threshold): speech starts at `threshold` and
 # continues down to threshold - 0.15, so quiet word ends and weak syllables do not cut an utterance.
 NEG_THRESHOLD_OFFSET = 0.15
 MIN_NEG_THRESHOLD = 0.01
-
-
-def ms_to_samples(ms: float) -> int:
-    return round(ms * SAMPLE_RATE / 1000)
+# After clear speech, a frame between neg_threshold and threshold continues the utterance only if its
+# probability rose this much over the lowest since the last speech frame: a decaying tail is silence.
+TAIL_RISE = 0.05
 
 
 # ------------------------------------------------------------------------------------------ events
@@ -232,18 +237,13 @@ class _Frame:
     start: int
     samples: Pcm
     speech: bool
-    energy: float  # RMS
+    energy: float  # RMS, fraction of full scale
     prob: float = 0.0
     active: bool = False  # neg_threshold reached, or weak speech: keeps a start run or an utterance going
 
     @property
     def end(self) -> int:
         return self.start + len(self.samples)
-
-
-def _rms(samples: Pcm) -> float:
-    x = samples.astype(np.float32)
-    return float(np.sqrt(np.dot(x, x) / len(x))) if len(x) else 0.0
 
 
 @dataclass(slots=True)
@@ -253,10 +253,6 @@ class _UnheardRun:
     speech_samples: int
     peak_prob: float
     gap_frames: int = 0  # non-speech-like frames since the last speech-like one
-
-
-def _dbfs(rms: float) -> float:
-    return 20.0 * math.log10(rms / 32768.0) if rms > 0 else SILENCE_DBFS
 
 
 # --------------------------------------------------------------------------------------- segmenter
@@ -273,6 +269,7 @@ class Segmenter:
         self._count = 0  # utterance ids handed out
         self._noise = NoiseFloor()  # of frame levels, for weak (quiet but clearly present) speech
         self._peak = 0.0  # highest probability of the start run or utterance in progress
+        self._tail_min = 1.0  # lowest probability since the last speech frame of the open utterance
         # STARTING
         self._onset = 0
         self._run_speech = 0  # active frames in the start run
@@ -318,15 +315,21 @@ class Segmenter:
             if start < self._pos:
                 raise ValueError(f"frame at {start} goes back in the stream (expected {self._pos})")
             self._gap(start - self._pos, events)
-        energy = _rms(samples)
-        level = _dbfs(energy)
+        energy = rms(samples)
+        level = dbfs(energy)
         floor = self._noise.update(level, len(samples) / SAMPLE_RATE)
         if self.state is State.QUIET:
             self._peak = 0.0
+        speech = prob >= p.threshold
         active = prob >= p.neg_threshold or (
             p.weak_prob is not None and prob >= p.weak_prob and self._peak < p.weak_max_peak
             and level >= floor + p.weak_snr_db)
-        frame = _Frame(start, samples.copy(), prob >= p.threshold, energy, prob, active)
+        if speech or self._uid is None:
+            self._tail_min = 1.0
+        elif self._peak >= p.weak_max_peak:
+            self._tail_min = min(self._tail_min, prob)
+            active = active and prob >= self._tail_min + TAIL_RISE  # see "Falling tails"
+        frame = _Frame(start, samples.copy(), speech, energy, prob, active)
         self._step(frame, events)
         self._peak = max(self._peak, prob)
         if self._uid is None:

@@ -21,20 +21,21 @@ music tail: 250 frames over 0.5 with resets there, 2 without), which the relay t
 The price: speech in loud noise after a long stretch of that noise keeps the adapted state (86 % of a
 fresh state's frames over 0.5 across 12 mixes at 5 dB SNR, against 98 % with resets in the noise).
 
-ONNX Runtime runs with one intra-op and one inter-op thread: the default thread pool makes a
-per-frame model slower, not faster, and steals cores from Whisper (reference/anchors.md, 2.6).
+ONNX Runtime runs with one intra-op and one inter-op thread, as faster-whisper's own `SileroVADModel`
+does (faster_whisper/vad.py in faster-whisper 1.2): a pool has little to split in one 512-sample frame
+(~60 µs on one thread, BENCHMARKS.md item 6), and its threads would compete with Whisper for the cores.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.frames import SAMPLE_RATE, Pcm
+from pipeline.dsp import rms_dbfs
+from pipeline.frames import SAMPLE_RATE, Pcm, ms_to_samples
 from pipeline.vad.base import VadEngine
 
 DEFAULT_THRESHOLD = 0.5  # faster-whisper's and Silero's default
@@ -88,7 +89,7 @@ class SileroVad(VadEngine):
         self._input = np.zeros((1, CONTEXT_SAMPLES + FRAME_SAMPLES), dtype=np.float32)
         self._h = np.zeros(STATE_SHAPE, dtype=np.float32)
         self._c = np.zeros(STATE_SHAPE, dtype=np.float32)
-        self.state_reset_frames = -(-state_reset_ms * SAMPLE_RATE // (1000 * FRAME_SAMPLES))
+        self.state_reset_frames = -(-ms_to_samples(state_reset_ms) // FRAME_SAMPLES)  # rounded up
         self.state_reset_below = state_reset_below
         self.state_reset_max_dbfs = state_reset_max_dbfs
         self.state_resets = 0  # resets after long non-speech
@@ -112,9 +113,8 @@ class SileroVad(VadEngine):
         return prob
 
     def _level_dbfs(self) -> float:
-        """Level of the frame just classified (dBFS; digital silence is very low, not -inf)."""
-        x = self._input[0, CONTEXT_SAMPLES:]
-        return 10.0 * math.log10(float(np.dot(x, x)) / FRAME_SAMPLES + 1e-12)
+        """Level of the frame just classified (dBFS; digital silence is SILENCE_DBFS, not -inf)."""
+        return rms_dbfs(self._input[0, CONTEXT_SAMPLES:])
 
     def reset(self) -> None:
         self._quiet_frames = 0

@@ -1,15 +1,16 @@
 """WebRTC VAD engine (the `webrtcvad` module, installed from `webrtcvad-wheels`).
 
 The GMM classifier from WebRTC: a yes/no decision per 10, 20 or 30 ms frame, tens of microseconds
-per frame, no model file. Good at separating speech from silence, weaker at speech vs noise
-(see reference/anchors.md, section 2.6); Silero is the option for noisy rooms.
+per frame, no model file. Good at separating speech from silence, weaker at speech vs noise (it counts
+jfk's applause and hiss as speech: BENCHMARKS.md, "What was tried", item 6); Silero is the option for
+noisy rooms.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline.frames import SAMPLE_RATE, Pcm
+from pipeline.frames import SAMPLE_RATE, Pcm, ms_to_samples
 from pipeline.vad.base import VadEngine
 
 DEFAULT_AGGRESSIVENESS = 3  # 0 (lenient) .. 3 (strict): strict keeps hiss and hum out of utterances
@@ -32,7 +33,7 @@ class WebRtcVad(VadEngine):
             raise ValueError(f"webrtc frame_ms must be one of {FRAME_MS_CHOICES} (got {frame_ms!r})")
         self.aggressiveness = aggressiveness
         self.frame_ms = frame_ms
-        self.frame_samples = SAMPLE_RATE * frame_ms // 1000
+        self.frame_samples = ms_to_samples(frame_ms)
         self.threshold = 0.5
         self._vad = webrtcvad.Vad(aggressiveness)
 

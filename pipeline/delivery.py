@@ -1,0 +1,413 @@
+"""Delivery: the one queue and the one task between the relay and the room, and the ledger.
+
+Every echo takes one path::
+
+    Relay (speech) ─ put() ──┐                                     protocol.text_echoes /
+                             ├─▶ queue ─▶ delivery task: transcript ─▶ transforms ─▶ audio_echoes ─▶ Sink.send()
+    control API ─ put_nowait()┘                                     (sized, conversation id stamped once)
+
+- Order: items leave the queue in the order they entered; a text that needs several messages (one
+  inference_id, done=false on all but the last) goes out piece after piece. The sink sends one
+  message, retries it while the room can take it, and raises SinkError(reason) when it gives up; the
+  pieces after a failed one are not sent.
+- Backpressure: `put()` waits while the queue is full (capture pauses; see docs/reliability.md);
+  after `start_draining()` only until the drain deadline. `put_nowait()` (control API) refuses.
+- Interrupts do not queue. `interrupt()` goes to the sink at once, even while an echo waits for the
+  room, and first drops every echo that has not finished going out: queued ones and the one in
+  progress (each counted as dropped "interrupted", with its text in the log). An interrupt stops the
+  replica's current line; anything older still queued would start it again.
+- Accounting: every item ends as exactly one of delivered / dropped (with a reason) / undeliverable
+  (with a reason an operator can act on) in `ledger`; `recent` keeps the last few for /status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import protocol
+from pipeline.config import Settings
+from pipeline.control.api import InterruptOutcome, QueueFull
+from pipeline.dsp import resample
+from pipeline.frames import SAMPLE_RATE, Pcm, Transcript, Utterance, UtteranceMeta
+from pipeline.metrics import Metrics
+from pipeline.sink.base import Outgoing, Sink, SinkError
+from pipeline.transform.chain import TransformChain
+
+log = logging.getLogger(__name__)
+
+RECENT_ITEMS = 20  # kept for /status
+QUEUE_POLL_S = 0.1  # put() waiting on a full queue re-checks for the drain deadline this often
+INTERRUPTED = "interrupted"  # ledger reason of echoes an interrupt dropped
+
+
+@dataclass(slots=True)
+class Ledger:
+    """Where every closed utterance (and control-API message) ended up."""
+
+    closed: int = 0
+    delivered: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    undeliverable: int = 0
+    unheard: int = 0  # speech-like regions the VAD never opened an utterance on (not in `closed`)
+    unheard_s: float = 0.0
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    @property
+    def settled(self) -> int:
+        return self.delivered + sum(self.dropped.values()) + self.undeliverable
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"closed": self.closed, "delivered": self.delivered, "dropped": dict(self.dropped),
+                "undeliverable": self.undeliverable, "in_flight": self.closed - self.settled,
+                "unheard": {"regions": self.unheard, "seconds": round(self.unheard_s, 3)}}
+
+
+class Origin(enum.Enum):
+    SPEECH = "speech"  # an utterance the VAD closed
+    API = "api"  # a control-API request (POST /send_text_message)
+
+
+class Stage(enum.Enum):
+    """An item's lifecycle: QUEUED -> ACTIVE (the task works on it) -> SETTLED (accounted once)."""
+
+    QUEUED = "queued"
+    ACTIVE = "active"
+    SETTLED = "settled"
+
+
+@dataclass(slots=True, eq=False)
+class QueuedEcho:
+    """One item of the delivery queue: recognised speech, or text / audio from the control API."""
+
+    origin: Origin
+    meta: UtteranceMeta
+    utterance: Utterance | None = None  # speech: its audio (audio echo) and bounds
+    transcript: asyncio.Future[Transcript] | None = None  # speech: the decode, running or done
+    text: str = ""  # API text
+    pcm: Pcm | None = None  # API audio, already at sink.audio_sample_rate
+    through_transforms: bool = True
+    inference_id: str | None = None
+    done: bool = True
+    stage: Stage = Stage.QUEUED
+    interrupted: bool = False  # an interrupt dropped it while ACTIVE: the task accounts it
+
+    def known_text(self) -> str:
+        """The words of this item as far as they are known (for logs of what was lost)."""
+        text = self.text or self.meta.asr_text
+        tr = self.transcript
+        if not text and tr is not None and tr.done() and not tr.cancelled() and tr.exception() is None:
+            text = tr.result().text
+        return text
+
+
+class Delivery:
+    """The delivery queue, its one task (`run()`), interrupts and the ledger."""
+
+    def __init__(self, settings: Settings, *, sink: Sink, chain: TransformChain, metrics: Metrics,
+                 now_s: Callable[[], float]) -> None:
+        self.settings, self.sink, self.chain, self.metrics = settings, sink, chain, metrics
+        self._now_s = now_s  # the stream clock (emitted_at_s)
+        self.ledger = Ledger()
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_ITEMS)
+        self._queue: asyncio.Queue[QueuedEcho | None] = asyncio.Queue(maxsize=settings.sink.queue_size)
+        self._seq = 0
+        self._active: QueuedEcho | None = None
+        self._sending: asyncio.Future[None] | None = None  # the sink.send() of the active item
+        self._deadline: float | None = None  # time.monotonic() by which everything must be out
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def sending(self) -> bool:
+        """A message is with the sink (waiting for the room, being sent or retried)."""
+        return self._sending is not None
+
+    @property
+    def draining(self) -> bool:
+        return self._deadline is not None
+
+    # ------------------------------------------------------------------------------ input
+    async def put(self, item: QueuedEcho) -> None:
+        """Queue an item, waiting while the queue is full; once draining, only until the deadline
+        (then it is accounted undeliverable)."""
+        self.ledger.closed += 1
+        if not await self._put(item):
+            self._undeliverable(item, self._drain_reason())
+        self._set_depth()
+
+    def put_nowait(self, item: QueuedEcho) -> None:
+        """Queue a control-API item now or raise QueueFull (HTTP 503)."""
+        if self.draining:
+            raise QueueFull("relay is stopping")
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            raise QueueFull(f"delivery queue full ({self._queue.maxsize} waiting)") from None
+        self.ledger.closed += 1
+        self._set_depth()
+
+    async def _put(self, item: QueuedEcho | None) -> bool:
+        while True:
+            wait = QUEUE_POLL_S if self._deadline is None else self._deadline - time.monotonic()
+            if wait <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._queue.put(item), wait)
+                return True
+            except TimeoutError:
+                continue
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def start_draining(self, timeout_s: float) -> None:
+        """No more API items; what is queued has `timeout_s` to go out (idempotent)."""
+        if self._deadline is None:
+            self._deadline = time.monotonic() + timeout_s
+
+    async def finish(self, task: asyncio.Task[None]) -> None:
+        """End of the run: let `task` (running `run()`) deliver what is queued until the deadline,
+        then account whatever is left as undeliverable, saying what delivery was waiting for."""
+        self.start_draining(self.settings.sink.drain_timeout_s)
+        assert self._deadline is not None
+        try:
+            if not await self._put(None):
+                raise TimeoutError
+            await asyncio.wait_for(asyncio.shield(task), max(0.0, self._deadline - time.monotonic()))
+        except TimeoutError:
+            reason = self._drain_reason()
+            log.error("%s; %d item(s) still queued", reason, self._queue.qsize())
+            task.cancel()  # the active item is accounted by run()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is not None and item.stage is Stage.QUEUED:
+                    self._undeliverable(item, reason)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    def _drain_reason(self) -> str:
+        waiting = self.sink.blocked_reason()
+        if waiting is None and self._sending is not None:
+            waiting = f"the {self.sink.name} sink had not finished sending"
+        why = f": {waiting}" if waiting else ""
+        return f"not delivered within the shutdown drain time (sink.drain_timeout_s=" \
+               f"{self.settings.sink.drain_timeout_s:g} s){why}"
+
+    # ------------------------------------------------------------------------------ the task
+    async def run(self) -> None:
+        """The delivery task: one item at a time, in order, until `finish()` queues the end."""
+        while True:
+            item = await self._queue.get()
+            self._set_depth()
+            if item is None:
+                return
+            if item.stage is not Stage.QUEUED:  # an interrupt settled it while it waited
+                continue
+            item.stage = Stage.ACTIVE
+            self._active = item
+            try:
+                await self._process(item)
+            except asyncio.CancelledError:  # the drain deadline passed while this item was active
+                self._undeliverable(item, self._drain_reason())
+                raise
+            except Exception:  # one bad item must never stop delivery
+                log.exception("unexpected error delivering %s", item.meta.utterance_id)
+                self._undeliverable(item, "internal error (logged above)")
+            finally:
+                self._active = None
+            if item.stage is Stage.ACTIVE and not self._interrupted(item):  # every path settles: a safety net
+                self._drop(item, "unsettled", ("delivery", "unsettled"))
+
+    async def _process(self, item: QueuedEcho) -> None:
+        meta = item.meta
+        if item.origin is Origin.SPEECH:
+            tr = await self._transcript(item)
+            if tr is None:
+                return
+            meta.asr_text, meta.confidence, meta.language = tr.text, tr.confidence, tr.language
+            text = tr.text
+        elif item.pcm is not None:  # API audio: sent as given
+            await self._send(item, protocol.audio_echoes(
+                item.pcm, self.settings.sink.audio_sample_rate, self.sink.conversation_id,
+                item.inference_id or protocol.new_inference_id(), item.done,
+                self.settings.sink.max_message_bytes), "<audio>")
+            return
+        else:
+            text = item.text
+        if item.origin is Origin.SPEECH or item.through_transforms:
+            outcome = await self.chain.run(text, meta)
+            if outcome.text is None:  # the chain counted it in its own metrics
+                self._drop(item, f"transform:{outcome.dropped_by or 'unknown'}", metric=None)
+                return
+            text = outcome.text
+        if self._interrupted(item):
+            return
+        inference_id = item.inference_id or protocol.new_inference_id()
+        limit = self.settings.sink.max_message_bytes
+        if item.origin is Origin.SPEECH and (meta.modality == "audio" or self.settings.sink.mode == "audio"):
+            assert item.utterance is not None
+            rate = self.settings.sink.audio_sample_rate
+            pcm = resample(item.utterance.audio, SAMPLE_RATE, rate)
+            messages = protocol.audio_echoes(pcm, rate, self.sink.conversation_id, inference_id, True, limit)
+        else:
+            messages = protocol.text_echoes(text, self.sink.conversation_id, inference_id, item.done, limit)
+        await self._send(item, messages, text)
+
+    async def _transcript(self, item: QueuedEcho) -> Transcript | None:
+        assert item.transcript is not None
+        deadline_s = self.settings.asr.deadline_s
+        try:
+            tr = await asyncio.wait_for(asyncio.shield(item.transcript), timeout=deadline_s)
+        except TimeoutError:
+            log.warning("ASR missed its %.1fs deadline on %s; utterance dropped", deadline_s, item.meta.utterance_id)
+            item.transcript.add_done_callback(retrieve)  # its late result or error is not wanted
+            self._drop(item, "asr_deadline", metric=("asr", "deadline"))
+            return None
+        except Exception as exc:
+            log.error("ASR failed on %s: %s", item.meta.utterance_id, exc)
+            self._drop(item, "asr_error", metric=("asr", "error"))
+            return None
+        self.metrics.stage_latency.labels(stage="asr").observe(tr.decode_s)
+        if self._interrupted(item):
+            return None
+        if tr.dropped_reason or not tr.text.strip():
+            reason = tr.dropped_reason or "empty"
+            self._drop(item, f"asr:{reason}", metric=("asr", reason))
+            return None
+        return tr
+
+    async def _send(self, item: QueuedEcho, messages: list[dict[str, Any]], text: str) -> None:
+        """Hand the item's messages to the sink one by one; stop at the first the sink gives up on."""
+        for message in messages:
+            if self._interrupted(item):
+                return
+            piece = message.get("properties", {}).get("text", text) if len(messages) > 1 else text
+            error = await self._emit(self._outgoing(item, message, piece))
+            if self._interrupted(item):
+                return
+            if error is not None:
+                self._undeliverable(item, error, text)
+                return
+        self._settle(item, "delivered", text)
+        self.ledger.delivered += 1
+        self.metrics.echoes_sent.labels(source=item.origin.value).inc()
+
+    def _outgoing(self, item: QueuedEcho, message: dict[str, Any], text: str) -> Outgoing:
+        meta = item.meta
+        return Outgoing("echo", message, utterance_id=meta.utterance_id, audio_start_s=meta.audio_start_s,
+                        audio_end_s=meta.audio_end_s, asr_text=meta.asr_text, text=text)
+
+    async def _emit(self, out: Outgoing) -> str | None:
+        """Send one message; None when the sink took it, else why it gave up."""
+        self._stamp(out)
+        if self._active is not None and self._active.origin is Origin.SPEECH:
+            self.metrics.end_to_sent.observe(max(0.0, out.emitted_at_s - out.audio_end_s))
+        t0 = time.perf_counter()
+        sending = self._sending = asyncio.ensure_future(self.sink.send(out))
+        try:
+            await asyncio.wait({sending})  # an interrupt may cancel `sending`, never this task
+        finally:
+            self._sending = None
+            if not sending.done():  # this task was cancelled (drain deadline)
+                sending.cancel()
+            self.metrics.stage_latency.labels(stage="sink").observe(time.perf_counter() - t0)
+        if sending.cancelled():
+            return INTERRUPTED
+        exc = sending.exception()
+        if exc is None:
+            return None
+        if isinstance(exc, SinkError):
+            return str(exc)
+        log.error("the %s sink failed: %r", self.sink.name, exc)
+        return f"the {self.sink.name} sink failed: {exc}"
+
+    def _stamp(self, out: Outgoing) -> None:
+        self._seq += 1
+        out.seq = self._seq
+        out.emitted_at_s = self._now_s()
+
+    # ------------------------------------------------------------------------------ interrupts
+    async def interrupt(self, why: str) -> InterruptOutcome:
+        """Drop what has not gone out, then send conversation.interrupt at once (not queued)."""
+        dropped = 0
+        for item in list(self._queue._queue):  # type: ignore[attr-defined]  # asyncio.Queue's deque
+            if item is not None and item.stage is Stage.QUEUED:
+                self._drop(item, INTERRUPTED, metric=("delivery", INTERRUPTED))
+                dropped += 1
+        active = self._active
+        if active is not None and active.stage is Stage.ACTIVE and not active.interrupted:
+            active.interrupted = True
+            dropped += 1
+            if self._sending is not None:
+                self._sending.cancel()
+        out = Outgoing("interrupt", protocol.interrupt(self.sink.conversation_id))
+        self._stamp(out)
+        try:
+            await self.sink.send(out)
+        except SinkError as exc:
+            log.warning("interrupt (%s) not sent: %s", why, exc)
+            return InterruptOutcome(False, dropped, str(exc))
+        self.metrics.interrupts_sent.inc()
+        detail = f"interrupt sent ({why})" + (f"; {dropped} pending echo(es) dropped" if dropped else "")
+        log.info("%s", detail)
+        return InterruptOutcome(True, dropped, detail)
+
+    def _interrupted(self, item: QueuedEcho) -> bool:
+        """An interrupt dropped the active item: account it (once) and stop working on it."""
+        if item.interrupted and item.stage is Stage.ACTIVE:
+            self._drop(item, INTERRUPTED, metric=("delivery", INTERRUPTED))
+        return item.interrupted
+
+    # ------------------------------------------------------------------------------ accounting
+    def _settle(self, item: QueuedEcho, status: str, text: str) -> None:
+        item.stage = Stage.SETTLED
+        meta = item.meta
+        self.recent.append({"utterance_id": meta.utterance_id, "audio_start_s": meta.audio_start_s,
+                            "audio_end_s": meta.audio_end_s, "asr_text": meta.asr_text, "text": text,
+                            "status": status})
+
+    def _drop(self, item: QueuedEcho, reason: str, metric: tuple[str, str] | None) -> None:
+        """Account a dropped item under `reason` (ledger key) and in the dropped-items counter as
+        `metric` (stage, reason); None when the stage counted it already (the transform chain)."""
+        if item.stage is Stage.SETTLED:
+            return
+        if metric is not None:
+            self.metrics.drop(*metric)
+        self.ledger.drop(reason)
+        text = item.known_text()
+        if reason == INTERRUPTED:
+            log.info("dropped %s (interrupted): %r", item.meta.utterance_id, text)
+        else:
+            log.debug("dropped %s (%s)", item.meta.utterance_id, reason)
+        self._settle(item, f"dropped: {reason}", text)
+
+    def _undeliverable(self, item: QueuedEcho, why: str, text: str | None = None) -> None:
+        if item.stage is Stage.SETTLED:
+            return
+        self.ledger.undeliverable += 1
+        self.metrics.send_failures.inc()
+        text = item.known_text() if text is None else text
+        log.error("undeliverable echo %s: %s (text: %r)", item.meta.utterance_id, why, text)
+        self._settle(item, "undeliverable", text)
+
+    def _set_depth(self) -> None:
+        self.metrics.queue_depth.labels(queue="delivery").set(self._queue.qsize())
+
+
+def retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark an abandoned future's outcome as seen (no 'exception was never retrieved' report)."""
+    if not fut.cancelled():
+        fut.exception()
+
