@@ -129,10 +129,11 @@ def rms(x: npt.NDArray[Any]) -> float:
     a = np.asarray(x)
     if a.size == 0:
         return 0.0
-    f = a.astype(np.float64)
-    if np.issubdtype(a.dtype, np.integer):
-        f /= _INT16_SCALE
-    return float(np.sqrt(np.mean(f * f)))
+    # One float32 dot product: it runs twice per 32 ms VAD frame (Silero's state-reset level and the
+    # segmenter's energy), so np.mean's generic path cost 0.3 % of a core in silence.
+    f = a.astype(np.float32, copy=False).ravel()
+    value = math.sqrt(float(np.dot(f, f)) / a.size)
+    return value / _INT16_SCALE if a.dtype.kind in "iu" else value  # dtype.kind: cheaper than issubdtype
 
 
 def dbfs(rms: float) -> float:

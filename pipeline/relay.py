@@ -159,17 +159,20 @@ class Relay:
         next_frame: asyncio.Future[AudioFrame | None] | None = None
         try:
             while True:
-                if next_frame is None:
-                    next_frame = asyncio.ensure_future(anext(frames, None))
                 decode = self.speculator.pending()
-                if decode is not None:
-                    either: set[asyncio.Future[Any]] = {next_frame, decode}
-                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-                    if not next_frame.done():
-                        yield None
-                        continue
-                frame = await next_frame
-                next_frame = None
+                if next_frame is None and decode is None:
+                    frame = await anext(frames, None)  # the common case: no task per frame (CPU in silence)
+                else:
+                    if next_frame is None:
+                        next_frame = asyncio.ensure_future(anext(frames, None))
+                    if decode is not None:
+                        either: set[asyncio.Future[Any]] = {next_frame, decode}
+                        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                        if not next_frame.done():
+                            yield None
+                            continue
+                    frame = await next_frame
+                    next_frame = None
                 if frame is None:
                     return
                 yield frame
