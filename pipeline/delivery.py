@@ -36,6 +36,7 @@ from pipeline import protocol
 from pipeline.config import Settings
 from pipeline.control.api import InterruptOutcome, QueueFull
 from pipeline.dsp import resample
+from pipeline.events import EventBus
 from pipeline.frames import SAMPLE_RATE, Pcm, Transcript, Utterance, UtteranceMeta
 from pipeline.metrics import Metrics
 from pipeline.sink.base import Outgoing, Sink, SinkError
@@ -114,8 +115,9 @@ class Delivery:
     """The delivery queue, its one task (`run()`), interrupts and the ledger."""
 
     def __init__(self, settings: Settings, *, sink: Sink, chain: TransformChain, metrics: Metrics,
-                 now_s: Callable[[], float]) -> None:
+                 now_s: Callable[[], float], events: EventBus | None = None) -> None:
         self.settings, self.sink, self.chain, self.metrics = settings, sink, chain, metrics
+        self.events = events or EventBus(metrics, now_s)
         self._now_s = now_s  # the stream clock (emitted_at_s)
         self.ledger = Ledger()
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_ITEMS)
@@ -252,6 +254,8 @@ class Delivery:
                 self._drop(item, f"transform:{outcome.dropped_by or 'unknown'}", metric=None)
                 return
             text = outcome.text
+        if item.origin is Origin.SPEECH:
+            self.events.emit("transcript", utterance_id=meta.utterance_id, asr_text=meta.asr_text, text=text)
         if self._interrupted(item):
             return
         inference_id = item.inference_id or protocol.new_inference_id()
@@ -358,10 +362,12 @@ class Delivery:
             await self.sink.send(out)
         except SinkError as exc:
             log.warning("interrupt (%s) not sent: %s", why, exc)
+            self.events.emit("interrupt", sent=False, dropped=dropped, detail=str(exc))
             return InterruptOutcome(False, dropped, str(exc))
         self.metrics.interrupts_sent.inc()
         detail = f"interrupt sent ({why})" + (f"; {dropped} pending echo(es) dropped" if dropped else "")
         log.info("%s", detail)
+        self.events.emit("interrupt", sent=True, dropped=dropped, detail=detail)
         return InterruptOutcome(True, dropped, detail)
 
     def _interrupted(self, item: QueuedEcho) -> bool:
@@ -371,12 +377,15 @@ class Delivery:
         return item.interrupted
 
     # ------------------------------------------------------------------------------ accounting
-    def _settle(self, item: QueuedEcho, status: str, text: str) -> None:
+    def _settle(self, item: QueuedEcho, status: str, text: str, reason: str | None = None) -> None:
         item.stage = Stage.SETTLED
         meta = item.meta
         self.recent.append({"utterance_id": meta.utterance_id, "audio_start_s": meta.audio_start_s,
                             "audio_end_s": meta.audio_end_s, "asr_text": meta.asr_text, "text": text,
-                            "status": status})
+                            "status": status if reason is None else f"{status}: {reason}"})
+        latency = self._now_s() - meta.audio_end_s if item.origin is Origin.SPEECH else None
+        self.events.emit("echo", utterance_id=meta.utterance_id, outcome=status, text=text,
+                         latency_s=None if latency is None else round(latency, 3), reason=reason)
 
     def _drop(self, item: QueuedEcho, reason: str, metric: tuple[str, str] | None) -> None:
         """Account a dropped item under `reason` (ledger key) and in the dropped-items counter as
@@ -391,7 +400,7 @@ class Delivery:
             log.info("dropped %s (interrupted): %r", item.meta.utterance_id, text)
         else:
             log.debug("dropped %s (%s)", item.meta.utterance_id, reason)
-        self._settle(item, f"dropped: {reason}", text)
+        self._settle(item, "dropped", text, reason)
 
     def _undeliverable(self, item: QueuedEcho, why: str, text: str | None = None) -> None:
         if item.stage is Stage.SETTLED:
@@ -400,7 +409,7 @@ class Delivery:
         self.metrics.send_failures.inc()
         text = item.known_text() if text is None else text
         log.error("undeliverable echo %s: %s (text: %r)", item.meta.utterance_id, why, text)
-        self._settle(item, "undeliverable", text)
+        self._settle(item, "undeliverable", text, why)
 
     def _set_depth(self) -> None:
         self.metrics.queue_depth.labels(queue="delivery").set(self._queue.qsize())

@@ -44,6 +44,10 @@ class Metrics:
         self.input_level = Gauge(p + "audio_input_dbfs", "input level of the last block (dBFS)", registry=r)
         self.control_requests = Counter(p + "control_requests", "control API requests by endpoint and status",
                                         ["endpoint", "status"], registry=r)
+        self.events_dropped = Counter(p + "events_dropped", "event-stream events a slow subscriber lost "
+                                      "(its buffer was full; the relay never waits)", registry=r)
+        self.partial_decodes = Counter(p + "partial_decodes", "interim decodes for watchers (event stream)",
+                                       registry=r)
         self.model_loaded = Gauge(p + "model_loaded", "1 once the ASR model is loaded and warm", registry=r)
 
     def drop(self, stage: str, reason: str) -> None:

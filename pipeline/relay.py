@@ -31,6 +31,7 @@ from pipeline.config import Settings
 from pipeline.control.api import InterruptOutcome
 from pipeline.delivery import Delivery, Ledger, Origin, QueuedEcho
 from pipeline.dsp import resample, rms_dbfs
+from pipeline.events import EventBus
 from pipeline.frames import SAMPLE_RATE, AudioFrame, Pcm, Transcript, Utterance, UtteranceMeta
 from pipeline.metrics import Metrics
 from pipeline.sink.base import Sink
@@ -46,11 +47,16 @@ from pipeline.vad import (
     UtteranceEnded,
     VadStage,
 )
-from pipeline.vad.segmenter import ms_to_samples
+from pipeline.frames import ms_to_samples
 
 log = logging.getLogger(__name__)
 
-LEVEL_EVERY_SAMPLES = SAMPLE_RATE // 10  # input-level gauge update period
+LEVEL_EVERY_SAMPLES = SAMPLE_RATE // 10  # input-level gauge (and `level` event) update period
+# Interim decodes for watchers of the event stream (`partial` events): only while someone listens,
+# while the person is speaking, at most this often, once the utterance has this much speech.
+PARTIAL_EVERY_SAMPLES = ms_to_samples(400)
+PARTIAL_MIN_SAMPLES = ms_to_samples(500)
+STATE_EVERY_S = 1.0  # `room` and `stats` events while someone listens
 
 
 class Relay:
@@ -59,11 +65,15 @@ class Relay:
         self.settings = settings
         self.source, self.sink, self.asr, self.vad, self.chain = source, sink, asr, vad, chain
         self.metrics = metrics
-        self.delivery = Delivery(settings, sink=sink, chain=chain, metrics=metrics, now_s=source.now_s)
+        self.events = EventBus(metrics, source.now_s)
+        self.delivery = Delivery(settings, sink=sink, chain=chain, metrics=metrics, now_s=source.now_s,
+                                 events=self.events)
         self.speculator = Speculator(settings, metrics, self._transcribe)
         self._model_loaded = False
         self._stopping = asyncio.Event()
         self._barge_pending: int | None = None  # speech start position awaiting barge_in_min_ms
+        self._partial: asyncio.Future[Transcript] | None = None  # the interim decode in progress
+        self._partial_at = 0  # stream position of the last interim decode
         self._api_count = 0
         self._background: set[asyncio.Future[Any]] = set()  # fire-and-forget work, referenced until done
         self.failed: str | None = None  # why the run failed (exit status 1), None when it did not
@@ -94,10 +104,12 @@ class Relay:
         """Relay until the source ends or stop() is called, then deliver what is pending."""
         deliver = asyncio.create_task(self.delivery.run(), name="deliver")
         watch = asyncio.create_task(self._watch_sink(), name="watch-sink")
+        publish = asyncio.create_task(self._publish_state(), name="publish-state")
         try:
             await self._capture_loop()
         finally:
             watch.cancel()
+            publish.cancel()
             self.speculator.discard("the run ended")
             await self.delivery.finish(deliver)
             await self.sink.close(self.settings.sink.drain_timeout_s)
@@ -115,6 +127,15 @@ class Relay:
             self.failed = reason
         log.warning("the conversation ended (%s); stopping", reason)
         self.stop()
+
+    async def _publish_state(self) -> None:
+        """`room` and `stats` events once a second while someone watches the event stream."""
+        while True:
+            await asyncio.sleep(STATE_EVERY_S)
+            if self.events.listening:
+                self.events.emit("room", **self.sink.room.as_dict())
+                self.events.emit("stats", ledger=self.ledger.as_dict(), queues={"delivery": self.delivery.depth},
+                                 sink=self.sink.stats())
 
     def _spawn(self, aw: Any) -> None:
         """Run a coroutine in the background, keeping a reference so it cannot be garbage-collected."""
@@ -138,12 +159,15 @@ class Relay:
                 await self._maybe_finish()
                 continue
             if frame.start >= next_level:
-                self.metrics.input_level.set(rms_dbfs(frame.samples))
+                level = rms_dbfs(frame.samples)
+                self.metrics.input_level.set(level)
+                self.events.emit("level", dbfs=round(level, 1))
                 next_level = frame.start + LEVEL_EVERY_SAMPLES
             for event in self.vad.process(frame):
                 await self._on_vad_event(event)
             await self._maybe_finish()
             self._check_barge_in(frame.end)
+            self._maybe_partial(frame.end)
             # No open utterance: the source may batch its blocks (CPU in silence); an open one is
             # ended block by block, so the end of speech is never seen late.
             if idle != (self.vad.utterance_id is None):
@@ -182,6 +206,8 @@ class Relay:
 
     async def _on_vad_event(self, event: object) -> None:
         if isinstance(event, SpeechStarted):
+            self.events.emit("speech_started", utterance_id=event.utterance_id, at_s=round(event.pos / SAMPLE_RATE, 3),
+                             prob=round(self.vad.peak_prob, 3), continues=event.continues)
             if event.continues is None:  # a max-length split continues speech already barged in on
                 self._on_speech_started(event.pos)
         elif isinstance(event, SpeechPaused):
@@ -205,6 +231,8 @@ class Relay:
         self.ledger.unheard_s += seconds
         self.metrics.unheard_regions.inc()
         self.metrics.unheard_seconds.inc(seconds)
+        self.events.emit("unheard", start_s=round(start / SAMPLE_RATE, 3), end_s=round(end / SAMPLE_RATE, 3),
+                         seconds=round(seconds, 3), why=why)
         log.info("unheard speech-like audio at %.2f-%.2f s (%.2f s): %s", start / SAMPLE_RATE, end / SAMPLE_RATE,
                  seconds, why)
 
@@ -218,8 +246,34 @@ class Relay:
     def _transcribe(self, utt: Utterance) -> asyncio.Future[Transcript]:
         return asyncio.ensure_future(self.asr.transcribe(utt.audio, self._meta(utt)))
 
+    def _maybe_partial(self, pos: int) -> None:
+        """An interim decode for watchers (never sent to the room). It runs on the ASR's thread, so it is
+        only done while someone listens and while the person speaks (not in a pause, where the
+        speculative and final decodes of the utterance's end need the thread)."""
+        if not self.events.listening or self._partial is not None or self.speculator.pending() is not None:
+            return
+        if self.vad.silence_samples > 0 or pos - self._partial_at < PARTIAL_EVERY_SAMPLES:
+            return
+        snap = self.vad.snapshot()
+        if snap is None or snap.speech_end - snap.speech_start < PARTIAL_MIN_SAMPLES:
+            return
+        self._partial_at = pos
+        self.metrics.partial_decodes.inc()
+        task = self._partial = self._transcribe(snap)
+        task.add_done_callback(lambda t: self._partial_done(snap.id, t))
+
+    def _partial_done(self, utterance_id: str, task: asyncio.Future[Transcript]) -> None:
+        self._partial = None
+        if task.cancelled() or task.exception() is not None:
+            return
+        tr = task.result()
+        if not tr.dropped_reason and tr.text.strip() and self.vad.utterance_id == utterance_id:
+            self.events.emit("partial", utterance_id=utterance_id, text=tr.text)
+
     async def _utterance_closed(self, utt: Utterance) -> None:
         self.metrics.utterances.labels(reason=utt.reason).inc()
+        self.events.emit("speech_ended", utterance_id=utt.id, start_s=round(utt.audio_start_s, 3),
+                         end_s=round(utt.audio_end_s, 3), reason=utt.reason)
         self._barge_pending = None
         transcript = self.speculator.take(utt) or self._transcribe(utt)
         # Backpressure: a full queue pauses capture here (docs/reliability.md).

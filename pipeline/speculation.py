@@ -23,7 +23,7 @@ from pipeline.delivery import retrieve
 from pipeline.endpoint import required_silence_ms
 from pipeline.frames import Transcript, Utterance
 from pipeline.metrics import Metrics
-from pipeline.vad.segmenter import ms_to_samples
+from pipeline.frames import ms_to_samples
 
 log = logging.getLogger(__name__)
 

@@ -182,6 +182,15 @@ class VadStage:
         return self.segmenter.utterance_id
 
     @property
+    def peak_prob(self) -> float:
+        """Highest VAD probability of the utterance in progress (its confidence so far)."""
+        return self.segmenter.peak_prob
+
+    def snapshot(self) -> Utterance | None:
+        """The open utterance's audio so far (for an interim decode); None when quiet."""
+        return self.segmenter.snapshot()
+
+    @property
     def silence_samples(self) -> int:
         """Silence since the open utterance's last speech frame (0 when none is open)."""
         return self.segmenter.silence_samples

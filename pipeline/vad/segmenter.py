@@ -299,6 +299,15 @@ class Segmenter:
         return self._buffered
 
     @property
+    def peak_prob(self) -> float:
+        """Highest speech probability of the start run or utterance in progress (0 when quiet)."""
+        return self._peak
+
+    def snapshot(self) -> Utterance | None:
+        """The open utterance as it would be if it ended now (None when none is open); nothing changes."""
+        return None if self._uid is None else self._build(self._uid, "silence")
+
+    @property
     def silence_samples(self) -> int:
         """Silence since the last speech frame of the open utterance (0 when none is open)."""
         return 0 if self._uid is None or self._pos is None else self._pos - self._speech_end
