@@ -17,8 +17,18 @@ from typing import Any
 import yaml
 
 from pipeline import __version__
-from pipeline.config import ConfigError, Settings, default_config_path, load_settings, redacted_dump
-from pipeline.logs import setup_logging
+from pipeline.config import (
+    ConfigError,
+    Settings,
+    default_config_path,
+    load_settings,
+    load_tree,
+    redacted_dump,
+    secret_values,
+    validate_sections,
+    validate_tree,
+)
+from pipeline.logs import redact, register_secret, setup_logging
 
 EPILOG = """\
 exit status:
@@ -27,7 +37,8 @@ exit status:
                           4  ASR model missing or corrupt
   2  configuration/usage  5  control API cannot listen
   6  Tavus/Daily refused at start (key rejected, invalid room URL, join failed)
-  130 second Ctrl-C
+  7  output cannot be written at start (jsonl path: read-only, not a directory, ...)
+  130 second Ctrl-C, SIGTERM or SIGHUP (the first one drains and exits 0 or 1)
 
 environment:
   ECHO_RELAY_CONFIG   config file used when --config is not given (else ./config.yaml if present)
@@ -65,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arg(run)
     run.add_argument("--source", metavar="SPEC", help="mic[:DEVICE] | file:PATH | daily")
     run.add_argument("--sink", metavar="SPEC", help="console | jsonl:PATH | daily")
+    run.add_argument("--also", action="append", metavar="SPEC",
+                     help="also copy what the sink sent to console | jsonl:PATH (repeatable; replaces sink.also)")
     run.add_argument("--speed", type=float, metavar="X",
                      help="file sources: 1 = real time (default), 2 = twice as fast, 0 = as fast as possible")
     run.add_argument("--loop", action="store_true", default=None, help="file sources: start again at the end")
@@ -72,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-control", action="store_true", help="do not serve the local control API")
     run.add_argument("--control-port", type=int, metavar="PORT", help="control API port (control.port; 0 = any)")
     run.add_argument("--mode", choices=["text", "audio"], help="relay recognised text, or the voice itself")
+    run.add_argument("--view", action=argparse.BooleanOptionalAction, default=None,
+                     help="live terminal view (level, speech, room, utterances, ledger); default: on when stdout "
+                          "is a terminal and no console sink prints there")
 
     tr = sub.add_parser("transcribe", formatter_class=fmt, help="transcribe files with the relay's VAD and ASR",
                         description="Run files through the same VAD and ASR as `run` (as fast as possible,\n"
@@ -105,16 +121,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _start_logging(args: argparse.Namespace, settings: Settings) -> None:
+    # Before anything is logged: every value the environment filled in and every key or token is
+    # scrubbed from all output (pipeline/logs.py).
+    for secret in secret_values(settings):
+        register_secret(secret)
+    level = getattr(args, "log_level", None) or settings.logging.level
+    setup_logging(level, settings.logging.format)
+
+
 def _settings(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Settings:
     path = getattr(args, "config", None) or default_config_path()
     settings = load_settings(path, overrides)
-    level = getattr(args, "log_level", None) or settings.logging.level
-    setup_logging(level, settings.logging.format)
+    _start_logging(args, settings)
     return settings
 
 
 def _fail(message: str, status: int) -> int:
-    print(f"echo-relay: {message}", file=sys.stderr)
+    print(f"echo-relay: {redact(message)}", file=sys.stderr)
     return status
 
 
@@ -124,21 +148,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "source.spec": args.source, "sink.spec": args.sink, "source.file.speed": args.speed,
         "source.file.loop": args.loop, "asr.model": args.model, "control.port": args.control_port,
         "sink.mode": args.mode, "control.enabled": False if args.no_control else None,
+        "sink.also": args.also,
     }
     settings = _settings(args, overrides)
+    from pipeline.view import want_view
+    view = want_view(args.view, settings)
     try:
-        return asyncio.run(run_daemon(settings))
+        return asyncio.run(run_daemon(settings, view=view))
     except StartupError as exc:
         return _fail(str(exc), exc.status)
 
 
 def _cmd_transcribe(args: argparse.Namespace) -> int:
-    from pipeline.app import EXIT_INPUT, EXIT_MODEL, transcribe_files
+    from pipeline.app import EXIT_INPUT, EXIT_MODEL, check_stages, transcribe_files
     from pipeline.asr.base import AsrError
+    from pipeline.plugins import PluginError
     from pipeline.source.base import SourceError
     settings = _settings(args, {"asr.model": args.model})
+    problems = check_stages(settings, checks=("asr", "vad"))
+    if problems:
+        raise ConfigError.combine(problems)
     try:
         results = asyncio.run(transcribe_files(args.files, settings))
+    except PluginError as exc:  # the ASR engine's factory returned something else than an engine
+        raise ConfigError(str(exc), "asr.engine") from None
     except SourceError as exc:
         return _fail(str(exc), EXIT_INPUT)
     except AsrError as exc:
@@ -170,7 +203,21 @@ def _cmd_config(args: argparse.Namespace) -> int:
     if args.config_command != "check":
         build_parser().parse_args(["config", "--help"])
         return 2
-    settings = _settings(args)
+    from pipeline.app import check_stages
+    # Everything `run` checks before it opens a device or loads a model, every problem at once: the
+    # sections that validate are checked further even when others did not (pipeline/app.py check_stages).
+    tree, used = load_tree(getattr(args, "config", None) or default_config_path())
+    problems: list[ConfigError] = []
+    try:
+        settings = validate_tree(tree, used)
+        invalid: frozenset[str] = frozenset()
+    except ConfigError as exc:
+        problems += exc.problems
+        settings, invalid = validate_sections(tree, used)
+    _start_logging(args, settings)
+    problems += check_stages(settings, skip_sections=invalid)
+    if problems:
+        raise ConfigError.combine(problems)
     print(yaml.safe_dump(redacted_dump(settings), sort_keys=False, allow_unicode=True), end="")
     print("# configuration OK", file=sys.stderr)
     return 0
@@ -217,8 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as exc:
-        return _fail(f"configuration error: {exc}", 2)
+    except ConfigError as exc:  # one line per problem, each naming its key
+        for problem in exc.problems:
+            _fail(f"configuration error: {problem.line}", 2)
+        return 2
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a bug: one line, the traceback only at debug level

@@ -115,8 +115,9 @@ class Delivery:
     """The delivery queue, its one task (`run()`), interrupts and the ledger."""
 
     def __init__(self, settings: Settings, *, sink: Sink, chain: TransformChain, metrics: Metrics,
-                 now_s: Callable[[], float], events: EventBus | None = None) -> None:
+                 now_s: Callable[[], float], events: EventBus | None = None, paced: bool = True) -> None:
         self.settings, self.sink, self.chain, self.metrics = settings, sink, chain, metrics
+        self._paced = paced  # the stream clock follows wall time: end of speech -> sent is a latency
         self.events = events or EventBus(metrics, now_s)
         self._now_s = now_s  # the stream clock (emitted_at_s)
         self.ledger = Ledger()
@@ -316,8 +317,9 @@ class Delivery:
     async def _emit(self, out: Outgoing) -> str | None:
         """Send one message; None when the sink took it, else why it gave up."""
         self._stamp(out)
-        if self._active is not None and self._active.origin is Origin.SPEECH:
-            self.metrics.end_to_sent.observe(max(0.0, out.emitted_at_s - out.audio_end_s))
+        if self._active is not None and self._active.origin is Origin.SPEECH and self._paced:
+            out.latency_s = max(0.0, out.emitted_at_s - out.audio_end_s)
+            self.metrics.end_to_sent.observe(out.latency_s)
         t0 = time.perf_counter()
         sending = self._sending = asyncio.ensure_future(self.sink.send(out))
         try:
@@ -383,7 +385,7 @@ class Delivery:
         self.recent.append({"utterance_id": meta.utterance_id, "audio_start_s": meta.audio_start_s,
                             "audio_end_s": meta.audio_end_s, "asr_text": meta.asr_text, "text": text,
                             "status": status if reason is None else f"{status}: {reason}"})
-        latency = self._now_s() - meta.audio_end_s if item.origin is Origin.SPEECH else None
+        latency = self._now_s() - meta.audio_end_s if item.origin is Origin.SPEECH and self._paced else None
         self.events.emit("echo", utterance_id=meta.utterance_id, outcome=status, text=text,
                          latency_s=None if latency is None else round(latency, 3), reason=reason)
 

@@ -8,7 +8,8 @@ a subscriber that does not keep up loses its oldest events, counted in `Subscrip
 Kinds and their fields (docs/control-api.md "Event stream" is the reference for scripts):
 
     speech_started   utterance_id, at_s, prob          an utterance opened (VAD)
-    partial          utterance_id, text                interim decode while the person speaks
+    partial          utterance_id, text                interim decode while the person speaks (only
+                                                       made while a subscriber asked for them)
     speech_ended     utterance_id, start_s, end_s, reason
     transcript       utterance_id, asr_text, text      final text before / after the transform chain
     echo             utterance_id, outcome, text, latency_s, reason
@@ -66,8 +67,9 @@ class TooManySubscribers(Exception):
 class Subscription:
     """One consumer's bounded buffer. Iterate it (async) to receive events; `close()` to stop."""
 
-    def __init__(self, bus: EventBus, maxlen: int) -> None:
+    def __init__(self, bus: EventBus, maxlen: int, partial: bool) -> None:
         self._bus = bus
+        self.partial = partial  # this consumer asked for interim decodes (`partial` events)
         self._buffer: deque[Event] = deque(maxlen=maxlen)
         self._wake = asyncio.Event()
         self.dropped = 0
@@ -121,8 +123,15 @@ class EventBus:
 
     @property
     def listening(self) -> bool:
-        """Someone is subscribed (work done only for watchers, like interim decodes, can be skipped)."""
+        """Someone is subscribed (work done only for watchers can be skipped otherwise)."""
         return bool(self._subscribers)
+
+    @property
+    def wants_partial(self) -> bool:
+        """A subscriber asked for interim decodes. They share the ASR's one thread with the decodes that
+        end an utterance, so they cost latency (measured on jfk.wav: "Ask not!" delivered after 2.0-3.9 s
+        instead of 1.2-2.2 s) and are only made for a consumer that asks."""
+        return any(sub.partial for sub in self._subscribers)
 
     def emit(self, kind: str, **data: Any) -> None:
         if not self._subscribers:
@@ -131,10 +140,11 @@ class EventBus:
         for sub in list(self._subscribers):
             sub._offer(event)
 
-    def subscribe(self, maxlen: int = SUBSCRIBER_BUFFER) -> Subscription:
+    def subscribe(self, maxlen: int = SUBSCRIBER_BUFFER, *, partial: bool = False) -> Subscription:
+        """A new consumer; `partial` asks for interim decodes while the person speaks (see wants_partial)."""
         if len(self._subscribers) >= MAX_SUBSCRIBERS:
             raise TooManySubscribers(f"{MAX_SUBSCRIBERS} event-stream subscribers are already connected")
-        sub = Subscription(self, maxlen)
+        sub = Subscription(self, maxlen, partial)
         self._subscribers.append(sub)
         return sub
 

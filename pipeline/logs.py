@@ -1,14 +1,28 @@
-"""Logging set-up: human-readable or JSON lines on stderr, with secrets scrubbed from every record."""
+"""Logging set-up: human-readable or JSON lines on stderr, with secrets scrubbed from every record.
+
+Scrubbed: every registered secret (`register_secret`: the Tavus key, tokens, and every value the
+configuration filled from the environment, see pipeline/config.py `secret_values`) and, in every URL,
+its user info and query values.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 _SECRETS: set[str] = set()
 MIN_SECRET_LEN = 6  # shorter values would scrub ordinary words
+REDACTED = "***"
+
+# A URL in running text: scheme://authority[path][?query][#fragment], up to whitespace or a quote.
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
 
 
 def register_secret(value: str | None) -> None:
@@ -17,20 +31,58 @@ def register_secret(value: str | None) -> None:
         _SECRETS.add(value)
 
 
+def _redact_url(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    ends = [i for i in (rest.find(c) for c in "/?#") if i >= 0]
+    end = min(ends, default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    if "@" in authority:  # user:password@host: the user name can be the token (https://TOKEN@host)
+        authority = REDACTED + "@" + authority.rsplit("@", 1)[1]
+    q = tail.find("?")
+    if q >= 0:  # query values carry tokens (Daily's ?t=, signed URLs): keep the names only
+        f = tail.find("#", q)
+        query = tail[q + 1:f] if f >= 0 else tail[q + 1:]
+        query = "&".join(f"{item.split('=', 1)[0]}={REDACTED}" if "=" in item else item
+                         for item in query.split("&"))
+        tail = tail[:q + 1] + query + (tail[f:] if f >= 0 else "")
+    return f"{scheme}://{authority}{tail}"
+
+
+def redact_urls(text: str) -> str:
+    """Every URL in `text` with its user info and query values replaced by ***."""
+    if "://" not in text:
+        return text
+    return _URL.sub(lambda m: _redact_url(m.group(0)), text)
+
+
 def scrub(text: str, secrets: Iterable[str] | None = None) -> str:
-    for s in secrets if secrets is not None else _SECRETS:
-        text = text.replace(s, "***")
+    """`text` with every secret (registered ones by default) replaced by ***; longest first, so a
+    secret containing another is replaced whole."""
+    for s in sorted(secrets if secrets is not None else _SECRETS, key=len, reverse=True):
+        if s:
+            text = text.replace(s, REDACTED)
     return text
+
+
+def redact(text: str, secrets: Iterable[str] | None = None) -> str:
+    """`scrub` plus URL credentials: what every printed message goes through."""
+    return redact_urls(scrub(text, secrets))
 
 
 class _ScrubFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if _SECRETS:
-            msg = scrub(record.getMessage())
-            record.msg, record.args = msg, None
-            if record.exc_info and record.exc_info[1] is not None:
-                record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
-                record.exc_info = None
+        try:
+            msg = record.getMessage()
+        except Exception:  # a malformed call (args not matching msg): the handler reports it itself
+            return True
+        clean = redact(msg)
+        if clean != msg:
+            record.msg, record.args = clean, None
+        if record.exc_info and record.exc_info[1] is not None:
+            text = logging.Formatter().formatException(record.exc_info)
+            clean = redact(text)
+            if clean != text:
+                record.exc_text, record.exc_info = clean, None
         return True
 
 
@@ -58,3 +110,45 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     logging.getLogger("pipeline").setLevel(level.upper())
     # httpx logs every request line at INFO; keep it at WARNING so logs stay about the relay.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+_LEVEL_STYLES = {logging.WARNING: "yellow", logging.ERROR: "red", logging.CRITICAL: "bold red"}
+
+
+class _ConsoleHandler(logging.Handler):
+    """Prints each formatted record through a rich Console: above its live display while one is shown."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.console.print(self.format(record), style=_LEVEL_STYLES.get(record.levelno, ""), markup=False,
+                               highlight=False, emoji=False, soft_wrap=True)
+        except Exception:
+            self.handleError(record)
+
+
+def log_to_console(console: Console) -> Callable[[], None]:
+    """Until the returned function is called, print log records through `console` instead of on stderr
+    (the terminal view of `run --view`: lines written beside its live display would tear it). Same
+    format, filters (scrubbing) and levels as the handler `setup_logging` installed."""
+    root = logging.getLogger()
+    previous = list(root.handlers)
+    handler = _ConsoleHandler(console)
+    if previous:
+        handler.setFormatter(previous[0].formatter)
+        handler.filters = list(previous[0].filters)
+    else:
+        handler.addFilter(_ScrubFilter())
+    for h in previous:
+        root.removeHandler(h)
+    root.addHandler(handler)
+
+    def restore() -> None:
+        root.removeHandler(handler)
+        for h in previous:
+            root.addHandler(h)
+
+    return restore

@@ -25,6 +25,9 @@ class Metrics:
                                registry=r)
         self.send_retries = Counter(p + "send_retries", "failed sends that were retried", registry=r)
         self.send_failures = Counter(p + "send_failures", "messages given up on (undeliverable)", registry=r)
+        self.secondary_failures = Counter(p + "secondary_failures", "messages a secondary sink (sink.also) did not "
+                                          "write: send failed, queue full, could not start, drain time out",
+                                          ["sink"], registry=r)
         self.room_events = Counter(p + "room_events", "app-messages received from the room", ["event_type"],
                                    registry=r)
         self.unheard_regions = Counter(p + "unheard_speech_regions", "speech-like audio that never became an "

@@ -33,10 +33,17 @@ def import_dotted(path: str) -> Any:
         module_name, _, attr_path = path.rpartition(".")
     if not module_name or not attr_path:
         raise PluginError(f"{path!r} is not a dotted path like 'package.module:name'")
+    if module_name.startswith(".") or any(not part.isidentifier() for part in module_name.split(".")):
+        # importlib reads ".x" as a relative import (a TypeError) and would accept nothing useful here.
+        raise PluginError(f"{path!r} is not a dotted path like 'package.module:name' "
+                          f"({module_name!r} is not a module name)")
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise PluginError(f"cannot import module {module_name!r} for {path!r}: {exc}") from exc
+    except Exception as exc:  # the module itself is broken (SyntaxError, an error at import): still the key's fault
+        raise PluginError(f"importing module {module_name!r} for {path!r} failed: "
+                          f"{type(exc).__name__}: {exc}") from exc
     for part in attr_path.split("."):
         try:
             obj = getattr(obj, part)

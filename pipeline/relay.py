@@ -32,7 +32,7 @@ from pipeline.control.api import InterruptOutcome
 from pipeline.delivery import Delivery, Ledger, Origin, QueuedEcho
 from pipeline.dsp import resample, rms_dbfs
 from pipeline.events import EventBus
-from pipeline.frames import SAMPLE_RATE, AudioFrame, Pcm, Transcript, Utterance, UtteranceMeta
+from pipeline.frames import SAMPLE_RATE, AudioFrame, Pcm, Transcript, Utterance, UtteranceMeta, ms_to_samples
 from pipeline.metrics import Metrics
 from pipeline.sink.base import Sink
 from pipeline.source.base import Source
@@ -47,7 +47,6 @@ from pipeline.vad import (
     UtteranceEnded,
     VadStage,
 )
-from pipeline.frames import ms_to_samples
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ class Relay:
         self.metrics = metrics
         self.events = EventBus(metrics, source.now_s)
         self.delivery = Delivery(settings, sink=sink, chain=chain, metrics=metrics, now_s=source.now_s,
-                                 events=self.events)
+                                 events=self.events, paced=source.paced)
         self.speculator = Speculator(settings, metrics, self._transcribe)
         self._model_loaded = False
         self._stopping = asyncio.Event()
@@ -250,7 +249,7 @@ class Relay:
         """An interim decode for watchers (never sent to the room). It runs on the ASR's thread, so it is
         only done while someone listens and while the person speaks (not in a pause, where the
         speculative and final decodes of the utterance's end need the thread)."""
-        if not self.events.listening or self._partial is not None or self.speculator.pending() is not None:
+        if not self.events.wants_partial or self._partial is not None or self.speculator.pending() is not None:
             return
         if self.vad.silence_samples > 0 or pos - self._partial_at < PARTIAL_EVERY_SAMPLES:
             return
@@ -337,4 +336,5 @@ class Relay:
                 "sink": self.sink.name, "source": self.source.name,
                 "model": {"engine": self.asr.name, "name": self.asr.model_name, "loaded": self._model_loaded},
                 "queues": {"delivery": self.delivery.depth}, "ledger": self.ledger.as_dict(),
-                "source_stats": self.source.stats(), "recent": list(self.delivery.recent)}
+                "source_stats": self.source.stats(), "sink_stats": self.sink.stats(),
+                "recent": list(self.delivery.recent)}

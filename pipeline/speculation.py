@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pipeline.config import Settings
 from pipeline.delivery import retrieve
 from pipeline.endpoint import required_silence_ms
-from pipeline.frames import Transcript, Utterance
+from pipeline.frames import Transcript, Utterance, ms_to_samples
 from pipeline.metrics import Metrics
-from pipeline.frames import ms_to_samples
 
 log = logging.getLogger(__name__)
 

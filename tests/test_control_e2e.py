@@ -97,6 +97,20 @@ def test_run_driven_through_the_control_api(tmp_path: Path) -> None:
             time.sleep(0.2)
         assert client.get("/healthz").json() == {"status": "ok"}
 
+        # 1b. hostile input is refused at the door and never reaches the room (issue 11): a lone surrogate
+        # (it was accepted, then failed in delivery with a traceback and exit 1), a rebound DNS name, a form
+        # post from any web page, a text over control.max_text_chars.
+        surrogate = '{"properties": {"modality": "text", "text": "x \\ud800", "done": true}}'
+        r = client.post("/send_text_message", content=surrogate, headers={"Content-Type": "application/json"})
+        assert (r.status_code, r.json()["field"]) == (422, "properties.text"), r.text
+        r = client.post("/send_text_message", json=QUICKSTART, headers={"Host": "attacker.example"})
+        assert (r.status_code, r.json()["field"]) == (421, "Host"), r.text
+        r = client.post("/interrupt", content=b"x=1", headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert (r.status_code, r.json()["field"]) == (415, "Content-Type"), r.text
+        r = client.post("/send_text_message", json={"properties": {"modality": "text", "text": "x" * 990_000}})
+        assert (r.status_code, r.json()["field"]) == (422, "properties.text"), r.text
+        assert read_records(out) == []
+
         # 2. the quickstart body, an audio echo, an interrupt
         r = client.post("/send_text_message", json=QUICKSTART)
         assert r.status_code == 200, r.text
@@ -171,6 +185,7 @@ def test_run_driven_through_the_control_api(tmp_path: Path) -> None:
             raise AssertionError(f"echo-relay did not exit within {EXIT_TIMEOUT_S}s of SIGTERM:\n"
                                  f"{logs()}") from None
     assert rc == 0, f"exit status {rc}:\n{logs()}"
+    assert "Traceback" not in logs()
     # the control API is gone with the relay
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{base}/healthz", timeout=2)

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from pipeline.config import Settings
 from pipeline.control.api import InterruptOutcome, QueueFull
 from pipeline.control.server import ControlServer, start_control_server
+from pipeline.events import EventBus
 from pipeline.metrics import Metrics
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
@@ -32,6 +34,7 @@ JSON = {"Content-Type": "application/json"}
 class RecordingHandle:
     def __init__(self) -> None:
         self.calls = 0
+        self.events = EventBus(Metrics(), time.monotonic)  # GET /events
         self.queue_full = False
 
     async def submit_text(self, text: str, *, inference_id: str | None = None, done: bool = True,
@@ -137,14 +140,34 @@ def test_send_text_message_bytes_never_5xx(served: Any, raw: bytes, content_type
     check_answer(r, handle, before)
 
 
+# Content types a page on any site can POST without a CORS preflight, in the spellings browsers and
+# curl use, and JSON ones (never sendable cross-site without a preflight).
+FORM_TYPES = st.sampled_from(["application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                              "text/plain", "Text/Plain; charset=UTF-8", "TEXT/PLAIN;charset=utf-8",
+                              "application/x-www-form-urlencoded; charset=utf-8", "text/html", "application/xml"])
+JSON_TYPES = st.sampled_from(["application/json", "application/json; charset=utf-8", "Application/JSON",
+                              "application/problem+json"])
+
+
 @FUZZ
-@given(body=json_values)
-def test_interrupt_ignores_any_body(served: Any, body: Any) -> None:
+@given(body=st.none() | json_values.map(json.dumps).map(str.encode) | st.binary(max_size=100),
+       content_type=st.none() | FORM_TYPES | JSON_TYPES)
+def test_interrupt_body_rule(served: Any, body: bytes | None, content_type: str | None) -> None:
+    """Any body is ignored when sent as JSON; no body needs no Content-Type; a form, text/plain or
+    untyped body (what any web page can send) is refused with 415 and interrupts nothing."""
     _, handle, client = served
     before = handle.calls
-    r = client.post("/interrupt", content=json.dumps(body), headers=JSON)
-    assert r.status_code == 200, r.text
-    assert handle.calls == before + 1
+    headers = {"Content-Type": content_type} if content_type else {}
+    r = client.post("/interrupt", content=body, headers=headers)
+    json_type = content_type is not None and ("json" in content_type.lower())
+    if json_type or (content_type is None and not body):
+        assert r.status_code == 200, r.text
+        assert handle.calls == before + 1
+    else:
+        assert r.status_code == 415, r.text
+        assert r.json()["field"] == "Content-Type"
+        assert r.json()["error"].startswith("Content-Type: ")
+        assert handle.calls == before
 
 
 def test_server_still_healthy_after_fuzzing(served: Any) -> None:

@@ -7,6 +7,7 @@ import base64
 import json
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from pipeline.control.server import (
     RateLimiter,
     start_control_server,
 )
+from pipeline.events import EventBus
 from pipeline.metrics import Metrics
 
 QUICKSTART = {"message_type": "conversation", "event_type": "conversation.echo", "conversation_id": "...",
@@ -43,6 +45,7 @@ class FakeHandle:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.events = EventBus(Metrics(), time.monotonic)  # GET /events
         self.queue_full = False
         self.boom = False
         self.ready = {"model_loaded": True, "sink_ready": True}
@@ -411,7 +414,7 @@ async def test_streamed_body_over_limit_is_413(start: Starter) -> None:
 
 async def test_invalid_content_length_is_400(srv: Served) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", srv.server.port)
-    writer.write(b"POST /send_text_message HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+    writer.write(b"POST /send_text_message HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n")
     await writer.drain()
     status_line = await asyncio.wait_for(reader.readline(), 5)
     writer.close()
@@ -422,7 +425,7 @@ async def test_invalid_content_length_is_400(srv: Served) -> None:
 async def test_slow_body_is_408(srv: Served, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(control_server, "BODY_TIMEOUT_S", 0.3)
     reader, writer = await asyncio.open_connection("127.0.0.1", srv.server.port)
-    writer.write(b"POST /send_text_message HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    writer.write(b"POST /send_text_message HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: 100\r\n\r\n{\"properties\"")
     await writer.drain()
     status_line = await asyncio.wait_for(reader.readline(), 5)
@@ -434,7 +437,7 @@ async def test_slow_body_is_408(srv: Served, monkeypatch: pytest.MonkeyPatch) ->
 
 async def test_client_gone_mid_body(srv: Served) -> None:
     _, writer = await asyncio.open_connection("127.0.0.1", srv.server.port)
-    writer.write(b"POST /send_text_message HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    writer.write(b"POST /send_text_message HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: 100\r\n\r\n{\"properties\"")
     await writer.drain()
     writer.close()

@@ -162,6 +162,21 @@ async def test_rides_on_the_sinks_room_and_leaves_with_the_last_user() -> None:
     assert room.clients() == []
 
 
+async def test_with_several_sinks_the_source_still_listens_in_the_rooms_sink(tmp_path: Any) -> None:
+    """sink.also wraps the Daily sink in a FanoutSink: the source must still ride on its room."""
+    room = FakeRoom.create()
+    settings = make_settings(room, source__spec="daily", sink__spec="daily", sink__daily__module=FAKE,
+                             sink__also=[f"jsonl:{tmp_path / 'record.jsonl'}"])
+    relay = build_relay(settings)
+    await relay.sink.start()
+    assert relay.source.room_from() is not None and len(room.clients()) == 1
+    await relay.source.start()
+    assert len(room.clients()) == 1  # no second join
+    await relay.source.close()
+    await relay.sink.close()
+    assert room.clients() == []
+
+
 async def test_conversation_end_ends_frames_and_missing_url_is_a_clear_error() -> None:
     room = FakeRoom.create()
     src = DailySource(make_settings(room), Metrics(), daily_module=FAKE)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from faults import RecordingSink, load_pcm, real_engine, reference, relay_settings, run_relay, write_wav
+from faults import FaultyAsr, RecordingSink, load_pcm, real_engine, reference, relay_settings, run_relay, write_wav
 
 from pipeline.events import MAX_SUBSCRIBERS, Event, EventBus, TooManySubscribers
 from pipeline.frames import SAMPLE_RATE
@@ -33,11 +33,11 @@ async def test_a_real_run_yields_the_documented_events_in_order(clip_file: Path)
     events: list[Event] = []
 
     async def listen(relay: Any) -> None:
-        async for event in relay.events.subscribe():
+        async for event in relay.events.subscribe(partial=True):
             events.append(event)
 
     relay = await run_relay(relay_settings(f"file:{clip_file}", source__file__speed=1.5), sink=sink,
-                            asr=real_engine(), metrics=metrics, during=listen, timeout_s=60)
+                            asr=FaultyAsr(real_engine(), metrics=metrics), metrics=metrics, during=listen, timeout_s=60)
     kinds = [e.kind for e in events]
     assert [e.seq for e in events] == sorted(e.seq for e in events)
     assert kinds.count("level") >= 10  # about 10 a second over ~5 s of stream time
@@ -60,6 +60,22 @@ async def test_a_real_run_yields_the_documented_events_in_order(clip_file: Path)
     assert [o.text for o in sink.sent] == [final["text"]]
     assert metrics.value("echo_relay_partial_decodes_total") >= len(partials)
     assert relay.ledger.delivered == 1
+
+
+async def test_interim_decodes_are_made_only_for_a_subscriber_that_asks(clip_file: Path) -> None:
+    """They share the ASR thread with the decodes that end an utterance (latency): a subscriber that did
+    not ask (the terminal view) gets no `partial` events and causes no interim decode."""
+    metrics = Metrics()
+    kinds: list[str] = []
+
+    async def listen(relay: Any) -> None:
+        async for event in relay.events.subscribe():
+            kinds.append(event.kind)
+
+    await run_relay(relay_settings(f"file:{clip_file}", source__file__speed=1.5), sink=RecordingSink(),
+                    asr=FaultyAsr(real_engine(), metrics=metrics), metrics=metrics, during=listen, timeout_s=60)
+    assert "transcript" in kinds and "partial" not in kinds
+    assert metrics.value("echo_relay_partial_decodes_total") == 0
 
 
 async def test_a_slow_subscriber_loses_its_oldest_events_counted_and_never_blocks() -> None:

@@ -1,9 +1,9 @@
 """Reliability: signals in the middle of an utterance of a real-time run (`python -m pipeline run`, a
 subprocess: real file source paced at real time, VAD, tiny.en, jsonl sink).
 
-SIGTERM or SIGINT ~1 s into speech: capture stops, the utterance in progress is closed and delivered
-(with the words spoken so far) within sink.drain_timeout_s, and the exit status is 0. A second SIGINT
-during the drain exits at once with status 130.
+SIGTERM, SIGINT or SIGHUP (a closed terminal, systemd) ~1 s into speech: capture stops, the utterance in
+progress is closed and delivered (with the words spoken so far) within sink.drain_timeout_s, and the exit
+status is 0. A second SIGINT or SIGHUP during the drain exits at once with status 130.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_mid_utterance_delivers_it_and_exits_0(tmp_path: Path, clip_file: Path, sig: signal.Signals) -> None:
     onset = LEAD_S + speech_onset_s(load_pcm(CLIP))
     proc, out, err = start_relay(tmp_path, clip_file)
@@ -110,7 +110,8 @@ def test_signal_mid_utterance_delivers_it_and_exits_0(tmp_path: Path, clip_file:
     assert rec["message"]["properties"]["done"] is True
 
 
-def test_second_sigint_exits_at_once_with_130(tmp_path: Path, clip_file: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_second_signal_exits_at_once_with_130(tmp_path: Path, clip_file: Path, sig: signal.Signals) -> None:
     config = tmp_path / "config.yaml"
     # A transform that takes 8 s makes the drain long enough to interrupt it.
     config.write_text("transform:\n  steps:\n    - step: tests.faults:SlowStep\n      seconds: 8\n"
@@ -120,15 +121,15 @@ def test_second_sigint_exits_at_once_with_130(tmp_path: Path, clip_file: Path) -
     try:
         t0 = wait_for_stream_start(proc, err)
         time.sleep(max(0.0, t0 + onset + INTO_SPEECH_S - time.monotonic()))
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         deadline = time.monotonic() + 10
-        while "SIGINT: stopping capture" not in err.read_text(encoding="utf-8", errors="replace"):
+        while f"{sig.name}: stopping capture" not in err.read_text(encoding="utf-8", errors="replace"):
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.01)
         time.sleep(0.3)
         assert proc.poll() is None  # still draining (the slow transform)
         t_sig = time.monotonic()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         status = proc.wait(timeout=10)
         elapsed = time.monotonic() - t_sig
     finally:
@@ -137,5 +138,5 @@ def test_second_sigint_exits_at_once_with_130(tmp_path: Path, clip_file: Path) -
     log = err.read_text(encoding="utf-8", errors="replace")
     assert status == 130, log
     assert elapsed < 3.0, log  # at once: not after the 8 s transform
-    assert "SIGINT again: exiting now" in log
+    assert f"{sig.name} again: exiting now" in log
     assert records(out) == []

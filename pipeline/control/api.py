@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.frames import Pcm
+
+if TYPE_CHECKING:  # importing the package stays cheap (pipeline/control/__init__.py)
+    from pipeline.events import EventBus
 
 
 class QueueFull(Exception):
@@ -23,6 +26,9 @@ class InterruptOutcome:
 
 
 class RelayHandle(Protocol):
+    events: EventBus
+    """The relay's event stream (pipeline/events.py), served as GET /events and shown by the live page."""
+
     async def submit_text(self, text: str, *, inference_id: str | None = None, done: bool = True,
                           through_transforms: bool = True) -> list[str]:
         """Queue text for the sink like recognised speech. Returns the inference ids queued (a long

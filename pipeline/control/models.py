@@ -15,9 +15,11 @@ the same error shape and the field name (see `pipeline.control.server`).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from pipeline.protocol import normalize_done
 
@@ -25,6 +27,7 @@ MIN_SAMPLE_RATE = 8_000
 MAX_SAMPLE_RATE = 48_000
 DEFAULT_SAMPLE_RATE = 16_000  # Tavus's schema default for `sample_rate`
 MAX_ID_CHARS = 128  # keeps every outgoing message far below the 4096-byte limit
+MAX_CONVERSATION_ID_CHARS = 256  # accepted and ignored (see EchoRequest), but still bounded
 
 
 def _done(value: Any) -> bool | None:
@@ -36,6 +39,37 @@ def _done(value: Any) -> bool | None:
 DoneFlag = Annotated[bool | None, BeforeValidator(_done)]
 
 
+def _encodable(value: str) -> str:
+    """Refuse a string that cannot be encoded as UTF-8: a lone surrogate (JSON allows `"\\ud800"` escapes
+    without their pair, and json.loads keeps them). Accepted, it failed later in delivery with a traceback."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        message = (f"cannot be encoded as UTF-8: lone surrogate U+{ord(value[exc.start]):04X} at character "
+                   f"{exc.start} (a \\u escape of half a surrogate pair)")
+        raise PydanticCustomError("string_unicode", message) from None
+    return value
+
+
+# Control characters (Unicode Cc) other than tab, LF and CR: never speech. The transform chain drops
+# text holding them (pipeline/transform/base.py, text_problem), so the door refuses them first.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _no_controls(value: str) -> str:
+    bad = _CONTROL.search(value)
+    if bad is not None:
+        raise PydanticCustomError("string_control", f"control character U+{ord(bad.group()):04X} at character "
+                                                    f"{bad.start()} (only tab, LF and CR are allowed)")
+    return value
+
+
+# A JSON string the relay can send on: strict (no numbers as strings) and encodable as UTF-8.
+Utf8Str = Annotated[str, Field(strict=True), AfterValidator(_encodable)]
+# ... and that the room is sent as words or an id: no control characters either.
+SendableStr = Annotated[Utf8Str, AfterValidator(_no_controls)]
+
+
 class EchoProperties(BaseModel):
     """`properties` of a `conversation.echo` message."""
 
@@ -43,13 +77,15 @@ class EchoProperties(BaseModel):
 
     modality: Literal["text", "audio"] = Field(
         description='"text": the persona says `text` (Tavus TTS). "audio": the persona plays `audio`.')
-    text: Annotated[str, Field(strict=True)] | None = Field(
+    text: SendableStr | None = Field(
         default=None,
         description='Words to speak. Required (and not blank) when modality is "text"; ignored otherwise. '
-                    "A text too long for one app-message is split at sentence/word boundaries into "
-                    "several messages under one inference_id.",
+                    "At most control.max_text_chars characters (default 10000), encodable as UTF-8 (no "
+                    "lone surrogates), without control characters but tab, LF and CR. A text too long for "
+                    "one app-message is split at sentence/word boundaries into several messages under one "
+                    "inference_id.",
         examples=["Hello"])
-    audio: Annotated[str, Field(strict=True)] | None = Field(
+    audio: Utf8Str | None = Field(
         default=None,
         description='Required when modality is "audio"; ignored otherwise. Base64 of raw, headerless '
                     "16-bit little-endian mono PCM (s16le) at `sample_rate` (an even number of bytes; "
@@ -60,7 +96,7 @@ class EchoProperties(BaseModel):
                     f"{DEFAULT_SAMPLE_RATE} as in Tavus's schema. The relay resamples to "
                     "sink.audio_sample_rate before sending.",
         examples=[16000, 24000])
-    inference_id: Annotated[str, Field(strict=True, min_length=1, max_length=MAX_ID_CHARS)] | None = Field(
+    inference_id: Annotated[SendableStr, Field(min_length=1, max_length=MAX_ID_CHARS)] | None = Field(
         default=None,
         description="Groups messages into one utterance (send the same id with done=false, then done=true "
                     "to stream). Default: a new id per request. The ids used are returned.",
@@ -90,7 +126,7 @@ class EchoRequest(BaseModel):
     event_type: Literal["conversation.echo"] = Field(
         default="conversation.echo",
         description='Envelope: must be "conversation.echo" (POST /interrupt sends conversation.interrupt).')
-    conversation_id: Annotated[str, Field(strict=True, max_length=256)] | None = Field(
+    conversation_id: Annotated[Utf8Str, Field(max_length=MAX_CONVERSATION_ID_CHARS)] | None = Field(
         default=None,
         description="Accepted for compatibility and ignored: messages always go to the conversation the "
                     "relay is in (its id is in GET /status).")

@@ -1,4 +1,5 @@
-"""Sinks: where outgoing protocol messages go (`console`, `jsonl:PATH`, `daily`)."""
+"""Sinks: where outgoing protocol messages go (`console`, `jsonl:PATH`, `daily`), and `sink.also`:
+secondary sinks that get a copy of what the primary sent (pipeline/sink/fanout.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,23 @@ def parse_sink_spec(spec: str) -> tuple[str, str | None]:
 
 
 def make_sink(settings: Settings, metrics: Metrics) -> Sink:
-    kind, arg = parse_sink_spec(settings.sink.spec)
+    """The sink of `sink.spec`; with `sink.also`, a FanoutSink delivering to it and copying what it
+    sent to each of those (console or jsonl: one room per relay)."""
+    primary = _make_one(settings.sink.spec, settings, metrics)
+    if not settings.sink.also:
+        return primary
+    from pipeline.sink.fanout import FanoutSink
+    secondaries = []
+    for i, spec in enumerate(settings.sink.also):
+        if parse_sink_spec(spec)[0] == "daily":  # config validation refuses it; settings built otherwise
+            raise SinkError(f"sink.also[{i}]: 'daily' cannot be a secondary sink (one room per relay; "
+                            "make it sink.spec)")
+        secondaries.append(_make_one(spec, settings, metrics))
+    return FanoutSink(primary, secondaries, metrics=metrics)
+
+
+def _make_one(spec: str, settings: Settings, metrics: Metrics) -> Sink:
+    kind, arg = parse_sink_spec(spec)
     if kind == "console":
         from pipeline.sink.console import ConsoleSink
         return ConsoleSink()

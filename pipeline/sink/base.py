@@ -18,6 +18,11 @@ class SinkError(Exception):
     """A message could not be delivered (the sink gave up). Message is user-facing."""
 
 
+class SinkOutputError(SinkError):
+    """The sink's local output (a file, stdout) cannot be written: an operator's output problem, not a
+    refusal by Tavus/Daily. Raised by start() it exits with pipeline.app.EXIT_OUTPUT."""
+
+
 @dataclass(slots=True)
 class Outgoing:
     """One message for the room plus the record fields of the jsonl sink (README "JSONL output")."""
@@ -31,6 +36,7 @@ class Outgoing:
     text: str = ""
     seq: int = 0  # assigned by the relay's delivery, increasing per run
     emitted_at_s: float = 0.0  # stream clock when handed to the sink (set by the relay's delivery)
+    latency_s: float | None = None  # end of speech -> handed to the sink, when that is a latency (paced source)
 
     def record(self) -> dict[str, Any]:
         return {"event": self.event, "seq": self.seq, "utterance_id": self.utterance_id,

@@ -24,6 +24,9 @@ class Source(ABC):
     """
 
     name: str = "source"
+    # The stream clock runs at a fixed ratio to wall time (live capture, a paced file): the time from the
+    # end of speech to an echo is then a latency. A file read as fast as possible (--speed 0) is not.
+    paced: bool = True
 
     @abstractmethod
     def frames(self) -> AsyncIterator[AudioFrame]:

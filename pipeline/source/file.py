@@ -183,6 +183,10 @@ class FileSource(Source):
     def set_idle(self, idle: bool) -> None:
         self._batch = idle_blocks(self.settings) if idle else 1
 
+    @property
+    def paced(self) -> bool:  # type: ignore[override]  # a property over the base's class attribute
+        return self.speed > 0
+
     def now_s(self) -> float:
         if self.speed > 0:
             if self._t0 is None:

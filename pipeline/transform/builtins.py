@@ -143,7 +143,7 @@ class FillerWords:
             out.append(chunk)
             pos = m.end()
             left = "".join(out).rstrip()
-            rest = text[pos:]
+            rest = text[pos:pos + 1]  # only its first character is looked at (a slice would copy the rest)
             terminal = "".join(c for c in m.group("punct") if c in _SENTENCE_END)
             opening = _opening(left)
             if opening:

@@ -8,17 +8,33 @@ stall the relay or crash it:
   reason="dropped_by:<step>"}`).
 - A step returning empty or whitespace-only text also drops it (reason `empty:<step>`): there is
   nothing to speak.
-- A step that raises, times out, or returns something that is not `str`/`None` (reasons
-  `error`, `timeout`, `bad_type`) is handled by its `on_error` policy:
+- A step that fails is handled by its `on_error` policy. Failing is: raising anything at all
+  (`error`: every `BaseException`, SystemExit, KeyboardInterrupt, GeneratorExit, a leaked
+  StopIteration or CancelledError included; an awaitable it returns that raises counts the same),
+  no result within `timeout_s` (`timeout`), returning something that is not `str`/`None`
+  (`bad_type`), returning text longer than `transform.max_text_chars` (`too_long`) or text that is
+  not valid to send: a lone surrogate, which cannot be encoded as UTF-8, or a control character
+  other than tab, LF and CR (`bad_text`, see `pipeline.transform.base.text_problem`).
   `pass` continues with the step's *input* (the step's result is discarded and counted
   `dropped{stage="transform_step", reason="<reason>:<step>"}`), `drop` drops the utterance
-  (counted `dropped{stage="transform", reason="<reason>:<step>"}`). Either way it is logged with
-  the step's name.
+  (counted `dropped{stage="transform", reason="<reason>:<step>"}`). Either way it is logged on one
+  line with the step's name (the traceback only at debug level).
+- Text that reaches the chain too long or not valid to send is dropped before any step runs
+  (`too_long:input`, `bad_text:input`), like empty text (`empty:input`).
+
+Only the cancellation of the task running the chain (the relay's drain deadline) propagates; the
+chain then stops waiting for the step at once.
 
 Where steps run:
 
-- async steps run on the event loop under `asyncio.timeout`; they must not block (await your I/O)
-  and must let themselves be cancelled.
+- async steps run on the event loop, each call as its own task, which the chain waits for with
+  `asyncio.wait(timeout)`: they must not block (await your I/O). On timeout the task is cancelled
+  and given `CANCEL_GRACE_S`; a step that ignores the cancellation is abandoned there (its task is
+  kept referenced until it ends), so the timeout and the drain deadline hold whatever the step
+  does. At most `MAX_PENDING_CALLS` abandoned calls of one step may pile up: past that the step
+  fails at once (reason `busy`). `TransformChain.aclose()` cancels them again and closes the
+  coroutines that still ignore it, so shutdown (`asyncio.run`, which waits for every task) cannot
+  hang on them.
 - sync steps run in a worker thread so a slow one cannot block the loop. Python cannot kill a
   thread: a sync step that times out **keeps running** in its thread until it returns (its result
   is then thrown away). Those threads are daemon threads, so they never hold up process exit, and at
@@ -27,6 +43,12 @@ Where steps run:
 - steps whose callable has a true `inline` attribute (the built-ins) are trusted to be fast and
   CPU-trivial: they are called directly on the loop, which saves a thread hand-off per step. Their
   timeout cannot interrupt them.
+- a sync or inline step that returns an awaitable (e.g. a coroutine) has it awaited as a task like
+  an async step's, within what is left of the same timeout.
+
+What a step raises never goes through asyncio as an exception: it is carried as a value
+(`_Raised`), because an asyncio task re-raises SystemExit/KeyboardInterrupt out of the event loop
+(that ended the daemon with exit 3) and a Future refuses StopIteration.
 """
 
 from __future__ import annotations
@@ -39,14 +61,14 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.config import ConfigError, TransformSettings
 from pipeline.frames import UtteranceMeta
 from pipeline.plugins import TRANSFORM_GROUP, PluginError, resolve
-from pipeline.transform.base import OptionError
+from pipeline.transform.base import OptionError, text_problem
 from pipeline.transform.builtins import BUILTINS
 
 if TYPE_CHECKING:
@@ -55,14 +77,66 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OnError = Literal["pass", "drop"]
-MAX_PENDING_CALLS = 4  # per sync step: calls still running in threads (e.g. after timeouts)
+# Per step: calls still running after the chain stopped waiting for them (threads of sync steps that
+# timed out, tasks of async steps that ignored cancellation), the current call included.
+MAX_PENDING_CALLS = 4
+CANCEL_GRACE_S = 0.1  # a cancelled async call that has not ended within this is abandoned
+DETAIL_MAX_CHARS = 300  # of a failure's detail in the log (an exception's message can be megabytes)
+# `max_text_chars` of a chain built without settings: the documented default, from its one definition.
+DEFAULT_MAX_TEXT_CHARS: int = TransformSettings.model_fields["max_text_chars"].default
 
 # Why a step did not hand on text. `dropped_by` = the step returned None.
-Reason = Literal["dropped_by", "empty", "error", "timeout", "bad_type", "busy"]
+Reason = Literal["dropped_by", "empty", "error", "timeout", "bad_type", "busy", "too_long", "bad_text"]
+# The reasons that are a step's failure (its on_error policy applies).
+FAILURES: tuple[Reason, ...] = ("error", "timeout", "bad_type", "busy", "too_long", "bad_text")
 
 
 class StepBusyError(RuntimeError):
-    """A sync step already has `MAX_PENDING_CALLS` calls running (earlier calls timed out)."""
+    """A step already has `MAX_PENDING_CALLS` calls running (earlier calls outlived their timeout)."""
+
+
+class StepTimeoutError(Exception):
+    """The step gave no result within its `timeout_s` (raised by `BoundStep.call`, never by a step)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Raised:
+    """What a step raised, carried as a value (see the module docstring for why)."""
+
+    exc: BaseException
+
+
+# Characters of a detail that would break a log line or its encoding: controls and lone surrogates.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _printable(detail: str) -> str:
+    """`detail` made safe for one log line: unprintable characters escaped, at most DETAIL_MAX_CHARS."""
+    clipped = len(detail) > DETAIL_MAX_CHARS
+    detail = _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                              else f"\\u{ord(m.group()):04x}", detail[:DETAIL_MAX_CHARS])  # clip first: O(limit)
+    return detail[:DETAIL_MAX_CHARS] + "..." if clipped or len(detail) > DETAIL_MAX_CHARS else detail
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: message` of what a step raised, even when its `__str__` raises (hostile or buggy)."""
+    try:
+        message = str(exc)
+    except BaseException:  # a step's exception may raise anything from __str__; never let it out
+        message = "<unprintable message>"
+    return _printable(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
+
+
+def _discard(value: Any) -> None:
+    """A result nobody will use: close it if it is a coroutine (no 'never awaited' warning)."""
+    if inspect.iscoroutine(value):
+        value.close()
+
+
+def _settled(task: asyncio.Future[Any]) -> None:
+    """Done callback of a step's tasks: mark the outcome seen (an abandoned call's is never read)."""
+    if not task.cancelled():
+        task.exception()
 
 
 # ------------------------------------------------------------------------------------ results
@@ -112,8 +186,8 @@ class TransformOutcome:
 
     @property
     def errors(self) -> list[StepTiming]:
-        """Steps that failed (error, timeout, bad type, busy), whatever their policy did."""
-        return [t for t in self.timings if t.outcome in ("error", "timeout", "bad_type", "busy")]
+        """Steps that failed (any of `FAILURES`), whatever their policy did."""
+        return [t for t in self.timings if t.outcome in FAILURES]
 
 
 # -------------------------------------------------------------------------------------- steps
@@ -139,8 +213,11 @@ class BoundStep:
     index: int = 0
     is_async: bool | None = None
     inline: bool | None = None
-    _pending: int = field(default=0, init=False, repr=False)
+    _pending: int = field(default=0, init=False, repr=False)  # threads still running this step
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    # Tasks still running this step (async calls, awaitables returned by sync steps), abandoned ones
+    # included: the reference keeps them from being garbage-collected while they run.
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.is_async is None:
@@ -154,72 +231,183 @@ class BoundStep:
 
     @property
     def pending_calls(self) -> int:
-        """Calls of this (sync, threaded) step still running, including ones that timed out."""
-        return self._pending
+        """Calls of this step still running (threads and tasks), including ones the chain gave up on."""
+        with self._lock:
+            return self._pending + len(self._tasks)
+
+    def _reserve(self) -> None:
+        """Count one more running call, or raise StepBusyError at `MAX_PENDING_CALLS`."""
+        with self._lock:
+            running = self._pending + len(self._tasks)
+            if running >= MAX_PENDING_CALLS:
+                raise StepBusyError(f"{running} earlier calls are still running (they outlived their timeout)")
+            self._pending += 1
+
+    def _release(self) -> None:
+        with self._lock:
+            self._pending -= 1
 
     async def call(self, text: str, meta: UtteranceMeta) -> Any:
-        """Call the step once, without timeout or error handling (the chain adds those)."""
+        """Call the step once under its timeout (see the module docstring for where it runs).
+
+        Returns what the step returned, or `_Raised` with whatever it raised; raises
+        `StepTimeoutError` or `StepBusyError`. Only the cancellation of the calling task propagates.
+        """
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        result: Any
         if self.is_async:
-            result: Any = self.fn(text, meta)
+            result = await self._run_task(lambda: self.fn(text, meta), deadline)
         elif self.inline:
-            result = self.fn(text, meta)
+            try:
+                result = self.fn(text, meta)
+            except BaseException as exc:  # synchronous: never the chain's own cancellation
+                result = _Raised(exc)
         else:
-            result = await self._call_in_thread(text, meta)
+            result = await self._run_thread(text, meta, deadline)
         if inspect.isawaitable(result):  # e.g. a sync callable returning a coroutine
-            result = await result
+            awaitable = result
+            try:
+                result = await self._run_task(lambda: awaitable, deadline)
+            except StepBusyError:
+                _discard(awaitable)
+                raise
         return result
 
-    async def _call_in_thread(self, text: str, meta: UtteranceMeta) -> Any:
+    async def _guarded(self, start: Callable[[], Any]) -> Any:
+        """The body of a step's task: `start()`, awaited, with whatever it raises returned as `_Raised`."""
+        try:
+            value = start()
+            if inspect.isawaitable(value):
+                value = await value
+            return value
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # the chain cancelled it (timeout, shutdown)
+                raise
+            return _Raised(exc)  # the step raised it itself
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt, GeneratorExit, ...: the step's failure
+            return _Raised(exc)
+
+    async def _run_task(self, start: Callable[[], Any], deadline: float) -> Any:
+        """Run `start()` (and await it) as its own task until `deadline`; abandon it if it will not end."""
+        self._reserve()
+        loop = asyncio.get_running_loop()
+        try:
+            body: Coroutine[Any, Any, Any] = self._guarded(start)
+            task = loop.create_task(body, name=f"transform:{self.name}")
+            self._tasks.add(task)
+        finally:
+            self._release()  # from here on the task itself counts, until it ends
+        task.add_done_callback(self._task_ended)
+        try:
+            await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
+        except asyncio.CancelledError:  # the relay cancelled the caller (drain deadline): stop waiting
+            task.cancel()
+            raise
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=CANCEL_GRACE_S)  # a step that ignores it is abandoned
+            raise StepTimeoutError
+        if task.cancelled():  # the step cancelled its own task (asyncio.current_task().cancel())
+            return _Raised(asyncio.CancelledError())
+        exc = task.exception()
+        return _Raised(exc) if exc is not None else task.result()
+
+    def _task_ended(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        _settled(task)
+
+    async def _run_thread(self, text: str, meta: UtteranceMeta, deadline: float) -> Any:
         # A fresh daemon thread per call (~0.1 ms): a call that times out keeps its thread until it
         # returns, but never delays interpreter exit the way a ThreadPoolExecutor worker would.
-        with self._lock:
-            if self._pending >= MAX_PENDING_CALLS:
-                raise StepBusyError(f"{self._pending} earlier calls are still running (they timed out)")
-            self._pending += 1
+        self._reserve()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         ctx = contextvars.copy_context()
 
-        def settle(ok: bool, value: Any) -> None:
+        def settle(value: Any) -> None:
             if future.done():  # the chain gave up on it (timeout / cancellation)
-                return
-            if ok:
-                future.set_result(value)
+                _discard(value)
             else:
-                future.set_exception(value)
+                future.set_result(value)
 
         def work() -> None:
             try:
-                ok, value = True, ctx.run(self.fn, text, meta)
-            except BaseException as exc:  # handed to the awaiting coroutine
-                ok, value = False, exc
+                value = ctx.run(self.fn, text, meta)
+            except BaseException as exc:  # any kind: a value for the chain, never raised through asyncio
+                value = _Raised(exc)
             finally:
-                with self._lock:
-                    self._pending -= 1
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-                loop.call_soon_threadsafe(settle, ok, value)
+                self._release()
+            try:
+                loop.call_soon_threadsafe(settle, value)
+            except RuntimeError:  # a closed loop: nobody is waiting any more
+                _discard(value)
 
         threading.Thread(target=work, name=f"transform:{self.name}", daemon=True).start()
-        return await future
+        try:
+            await asyncio.wait({future}, timeout=max(0.0, deadline - loop.time()))
+        finally:
+            if not future.done():  # timeout or the caller's cancellation: the thread's result is unwanted
+                future.cancel()
+        if future.cancelled():
+            raise StepTimeoutError
+        return future.result()
+
+    async def abandon_pending(self) -> int:
+        """Shutdown: end the calls that outlived their timeout; returns how many had to be forced.
+
+        Each is cancelled again and given `CANCEL_GRACE_S`; the coroutine of one that still runs is
+        closed (GeneratorExit at its await), which ends its task. asyncio.run() and
+        asyncio.Runner.close() wait for every task of the loop, so one left running would hang exit.
+        """
+        tasks = [t for t in self._tasks if not t.done()]
+        if not tasks:
+            return 0
+        for task in tasks:
+            task.cancel()
+        _, stuck = await asyncio.wait(tasks, timeout=CANCEL_GRACE_S)
+        for task in stuck:
+            task.cancel()  # schedules its next step: it then finds its coroutine closed and ends
+            with contextlib.suppress(RuntimeError):  # "coroutine ignored GeneratorExit"
+                task.get_coro().close()
+        if stuck:
+            await asyncio.wait(stuck, timeout=CANCEL_GRACE_S)
+        return len(stuck)
 
     async def aclose(self) -> None:
-        """Close the step's callable if it has `aclose()` (async) or `close()`."""
-        for attr in ("aclose", "close"):
-            closer = getattr(self.fn, attr, None)
-            if callable(closer):
-                res = closer()
-                if inspect.isawaitable(res):
-                    await res
-                return
+        """Shutdown: end the abandoned calls (`abandon_pending`), then close the step's callable if it
+        has `aclose()` (async) or `close()`, within the step's `timeout_s`. Problems are logged (one
+        line, the traceback at debug level), never raised: closing is the step's code too."""
+        forced = await self.abandon_pending()
+        if forced:
+            log.warning("transform step %s: %d call(s) ignored cancellation past their timeout; their "
+                        "coroutines were closed at shutdown", self.name, forced)
+        closer = next((c for c in (getattr(self.fn, a, None) for a in ("aclose", "close")) if callable(c)), None)
+        if closer is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._guarded(closer), name=f"transform:{self.name}:close")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_ended)
+        await asyncio.wait({task}, timeout=self.timeout_s)
+        if not task.done():
+            await self.abandon_pending()
+            log.warning("closing transform step %s: no end within %g s; abandoned", self.name, self.timeout_s)
+            return
+        result = None if task.cancelled() or task.exception() is not None else task.result()
+        if isinstance(result, _Raised):
+            log.warning("closing transform step %s failed: %s", self.name, describe(result.exc))
+            log.debug("closing transform step %s raised", self.name, exc_info=result.exc)
 
 
 # -------------------------------------------------------------------------------------- chain
 class TransformChain:
     """Runs `steps` in order over an utterance's text; see the module docstring for the rules."""
 
-    def __init__(self, steps: list[BoundStep], metrics: Metrics | None = None) -> None:
+    def __init__(self, steps: list[BoundStep], metrics: Metrics | None = None,
+                 max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> None:
         self.steps = list(steps)
         self.metrics = metrics
+        self.max_text_chars = max_text_chars  # transform.max_text_chars
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -233,6 +421,9 @@ class TransformChain:
         outcome = TransformOutcome(text=None)
         if not text.strip():
             return self._drop(outcome, StepDrop("input", -1, "empty", "empty text reached the chain"), meta)
+        problem = text_problem(text, self.max_text_chars)
+        if problem is not None:  # no step is to blame: refuse it before they run
+            return self._drop(outcome, StepDrop("input", -1, problem[0], f"the chain's input: {problem[1]}"), meta)
         current = text
         for step in self.steps:
             t0 = time.perf_counter()
@@ -240,21 +431,13 @@ class TransformChain:
             detail = ""
             result: Any = None
             try:
-                async with asyncio.timeout(step.timeout_s) as cm:
-                    result = await step.call(current, meta)
-            except TimeoutError:
-                if cm.expired():
-                    reason, detail = "timeout", f"no result within {step.timeout_s:g} s"
-                else:  # the step itself raised TimeoutError
-                    reason, detail = "error", "TimeoutError raised by the step"
+                result = await step.call(current, meta)
+            except StepTimeoutError:
+                reason, detail = "timeout", f"no result within {step.timeout_s:g} s"
             except StepBusyError as exc:
                 reason, detail = "busy", str(exc)
-            except Exception as exc:
-                reason, detail = "error", f"{type(exc).__name__}: {exc}"
-                log.debug("transform step %s raised", step.name, exc_info=True)
             else:
-                if result is not None and not isinstance(result, str):
-                    reason, detail = "bad_type", f"returned {type(result).__name__}, expected str or None"
+                reason, detail, result = self._judge(step, result)
             dt = time.perf_counter() - t0
             if self.metrics is not None:
                 self.metrics.stage_latency.labels(stage="transform").observe(dt)
@@ -283,6 +466,23 @@ class TransformChain:
         outcome.text = current
         return outcome
 
+    def _judge(self, step: BoundStep, result: Any) -> tuple[Reason | None, str, Any]:
+        """(failure reason or None, detail, the result as exact `str` / None) of what a step handed back."""
+        if isinstance(result, _Raised):
+            log.debug("transform step %s raised", step.name, exc_info=result.exc)
+            return "error", describe(result.exc), None
+        if result is None:
+            return None, "", None
+        if not isinstance(result, str):
+            _discard(result)
+            return "bad_type", _printable(f"returned {type(result).__name__}, expected str or None"), None
+        if type(result) is not str:  # a subclass may override strip(), len(), ...: use its plain value
+            result = str.__str__(result)
+        problem = text_problem(result, self.max_text_chars)
+        if problem is not None:
+            return problem[0], problem[1], None
+        return None, "", result
+
     def _drop(self, outcome: TransformOutcome, drop: StepDrop, meta: UtteranceMeta,
               level: int = logging.WARNING) -> TransformOutcome:
         if self.metrics is not None:
@@ -302,8 +502,9 @@ class TransformChain:
         for step in self.steps:
             try:
                 await step.aclose()
-            except Exception:
-                log.warning("closing transform step %s failed", step.name, exc_info=True)
+            except Exception as exc:  # a bug of the chain's own: BoundStep.aclose contains the step's
+                log.warning("closing transform step %s failed: %s", step.name, describe(exc))
+                log.debug("closing transform step %s failed", step.name, exc_info=True)
 
     async def __aenter__(self) -> TransformChain:
         return self
@@ -416,7 +617,7 @@ def build_chain(settings: TransformSettings, metrics: Metrics | None = None,
             raise ConfigError(str(exc), f"{key}.step") from None
         fn = instantiate_step(obj, cfg.options, cfg.step, key)
         bound.append(BoundStep(name=display, fn=fn, timeout_s=cfg.timeout_s, on_error=cfg.on_error, index=i))
-    chain = TransformChain(bound, metrics)
+    chain = TransformChain(bound, metrics, max_text_chars=settings.max_text_chars)
     described = [f"{s.name}(timeout={s.timeout_s:g}s, on_error={s.on_error}, "
                  f"{'async' if s.is_async else 'inline' if s.inline else 'thread'})" for s in bound]
     log.info("transform chain: %s", " -> ".join(described) or "(empty)")
