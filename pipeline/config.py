@@ -458,9 +458,13 @@ class ControlSettings(_Section):
     host: str = Field("127.0.0.1", description="bind address; anything but loopback needs a token")
     port: int = Field(8000, ge=0, le=65535, description="0 = pick a free port")
     token: SecretStr | None = Field(None, description="Bearer token; required off loopback")
-    max_body_bytes: int = Field(1_000_000, ge=1024)
-    max_audio_s: float = Field(60.0, gt=0, description="longest audio accepted by /send_text_message")
-    rate_limit_per_s: float = Field(50.0, gt=0, description="requests per second per client (token bucket)")
+    # Upper bounds: the body is buffered in memory, and 10 minutes of 48 kHz audio in base64 is ~77 MB.
+    max_body_bytes: int = Field(1_000_000, ge=1024, le=100_000_000,
+                                description="largest request body, bytes (1024..100000000)")
+    max_audio_s: float = Field(60.0, gt=0, le=600, description="longest audio accepted by /send_text_message, "
+                                                               "seconds (0..600)")
+    rate_limit_per_s: float = Field(50.0, gt=0, le=100_000, description="requests per second per client "
+                                                                       "(token bucket; 0..100000)")
     # The hostile-input limits of docs/control-api.md ("Browsers, DNS rebinding and connection floods").
     allowed_hosts: list[str] = Field(
         default_factory=list,

@@ -3,8 +3,9 @@
 #   scripts/install.sh          runtime + bundled tiny.en model
 #   scripts/install.sh --dev    also the test and lint tools
 # System packages: libportaudio2 (sounddevice's PortAudio, for microphones) and, with --dev, tmux (the
-# terminal-view test runs the relay in it). Installed with apt-get when running as root (or with sudo
-# available); otherwise a warning says what to install.
+# terminal-view test runs the relay in it) and chromium + chromium-driver (the live-page test drives the page
+# in headless Chromium). Installed with apt-get when running as root (or with sudo available); otherwise a
+# warning says what to install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="models"
@@ -13,8 +14,9 @@ extras="models"
 pkgs=()  # the missing ones
 ldconfig -p 2>/dev/null | grep -q libportaudio.so.2 || pkgs+=(libportaudio2)
 [[ "$extras" == *dev* ]] && ! command -v tmux >/dev/null && pkgs+=(tmux)
+[[ "$extras" == *dev* ]] && ! { command -v chromium && command -v chromedriver; } >/dev/null && pkgs+=(chromium chromium-driver)
 if (( ${#pkgs[@]} )); then
-  need="microphones need libportaudio2, tests/test_view.py needs tmux"
+  need="microphones need libportaudio2, tests/test_view.py needs tmux, tests/test_control_page.py needs chromium and chromium-driver"
   if command -v apt-get >/dev/null; then
     SUDO=""; [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null && SUDO="sudo"
     if [[ $(id -u) -eq 0 || -n "$SUDO" ]]; then
@@ -26,7 +28,7 @@ if (( ${#pkgs[@]} )); then
       echo "warning: missing ${pkgs[*]} ($need: apt-get install ${pkgs[*]})" >&2
     fi
   else
-    echo "warning: missing ${pkgs[*]} ($need; macOS: brew install portaudio tmux)" >&2
+    echo "warning: missing ${pkgs[*]} ($need; macOS: brew install portaudio tmux chromium chromedriver)" >&2
   fi
 fi
 

@@ -68,7 +68,7 @@ def served() -> Iterator[tuple[ControlServer, RecordingHandle, httpx.Client]]:
     thread = threading.Thread(target=loop.run_forever, name="fuzz-loop", daemon=True)
     thread.start()
     handle = RecordingHandle()
-    cfg = Settings.model_validate({"control": {"port": 0, "rate_limit_per_s": 1e6, "max_body_bytes": 4096,
+    cfg = Settings.model_validate({"control": {"port": 0, "rate_limit_per_s": 1e5, "max_body_bytes": 4096,
                                                "max_audio_s": 0.05}})
     server = asyncio.run_coroutine_threadsafe(start_control_server(handle, Metrics(), cfg), loop).result(10)
     client = httpx.Client(base_url=server.url, timeout=10)

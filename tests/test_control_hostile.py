@@ -118,7 +118,7 @@ def serve(**control: Any) -> Iterator[Served]:
     thread.start()
     handle, metrics = RecordingHandle(), Metrics()
     transform = control.pop("transform", {})
-    cfg = Settings.model_validate({"control": {"host": "127.0.0.1", "port": 0, "rate_limit_per_s": 1e6,
+    cfg = Settings.model_validate({"control": {"host": "127.0.0.1", "port": 0, "rate_limit_per_s": 1e5,
                                                **control}, "transform": transform})
     server = asyncio.run_coroutine_threadsafe(start_control_server(handle, metrics, cfg), loop).result(WAIT_S)
     client = httpx.Client(base_url=server.url, timeout=WAIT_S)

@@ -137,7 +137,7 @@ class PageHandle:
 @contextlib.asynccontextmanager
 async def fake_api(**control: Any) -> AsyncIterator[tuple[PageHandle, ControlServer, httpx.AsyncClient]]:
     handle = PageHandle()
-    settings = Settings.model_validate({"control": {"host": "127.0.0.1", "port": 0, "rate_limit_per_s": 1e6,
+    settings = Settings.model_validate({"control": {"host": "127.0.0.1", "port": 0, "rate_limit_per_s": 1000,
                                                     **control}})
     server = await start_control_server(handle, Metrics(), settings)
     try:
@@ -156,7 +156,7 @@ async def test_events_stream_a_real_run_in_order(clip_file: Path, caplog: pytest
             httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as client:
 
         async def read() -> None:  # the token in the query, as the page's EventSource sends it
-            async with client.stream("GET", "/events", params={"token": TOKEN}) as response:
+            async with client.stream("GET", "/events", params={"token": TOKEN, "partial": "1"}) as response:
                 answer.append(response)
                 async for message in sse_messages(response):
                     messages.append(message)
@@ -230,10 +230,16 @@ async def test_events_take_the_token_as_a_header_or_query_and_keep_the_host_and_
             async with client.stream("GET", "/events", **kwargs) as response:
                 assert response.status_code == 200, kwargs
                 await until(lambda: handle.events.listening)
+                assert not handle.events.wants_partial  # interim decodes cost latency: made only when asked
                 handle.events.emit("partial", utterance_id="u1", text="héllo\nworld")
                 got = [m async for m in _take(sse_messages(response), lambda m: "event" in m)]
                 assert got[0]["event"] == "partial" and json.loads(got[0]["data"])["text"] == "héllo\nworld"
             await until(lambda: not handle.events.listening, what="the subscription to close")
+        async with client.stream("GET", "/events", params={"token": TOKEN, "partial": "1"}) as response:
+            assert response.status_code == 200
+            await until(lambda: handle.events.wants_partial, what="a subscription asking for partials")
+        r = await client.get("/events", params={"token": TOKEN, "partial": "maybe"})
+        assert r.status_code == 422 and r.json()["field"] == "query.partial", r.json()
         # The page and its files need no token: they hold no data, and the page asks for the token.
         r = await client.get("/")
         assert r.status_code == 200 and r.headers["content-type"] == "text/html; charset=utf-8"
@@ -270,6 +276,28 @@ async def test_a_quiet_stream_gets_keep_alives_and_outlives_the_header_and_idle_
                            network="good", conversation_id="c1")
         got = [m async for m in _take(messages, lambda m: "event" in m)]
         assert got[0]["event"] == "room" and json.loads(got[0]["data"])["conversation_id"] == "c1"
+
+
+async def test_a_stream_is_never_closed_to_make_room_for_new_connections() -> None:
+    """At control.max_connections a new connection closes the longest-idle one: never a stream, which has a
+    request in progress however long it has been quiet."""
+    async with fake_api(max_connections=16) as (handle, server, client), \
+            client.stream("GET", "/events") as response:
+        assert response.status_code == 200
+        await until(lambda: handle.events.listening)
+        idle = []
+        for _ in range(24):  # more idle connections than the limit: the oldest are closed in turn
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            idle.append(writer)
+        async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as other:
+            assert (await other.get("/healthz")).status_code == 200
+            evicted = re.search(r'endpoint="connection",status="evicted"\} (\d+)', (await other.get("/metrics")).text)
+            assert evicted and int(evicted[1]) >= 8  # idle connections were closed; the stream was not
+        handle.events.emit("level", dbfs=-12.5)
+        got = [m async for m in _take(sse_messages(response), lambda m: "event" in m)]
+        assert json.loads(got[0]["data"])["dbfs"] == -12.5
+        for writer in idle:
+            writer.close()
 
 
 async def test_streams_are_capped_and_end_when_the_server_stops() -> None:
@@ -330,7 +358,7 @@ def chromium() -> Iterator[Any]:
     options = webdriver.ChromeOptions()
     options.binary_location = str(shutil.which("chromium"))
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--mute-audio",
-                "--window-size=1280,900", "--no-first-run", "--no-default-browser-check", "--disable-extensions",
+                "--window-size=1200,1000", "--no-first-run", "--no-default-browser-check", "--disable-extensions",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--disable-default-apps", "--hide-scrollbars"):
         options.add_argument(arg)
@@ -383,6 +411,7 @@ return {level: document.getElementById('level').dataset.dbfs,
         latency_count: document.getElementById('latency-count').textContent,
         hist: [...document.querySelectorAll('#latency-hist .bin')].map(b => b.title),
         queue: document.getElementById('queue-delivery').textContent,
+        delivered: document.getElementById('ledger-delivered').textContent,
         conversation: document.getElementById('conversation-id').textContent,
         replica: document.getElementById('replica').textContent,
         conn: document.getElementById('conn').textContent,
@@ -410,11 +439,10 @@ async def test_the_live_page_follows_a_real_run_in_chromium(clip_file: Path, chr
             samples.append(await asyncio.to_thread(driver.execute_script, PAGE_STATE_JS))
             await asyncio.sleep(0.2)
         await run
-        seen = watcher.pending()
-        print("KINDS", [e.kind for e in seen if e.kind != "level"])
-        echoes = [e for e in seen if e.kind == "echo"]
+        echoes = [e for e in watcher.pending() if e.kind == "echo"]
         watcher.close()
-        state = await _until_page(driver, lambda s: bool(s["latency"] and s["final"]), "the final text and latency")
+        state = await _until_page(driver, lambda s: bool(s["latency"] and s["final"] and s["delivered"] == "1"),
+                                  "the final text, its latency and the ledger")
         screenshot = tmp_path / "live-page.png"
         await asyncio.to_thread(driver.save_screenshot, str(screenshot))
 
@@ -432,7 +460,7 @@ async def test_the_live_page_follows_a_real_run_in_chromium(clip_file: Path, chr
     assert state["final"] == sink.sent[0].text
     assert state["outcome"] == "delivered"
     partial_seen = [s for s in samples if s["partial"] and not s["final"]]
-    assert partial_seen, "; ".join(f"{s['speaking']}|{s['partial']}|{s['final']}" for s in samples)
+    assert partial_seen, [(s["speaking"], s["partial"], s["final"]) for s in samples]
     assert word_recall(reference(CLIP), partial_seen[-1]["partial"]) > 0
     assert partial_seen[-1]["partial_color"] != partial_seen[-1]["final_color"]
     assert any(s["speaking"] == "you: speaking" for s in samples)
@@ -449,7 +477,7 @@ async def test_the_live_page_follows_a_real_run_in_chromium(clip_file: Path, chr
     assert re.fullmatch(r"\d+", state["queue"]), state["queue"]
     assert not errors, errors
     assert_all_local(urls, server.url)
-    assert any(u.startswith(f"{server.url}/events?token=") for u in urls)
+    assert any(u.startswith(f"{server.url}/events?partial=1&token=") for u in urls)
 
     png = screenshot.read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) < MAX_SCREENSHOT_BYTES, len(png)
@@ -479,7 +507,7 @@ async def test_the_page_and_docs_load_nothing_from_outside(chromium: Any) -> Non
         await _until_page(driver, lambda s: s["level"] == "-23.5", "the level event")
         page_urls = requested_urls(driver)
         assert_all_local(page_urls, server.url)
-        assert {f"{server.url}/", f"{server.url}/status", f"{server.url}/events"} <= set(page_urls)
+        assert {f"{server.url}/", f"{server.url}/status", f"{server.url}/events?partial=1"} <= set(page_urls)
         assert not console_errors(driver)
 
         # /docs: Swagger UI from /static/, rendering the whole schema, without the internet.

@@ -575,7 +575,8 @@ class HostileHandler(BaseHTTPRequestHandler):
             self.head(200, "application/json", len(data))
             self.wfile.write(data)
         elif route == "/big-ok":
-            self.reply_json({"text": "v" * 100_000})
+            # 80 kB: over the default reply limit (64 KB); the text is at max_text_chars' top.
+            self.reply_json({"text": "v" * 20_000, "padding": "x" * 60_000})
         else:
             self.head(404, "text/plain", 0)
 
@@ -652,11 +653,11 @@ async def test_request_timeout_bounds_the_whole_exchange(hostile: HostileServer,
 
 async def test_larger_limits_are_honoured(hostile: HostileServer) -> None:
     m = Metrics()
-    settings_ = TransformSettings(max_text_chars=200_000, steps=[
+    settings_ = TransformSettings(max_text_chars=20_000, steps=[
         TransformStep(step="webhook", url=hook_url(hostile, "/big-ok"), max_reply_bytes=200_000)])
     async with build_chain(settings_, m) as chain:
         out = await chain.run("hello there", meta())
-    assert out.text == "v" * 100_000
+    assert out.text == "v" * 20_000
 
 
 @pytest.mark.parametrize("value", [0, -1, "big", True, 1.5, 17 * 1024 * 1024])

@@ -45,7 +45,7 @@ from urllib.parse import parse_qsl
 import h11
 import numpy as np
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -943,18 +943,25 @@ def create_app(handle: RelayHandle, metrics: Metrics, settings: Settings) -> Fas
                                                         "a `: keep-alive` comment after 15 s without one"},
                         503: {"model": ErrorResponse, "description": "Too many event streams (or requests) "
                                                                      "already open; see Retry-After."}})
-    async def event_stream() -> Response:
+    async def event_stream(
+        partial: bool = Query(False, description="Also make interim decodes while the person speaks (`partial` "
+                                                 "events). They share the ASR's thread with the decodes that end "
+                                                 "an utterance, so they add latency; the live page asks for them."),
+        token: str | None = Query(None, description="The control token, for clients that cannot send "
+                                                    "Authorization (a browser's EventSource). URL-encode it."),
+    ) -> Response:
         """What the relay hears, decides and sends, as it happens (pipeline/events.py; docs/control-api.md
         "GET /events" lists every kind and field). Events are not replayed: a client that reconnects
         (EventSource does, with Last-Event-ID) gets those from then on, and one that reads too slowly
         loses the oldest (a gap in `seq`). With control.token set, send it as `Authorization: Bearer`
         or, from a browser's EventSource, as `?token=<token>`."""
+        del token  # checked by _Guard, in constant time, before this runs
         if len(streams) >= stream_limit:
             return error_response(503, f"too many event streams: {len(streams)} open (at most {stream_limit} "
                                        "with this control.max_connections); retry later",
                                   headers={"Retry-After": "5"})
         try:
-            sub = handle.events.subscribe()
+            sub = handle.events.subscribe(partial=partial)
         except TooManySubscribers as exc:
             return error_response(503, f"{exc}; retry later", headers={"Retry-After": "5"})
         streams.add(sub)
