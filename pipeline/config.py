@@ -492,7 +492,7 @@ class ControlSettings(_Section):
         import ipaddress  # here rather than at the top: only this class needs it
 
         # An RFC 1123 host name (plus "_", as in Compose service names) or a dotted IPv4 address, as
-        # pipeline/control/server.py parses Host headers; IPv6 is checked with ipaddress.
+        # pipeline/control/guard.py parses Host headers; IPv6 is checked with ipaddress.
         host_name = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*"
         out = []
         for i, raw in enumerate(hosts):

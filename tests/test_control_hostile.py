@@ -41,12 +41,8 @@ from hypothesis import strategies as st
 
 from pipeline.config import Settings, TransformSettings
 from pipeline.control.api import InterruptOutcome
-from pipeline.control.server import (
-    HEALTH_RESERVED_CONNECTIONS,
-    MAX_HEAD_BYTES,
-    ControlServer,
-    start_control_server,
-)
+from pipeline.control.guard import HEALTH_RESERVED_CONNECTIONS, MAX_HEAD_BYTES
+from pipeline.control.server import ControlServer, start_control_server
 from pipeline.events import EventBus
 from pipeline.metrics import Metrics
 

@@ -18,14 +18,10 @@ import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.config import Settings
-from pipeline.control import server as control_server
+from pipeline.control import guard as control_guard
 from pipeline.control.api import InterruptOutcome, QueueFull
-from pipeline.control.server import (
-    ControlServer,
-    ControlServerError,
-    RateLimiter,
-    start_control_server,
-)
+from pipeline.control.guard import RateLimiter
+from pipeline.control.server import ControlServer, ControlServerError, start_control_server
 from pipeline.events import EventBus
 from pipeline.metrics import Metrics
 
@@ -423,7 +419,7 @@ async def test_invalid_content_length_is_400(srv: Served) -> None:
 
 
 async def test_slow_body_is_408(srv: Served, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(control_server, "BODY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(control_guard, "BODY_TIMEOUT_S", 0.3)
     reader, writer = await asyncio.open_connection("127.0.0.1", srv.server.port)
     writer.write(b"POST /send_text_message HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: 100\r\n\r\n{\"properties\"")
