@@ -79,10 +79,13 @@ class Origin(enum.Enum):
 
 
 class Stage(enum.Enum):
-    """An item's lifecycle: QUEUED -> ACTIVE (the task works on it) -> SETTLED (accounted once)."""
+    """An item's lifecycle: QUEUED -> ACTIVE (the task works on it) [-> INTERRUPTED] -> SETTLED (accounted
+    once). An interrupt settles QUEUED items itself; it marks the ACTIVE one INTERRUPTED, and the task
+    accounts it at its next step."""
 
     QUEUED = "queued"
     ACTIVE = "active"
+    INTERRUPTED = "interrupted"
     SETTLED = "settled"
 
 
@@ -100,7 +103,6 @@ class QueuedEcho:
     inference_id: str | None = None
     done: bool = True
     stage: Stage = Stage.QUEUED
-    interrupted: bool = False  # an interrupt dropped it while ACTIVE: the task accounts it
 
     def known_text(self) -> str:
         """The words of this item as far as they are known (for logs of what was lost)."""
@@ -230,7 +232,7 @@ class Delivery:
                 self._undeliverable(item, "internal error (logged above)")
             finally:
                 self._active = None
-            if item.stage is Stage.ACTIVE and not self._interrupted(item):  # every path settles: a safety net
+            if not self._interrupted(item) and item.stage is Stage.ACTIVE:  # every path settles: a safety net
                 self._drop(item, "unsettled", ("delivery", "unsettled"))
 
     async def _process(self, item: QueuedEcho) -> None:
@@ -353,8 +355,8 @@ class Delivery:
                 self._drop(item, INTERRUPTED, metric=("delivery", INTERRUPTED))
                 dropped += 1
         active = self._active
-        if active is not None and active.stage is Stage.ACTIVE and not active.interrupted:
-            active.interrupted = True
+        if active is not None and active.stage is Stage.ACTIVE:
+            active.stage = Stage.INTERRUPTED
             dropped += 1
             if self._sending is not None:
                 self._sending.cancel()
@@ -374,9 +376,10 @@ class Delivery:
 
     def _interrupted(self, item: QueuedEcho) -> bool:
         """An interrupt dropped the active item: account it (once) and stop working on it."""
-        if item.interrupted and item.stage is Stage.ACTIVE:
-            self._drop(item, INTERRUPTED, metric=("delivery", INTERRUPTED))
-        return item.interrupted
+        if item.stage is not Stage.INTERRUPTED:
+            return False
+        self._drop(item, INTERRUPTED, metric=("delivery", INTERRUPTED))
+        return True
 
     # ------------------------------------------------------------------------------ accounting
     def _settle(self, item: QueuedEcho, status: str, text: str, reason: str | None = None) -> None:

@@ -287,6 +287,9 @@ def test_second_ctrl_c_exits_at_once_and_still_ends_the_conversation_it_created(
         while "waiting up to 60 s for the replica" not in log():
             assert proc.poll() is None and time.monotonic() < deadline, log()
             time.sleep(0.05)
+        # Into the first clip's speech (real time): the first Ctrl-C then closes that utterance, which waits
+        # for the replica in the drain. Before any speech there would be nothing to drain, and no second signal.
+        time.sleep(GAP_S + 1.0)
         proc.send_signal(signal.SIGINT)
         while "SIGINT: stopping capture" not in log():
             assert proc.poll() is None and time.monotonic() < deadline, log()
