@@ -158,6 +158,16 @@ def write_wav(path: Path, pcm: Pcm, rate: int = SAMPLE_RATE) -> None:
     path.write_bytes(wav_bytes(pcm, rate))
 
 
+def padded_clip_file(directory: Path, clip: str, lead_s: float = 0.5, tail_s: float = 1.0) -> Path:
+    """`clip` as a 16 kHz wav with `lead_s` of silence before it and `tail_s` after (the relay then sees a
+    speech start and a clean end): `directory/speech.wav`."""
+    path = directory / "speech.wav"
+    lead = np.zeros(round(lead_s * SAMPLE_RATE), np.int16)
+    tail = np.zeros(round(tail_s * SAMPLE_RATE), np.int16)
+    write_wav(path, np.concatenate([lead, load_pcm(clip), tail]))
+    return path
+
+
 # ----------------------------------------------------------------------------------------- ASR
 @functools.cache
 def real_engine() -> SyncAsrEngine:

@@ -29,9 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-from faults import FaultyAsr, RecordingSink, load_pcm, real_engine, reference, relay_settings, word_recall, write_wav
+from faults import (
+    FaultyAsr,
+    RecordingSink,
+    padded_clip_file,
+    real_engine,
+    reference,
+    relay_settings,
+    word_recall,
+)
 
 from pipeline.app import build_relay
 from pipeline.config import Settings
@@ -39,7 +46,6 @@ from pipeline.control import server as control_server
 from pipeline.control.api import InterruptOutcome
 from pipeline.control.server import ControlServer, max_event_streams, start_control_server
 from pipeline.events import MAX_SUBSCRIBERS, Event, EventBus
-from pipeline.frames import SAMPLE_RATE
 from pipeline.metrics import Metrics
 from tests.conftest import wer
 
@@ -56,10 +62,7 @@ INSTALL_HINT = ("run scripts/install.sh --dev (it installs Debian's chromium and
 # ------------------------------------------------------------------------------------ helpers
 @pytest.fixture(scope="module")
 def clip_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("page") / "speech.wav"
-    silence = np.zeros(SAMPLE_RATE // 2, np.int16)
-    write_wav(path, np.concatenate([silence, load_pcm(CLIP), silence, silence]))
-    return path
+    return padded_clip_file(tmp_path_factory.mktemp("page"), CLIP)
 
 
 async def until(predicate: Callable[[], Any], timeout_s: float = WAIT_S, what: str = "condition") -> Any:

@@ -7,12 +7,18 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from faults import FaultyAsr, RecordingSink, load_pcm, real_engine, reference, relay_settings, run_relay, write_wav
+from faults import (
+    FaultyAsr,
+    RecordingSink,
+    padded_clip_file,
+    real_engine,
+    reference,
+    relay_settings,
+    run_relay,
+)
 
 from pipeline.events import MAX_SUBSCRIBERS, Event, EventBus, TooManySubscribers
-from pipeline.frames import SAMPLE_RATE
 from pipeline.metrics import Metrics
 from tests.conftest import wer
 
@@ -21,10 +27,7 @@ CLIP = "mfa/61-70968-0000.flac"  # one long sentence (~6 s): several interim dec
 
 @pytest.fixture(scope="module")
 def clip_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("events") / "speech.wav"
-    silence = np.zeros(SAMPLE_RATE // 2, np.int16)
-    write_wav(path, np.concatenate([silence, load_pcm(CLIP), silence, silence]))
-    return path
+    return padded_clip_file(tmp_path_factory.mktemp("events"), CLIP)
 
 
 async def test_a_real_run_yields_the_documented_events_in_order(clip_file: Path) -> None:
