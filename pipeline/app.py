@@ -16,7 +16,7 @@ from typing import Any
 from pipeline.asr import BUILTIN_ENGINES as ASR_BUILTINS
 from pipeline.asr import make_asr_engine
 from pipeline.asr.base import AsrEngine, AsrError
-from pipeline.config import ConfigError, Settings, TavusSettings, secret_values
+from pipeline.config import ConfigError, EnvUse, Settings, TavusSettings, secret_values
 from pipeline.frames import UtteranceMeta
 from pipeline.logs import register_secret
 from pipeline.metrics import Metrics
@@ -280,6 +280,69 @@ async def run_daemon(settings: Settings, relay: Relay | None = None, *, view: bo
     if ledger.undeliverable:  # something was lost on the way out: the operator must notice
         log.error("%d message(s) could not be delivered (logged above with their text)", ledger.undeliverable)
         return EXIT_RUNTIME
+    return EXIT_OK
+
+
+async def run_serve(settings: Settings, tree: Mapping[str, Any], used: EnvUse | None = None) -> int:
+    """`echo-relay serve`: load the model once, serve the control API with /v1/relays, run relays until a
+    signal; then refuse new relays (/readyz 503), drain every relay, exit 0. A second signal exits at once
+    (130), ending the Tavus conversations the relays created."""
+    from pipeline.control.server import ControlServerError, create_serve_app, start_control_server
+    from pipeline.serve import RelayPool
+
+    register_settings_secrets(settings)
+    if not settings.control.enabled:
+        raise ConfigError("serve is driven through the control API: it cannot be disabled", "control.enabled")
+    problems = check_stages(settings, checks=("asr",))
+    if problems:
+        raise ConfigError.combine(problems)
+    try:
+        pool = RelayPool(settings, tree, used)
+    except PluginError as exc:
+        raise ConfigError(str(exc), "asr.engine") from None
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal(signame: str) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.warning("%s: refusing new relays, draining %d relay(s) (again to exit at once)", signame, pool.active)
+            pool.accepting = False
+            stop.set()
+        else:
+            log.warning("%s again: exiting now", signame)
+            for _rid, sink in pool.owned_conversations():
+                end_owned_conversation(sink, settings.tavus)
+            os._exit(EXIT_INTERRUPTED)
+
+    for sig in STOP_SIGNALS:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+    control = None
+    try:
+        try:
+            await pool.start()
+        except AsrError as exc:
+            raise StartupError(str(exc), EXIT_MODEL) from None
+        try:
+            control = await start_control_server(None, pool.metrics, settings,
+                                                 app=create_serve_app(pool, settings))
+        except ControlServerError as exc:
+            raise StartupError(str(exc), EXIT_PORT) from None
+        log.info("serve: up to %d relays; POST %s/v1/relays starts one", settings.serve.max_relays, control.url)
+        await stop.wait()
+        await pool.close()
+    finally:
+        if control is not None:
+            await control.stop()
+        for sig in STOP_SIGNALS:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+        if pool.accepting:  # start-up failed: nothing ran, but the engine may hold a thread
+            await pool.close()
+    log.info("serve: stopped; %d batch(es), %d utterance decode(s)", pool.scheduler.batches, pool.scheduler.decoded)
     return EXIT_OK
 
 

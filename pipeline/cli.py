@@ -89,6 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="live terminal view (level, speech, room, utterances, ledger); default: on when stdout "
                           "is a terminal and no console sink prints there")
 
+    srv = sub.add_parser("serve", formatter_class=fmt, epilog=EPILOG, help="serve many relays from one process",
+                         description=(
+        "Serve many relays from one process with one ASR model: POST /v1/relays on the control API\n"
+        "starts one (a source and a sink, or a Tavus conversation); docs/control-api.md describes the API.\n\n"
+        "examples:\n"
+        "  echo-relay serve --control-port 8000\n"
+        "  curl -X POST localhost:8000/v1/relays -H 'Content-Type: application/json' \\\n"
+        "       -d '{\"conversation_url\": \"https://tavus.daily.co/c123\"}'"))
+    _add_config_arg(srv)
+    srv.add_argument("--control-port", type=int, metavar="PORT", help="control API port (control.port; 0 = any)")
+    srv.add_argument("--max-relays", type=int, metavar="N", help="relays at once (serve.max_relays)")
+    srv.add_argument("--model", metavar="NAME", help="ASR model name or CTranslate2 directory (asr.model)")
+
     tr = sub.add_parser("transcribe", formatter_class=fmt, help="transcribe files with the relay's VAD and ASR",
                         description="Run files through the same VAD and ASR as `run` (as fast as possible,\n"
                                     "no transforms) and print the text.")
@@ -155,6 +168,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     view = want_view(args.view, settings)
     try:
         return asyncio.run(run_daemon(settings, view=view))
+    except StartupError as exc:
+        return _fail(str(exc), exc.status)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.app import StartupError, run_serve
+    overrides = {"control.port": args.control_port, "serve.max_relays": args.max_relays, "asr.model": args.model}
+    tree, used = load_tree(getattr(args, "config", None) or default_config_path(), overrides)
+    settings = validate_tree(tree, used)
+    _start_logging(args, settings)
+    try:
+        return asyncio.run(run_serve(settings, tree, used))
     except StartupError as exc:
         return _fail(str(exc), exc.status)
 
@@ -252,8 +277,8 @@ def _cmd_tavus(args: argparse.Namespace) -> int:
     return run_tavus(args, _settings(args))
 
 
-COMMANDS = {"run": _cmd_run, "transcribe": _cmd_transcribe, "devices": _cmd_devices, "config": _cmd_config,
-            "models": _cmd_models, "tavus": _cmd_tavus}
+COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "transcribe": _cmd_transcribe, "devices": _cmd_devices,
+            "config": _cmd_config, "models": _cmd_models, "tavus": _cmd_tavus}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -313,6 +313,17 @@ class OpenAIHttpSettings(_Section):
     retries: int = _num(2, ge=0, le=MAX_RETRIES, description="retries on connection errors and 5xx")
 
 
+class AsrBatchSettings(_Section):
+    """Shared ASR scheduling (pipeline/asr/scheduler.py): `serve`'s relays, and `run`'s own decodes."""
+
+    max_size: int = _num(8, ge=1, le=64, description="utterances decoded together at most")
+    max_wait_ms: int = _num(1000, ge=0, le=MAX_SHORT_MS, description="a request waiting this long goes first, "
+                                                                       "whatever its kind (final, speculative, "
+                                                                       "interim)")
+    gather_ms: int = _num(10, ge=0, le=1000, description="with several relays, an idle engine waits this long "
+                                                          "for utterances that end together")
+
+
 class AsrSettings(_Section):
     engine: str = Field("faster-whisper", description="faster-whisper | openai-http | entry point | dotted path")
     model: str = Field("tiny.en", description="model name (tiny.en, base.en, small.en, distil-...) or CTranslate2 dir")
@@ -331,6 +342,7 @@ class AsrSettings(_Section):
                                                                        "utterance is dropped")
     gate: GateSettings = GateSettings()
     openai_http: OpenAIHttpSettings = OpenAIHttpSettings()
+    batch: AsrBatchSettings = AsrBatchSettings()
 
 
 # ------------------------------------------------------------------------------------ transform
@@ -523,6 +535,15 @@ class ControlSettings(_Section):
         return out
 
 
+class ServeSettings(_Section):
+    """`echo-relay serve` (pipeline/serve.py): many relays in one process."""
+
+    max_relays: int = _num(16, ge=1, le=1000, description="relays at once; at capacity POST /v1/relays and "
+                                                           "/readyz answer 503")
+    keep_ended_s: float = _num(300.0, ge=0, le=MAX_WAIT_S, description="an ended relay stays listed (state, "
+                                                                       "ledger) this long")
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -537,6 +558,7 @@ class Settings(_Section):
     sink: SinkSettings = SinkSettings()
     tavus: TavusSettings = TavusSettings()
     control: ControlSettings = ControlSettings()
+    serve: ServeSettings = ServeSettings()
     logging: LoggingSettings = LoggingSettings()
     # Set by `validate_tree` (pipeline/config.py, loading): the key paths the environment filled in
     # and the strings never to print; `redacted_dump` and `secret_values` use them.

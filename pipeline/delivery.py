@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -45,6 +46,7 @@ from pipeline.transform.chain import TransformChain
 log = logging.getLogger(__name__)
 
 RECENT_ITEMS = 20  # kept for /status
+LATENCY_WINDOW = 1000  # latencies kept for latency_summary() (/status, GET /v1/relays/{id})
 QUEUE_POLL_S = 0.1  # put() waiting on a full queue re-checks for the drain deadline this often
 INTERRUPTED = "interrupted"  # ledger reason of echoes an interrupt dropped
 
@@ -124,6 +126,7 @@ class Delivery:
         self._now_s = now_s  # the stream clock (emitted_at_s)
         self.ledger = Ledger()
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_ITEMS)
+        self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)  # end of speech -> sent, last messages
         self._queue: asyncio.Queue[QueuedEcho | None] = asyncio.Queue(maxsize=settings.sink.queue_size)
         self._seq = 0
         self._active: QueuedEcho | None = None
@@ -133,6 +136,17 @@ class Delivery:
     @property
     def depth(self) -> int:
         return self._queue.qsize()
+
+    def latency_summary(self) -> dict[str, Any]:
+        """End of speech to sent over the last LATENCY_WINDOW speech messages: count, p50, p95 (seconds)."""
+        values = sorted(self.latencies)
+        if not values:
+            return {"count": 0, "p50_s": None, "p95_s": None}
+
+        def pct(q: float) -> float:
+            return round(values[max(0, math.ceil(q * len(values)) - 1)], 3)  # nearest rank
+
+        return {"count": len(values), "p50_s": pct(0.5), "p95_s": pct(0.95)}
 
     @property
     def sending(self) -> bool:
@@ -322,6 +336,7 @@ class Delivery:
         if self._active is not None and self._active.origin is Origin.SPEECH and self._paced:
             out.latency_s = max(0.0, out.emitted_at_s - out.audio_end_s)
             self.metrics.end_to_sent.observe(out.latency_s)
+            self.latencies.append(out.latency_s)
         t0 = time.perf_counter()
         sending = self._sending = asyncio.ensure_future(self.sink.send(out))
         try:

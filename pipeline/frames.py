@@ -46,6 +46,10 @@ class AudioFrame:
 
 
 EndReason = Literal["silence", "sentence_end", "max_length", "end_of_stream"]
+# Which decode of an utterance an ASR request is: the one that closes it, one made during a pause
+# in case the utterance ends there, or an interim one for watchers (pipeline/asr/scheduler.py orders
+# requests by it).
+DecodeKind = Literal["final", "speculative", "interim"]
 
 
 @dataclass(slots=True)
@@ -116,4 +120,5 @@ class UtteranceMeta:
     room: dict[str, Any] = field(default_factory=dict)
     # Transforms may set this to ask the sink to send audio instead of text (audio echo).
     modality: Literal["text", "audio"] = "text"
+    decode: DecodeKind = "final"  # for ASR engines and the shared scheduler
     extra: dict[str, Any] = field(default_factory=dict)

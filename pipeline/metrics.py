@@ -6,8 +6,15 @@ process and read exact values. Stages receive the `Metrics` object and never cre
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Callable, Iterable, Mapping
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+
+# ASR batch sizes (pipeline/asr/scheduler.py: asr.batch.max_size is at most 64).
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # Latency buckets (seconds) chosen around the targets: p50 <= 0.5 s, p95 <= 0.8 s end-of-speech to echo.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
@@ -53,6 +60,8 @@ class Metrics:
                                        registry=r)
         self.model_loaded = Gauge(p + "model_loaded", "1 once the ASR model is loaded and warm", registry=r)
 
+        self.asr = AsrSchedulingMetrics(r)  # `run`: this relay's own scheduler
+
     def drop(self, stage: str, reason: str) -> None:
         self.dropped.labels(stage=stage, reason=reason).inc()
 
@@ -63,3 +72,69 @@ class Metrics:
         """Current value of a sample (e.g. 'echo_relay_dropped_total'); 0 when absent. For tests/status."""
         v = self.registry.get_sample_value(name, labels or {})
         return float(v) if v is not None else 0.0
+
+
+
+class AsrSchedulingMetrics:
+    """The ASR scheduler's metrics (pipeline/asr/scheduler.py): in a relay's registry under `run`, in the
+    process's under `serve`, where one scheduler serves every relay."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        p = "echo_relay_"
+        self.batch_size = Histogram(p + "asr_batch_size", "utterances decoded together per ASR call",
+                                    buckets=BATCH_BUCKETS, registry=registry)
+        self.wait = Histogram(p + "asr_wait_seconds", "time a decode request waited for the ASR engine, by kind",
+                              ["kind"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.requests = Counter(p + "asr_requests", "ASR decode requests by kind and outcome (decoded, failed, "
+                                "cancelled before decoding, discarded after)", ["kind", "outcome"], registry=registry)
+
+
+class ServeMetrics:
+    """`echo-relay serve`'s /metrics: the process's own series (control API, the shared ASR scheduler,
+    relays by phase, refusals) and every relay's series with a `relay` label (`RelaysCollector`)."""
+
+    def __init__(self, relays: Callable[[], Mapping[str, Metrics]]) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "echo_relay_"
+        self.control_requests = Counter(p + "control_requests", "control API requests by endpoint and status",
+                                        ["endpoint", "status"], registry=r)
+        self.model_loaded = Gauge(p + "model_loaded", "1 once the ASR model is loaded and warm", registry=r)
+        self.relays = Gauge(p + "relays", "relays by phase", ["phase"], registry=r)
+        self.relays_refused = Counter(p + "relays_refused", "POST /v1/relays refused, by reason", ["reason"],
+                                      registry=r)
+        self.asr = AsrSchedulingMetrics(r)
+        own = {family.name for family in r.collect()}
+        r.register(RelaysCollector(relays, exclude=own))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        v = self.registry.get_sample_value(name, labels or {})
+        return float(v) if v is not None else 0.0
+
+
+class RelaysCollector(Collector):
+    """Every relay's registry as one set of metric families, each sample labelled with its relay's id.
+    Families the process reports itself (`exclude`: control requests, model state) are left out."""
+
+    def __init__(self, relays: Callable[[], Mapping[str, Metrics]], exclude: Iterable[str] = ()) -> None:
+        self._relays = relays
+        self._exclude = frozenset(exclude)
+
+    def collect(self) -> Iterable[Metric]:
+        families: dict[str, Metric] = {}
+        for relay_id, metrics in self._relays().items():
+            for family in metrics.registry.collect():
+                if family.name in self._exclude:
+                    continue
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = families[family.name] = Metric(family.name, family.documentation, family.type,
+                                                            family.unit)
+                merged.samples.extend(Sample(s.name, {"relay": relay_id, **s.labels}, s.value, s.timestamp,
+                                             s.exemplar) for s in family.samples)
+        return list(families.values())
+
+
+ControlMetrics = Metrics | ServeMetrics  # what the control API counts its requests in (`run`, `serve`)

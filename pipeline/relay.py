@@ -27,12 +27,22 @@ from typing import Any
 
 from pipeline import protocol
 from pipeline.asr.base import AsrEngine
+from pipeline.asr.scheduler import AsrScheduler, ScheduledAsr
 from pipeline.config import Settings
 from pipeline.control.api import InterruptOutcome
 from pipeline.delivery import Delivery, Ledger, Origin, QueuedEcho
 from pipeline.dsp import resample, rms_dbfs
 from pipeline.events import EventBus
-from pipeline.frames import SAMPLE_RATE, AudioFrame, Pcm, Transcript, Utterance, UtteranceMeta, ms_to_samples
+from pipeline.frames import (
+    SAMPLE_RATE,
+    AudioFrame,
+    DecodeKind,
+    Pcm,
+    Transcript,
+    Utterance,
+    UtteranceMeta,
+    ms_to_samples,
+)
 from pipeline.metrics import Metrics
 from pipeline.sink.base import Sink
 from pipeline.source.base import Source
@@ -62,12 +72,16 @@ class Relay:
     def __init__(self, settings: Settings, *, source: Source, sink: Sink, asr: AsrEngine, vad: VadStage,
                  chain: TransformChain, metrics: Metrics) -> None:
         self.settings = settings
-        self.source, self.sink, self.asr, self.vad, self.chain = source, sink, asr, vad, chain
+        self.source, self.sink, self.vad, self.chain = source, sink, vad, chain
+        # Decodes go through a scheduler (pipeline/asr/scheduler.py): `serve` hands every relay a client of
+        # one shared scheduler; alone, the relay schedules its own engine (final decodes before interim ones).
+        self.asr = asr if isinstance(asr, ScheduledAsr) else AsrScheduler(
+            asr, settings.asr.batch, metrics.asr).client("relay", owner=True)
         self.metrics = metrics
         self.events = EventBus(metrics, source.now_s)
         self.delivery = Delivery(settings, sink=sink, chain=chain, metrics=metrics, now_s=source.now_s,
                                  events=self.events, paced=source.paced)
-        self.speculator = Speculator(settings, metrics, self._transcribe)
+        self.speculator = Speculator(settings, metrics, lambda utt: self._transcribe(utt, "speculative"))
         self._model_loaded = False
         self._stopping = asyncio.Event()
         self._barge_pending: int | None = None  # speech start position awaiting barge_in_min_ms
@@ -115,6 +129,14 @@ class Relay:
             await self.asr.close()
             with contextlib.suppress(Exception):
                 await self.chain.aclose()
+
+    async def abandon(self) -> None:
+        """After a failed start(): release what it may have opened (the room and a conversation it created,
+        the output, the source, this relay's use of the ASR engine). `serve` carries on without it."""
+        closers = (lambda: self.sink.close(0.0), self.source.close, self.asr.close, self.chain.aclose)
+        for close in closers:
+            with contextlib.suppress(Exception):
+                await close()
 
     async def _watch_sink(self) -> None:
         """A conversation that ends server-side stops the relay: cleanly (exit 0 when everything was
@@ -242,8 +264,10 @@ class Relay:
             if utt is not None:
                 await self._utterance_closed(utt)
 
-    def _transcribe(self, utt: Utterance) -> asyncio.Future[Transcript]:
-        return asyncio.ensure_future(self.asr.transcribe(utt.audio, self._meta(utt)))
+    def _transcribe(self, utt: Utterance, kind: DecodeKind) -> asyncio.Future[Transcript]:
+        meta = self._meta(utt)
+        meta.decode = kind
+        return asyncio.ensure_future(self.asr.transcribe(utt.audio, meta))
 
     def _maybe_partial(self, pos: int) -> None:
         """An interim decode for watchers (never sent to the room). It runs on the ASR's thread, so it is
@@ -258,7 +282,7 @@ class Relay:
             return
         self._partial_at = pos
         self.metrics.partial_decodes.inc()
-        task = self._partial = self._transcribe(snap)
+        task = self._partial = self._transcribe(snap, "interim")
         task.add_done_callback(lambda t: self._partial_done(snap.id, t))
 
     def _partial_done(self, utterance_id: str, task: asyncio.Future[Transcript]) -> None:
@@ -274,7 +298,11 @@ class Relay:
         self.events.emit("speech_ended", utterance_id=utt.id, start_s=round(utt.audio_start_s, 3),
                          end_s=round(utt.audio_end_s, 3), reason=utt.reason)
         self._barge_pending = None
-        transcript = self.speculator.take(utt) or self._transcribe(utt)
+        transcript = self.speculator.take(utt)
+        if transcript is not None:
+            self.asr.promote(utt.id)  # if still waiting for the engine, it is this utterance's final decode now
+        else:
+            transcript = self._transcribe(utt, "final")
         # Backpressure: a full queue pauses capture here (docs/reliability.md).
         await self.delivery.put(QueuedEcho(Origin.SPEECH, self._meta(utt), utterance=utt, transcript=transcript))
 
@@ -333,6 +361,7 @@ class Relay:
 
     def status(self) -> dict[str, Any]:
         return {"room": self.sink.room.as_dict(), "conversation_id": self.sink.conversation_id,
+                "latency": self.delivery.latency_summary(),
                 "sink": self.sink.name, "source": self.source.name,
                 "model": {"engine": self.asr.name, "name": self.asr.model_name, "loaded": self._model_loaded},
                 "queues": {"delivery": self.delivery.depth}, "ledger": self.ledger.as_dict(),

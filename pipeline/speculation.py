@@ -60,6 +60,7 @@ class Speculator:
         spec, self._spec = self._spec, None
         if spec is not None:
             spec.task.add_done_callback(retrieve)
+            spec.task.cancel()  # still waiting for the engine: never decoded (pipeline/asr/scheduler.py)
             self.metrics.speculative.labels(outcome="discarded").inc()
             log.debug("speculative decode of %s discarded (%s)", spec.utterance_id, why)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from pipeline.frames import Pcm, Transcript, UtteranceMeta
@@ -16,6 +17,10 @@ class AsrError(Exception):
 class AsrEngine(ABC):
     name: str = "asr"
     model_name: str = ""
+    # True: the engine decodes one call at a time (one thread), so callers queue for it and it gets
+    # several utterances per `transcribe_batch` call (pipeline/asr/scheduler.py). False: calls may
+    # overlap (a remote server), and each goes to `transcribe` at once.
+    batching: bool = False
 
     async def load(self) -> None:  # noqa: B027 - optional hook
         """Load and warm up once, before the first utterance (no-op by default)."""
@@ -24,6 +29,11 @@ class AsrEngine(ABC):
     async def transcribe(self, audio: Pcm, meta: UtteranceMeta) -> Transcript:
         """Transcribe 16 kHz mono int16 `audio`. Must not block the event loop."""
 
+    async def transcribe_batch(self, items: Sequence[tuple[Pcm, UtteranceMeta]]) -> list[Transcript | BaseException]:
+        """Several utterances at once (the shared scheduler calls this, pipeline/asr/scheduler.py): a result
+        or an exception per item, in order. By default, `transcribe` on each, concurrently."""
+        return list(await asyncio.gather(*(self.transcribe(a, m) for a, m in items), return_exceptions=True))
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""
 
@@ -31,6 +41,8 @@ class AsrEngine(ABC):
 class SyncAsrEngine(AsrEngine):
     """Base for CPU-bound engines: implement `load_sync` and `transcribe_sync`; they run in a
     dedicated one-thread executor so the event loop never blocks and decodes never overlap."""
+
+    batching = True
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"asr-{self.name}")
@@ -41,11 +53,25 @@ class SyncAsrEngine(AsrEngine):
     @abstractmethod
     def transcribe_sync(self, audio: Pcm, meta: UtteranceMeta) -> Transcript: ...
 
+    def transcribe_batch_sync(self, items: Sequence[tuple[Pcm, UtteranceMeta]]) -> list[Transcript | Exception]:
+        """Override to decode several utterances in one call; by default one after the other."""
+        results: list[Transcript | Exception] = []
+        for audio, meta in items:
+            try:
+                results.append(self.transcribe_sync(audio, meta))
+            except Exception as exc:
+                results.append(exc)
+        return results
+
     async def load(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self.load_sync)
 
     async def transcribe(self, audio: Pcm, meta: UtteranceMeta) -> Transcript:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.transcribe_sync, audio, meta)
+
+    async def transcribe_batch(self, items: Sequence[tuple[Pcm, UtteranceMeta]]) -> list[Transcript | BaseException]:
+        loop = asyncio.get_running_loop()
+        return list(await loop.run_in_executor(self._executor, self.transcribe_batch_sync, list(items)))
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

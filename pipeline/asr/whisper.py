@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,6 +94,18 @@ class _Decode:
         return self.extra.get("degenerate")
 
 
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """One window to decode for one utterance (`_decode_windows` batches requests that share a window
+    and a temperature)."""
+
+    features: np.ndarray
+    window_s: int
+    temperature: float
+    budget: int | None  # token budget (None: the model's maximum)
+    language: str | None = None  # None: asr.language, else detected
+
+
 def load_whisper_model(path: Path, settings: AsrSettings) -> WhisperModel:
     """Load a CTranslate2 Whisper directory; any failure becomes a one-line AsrError."""
     check_model_dir(path)
@@ -128,7 +141,6 @@ class FasterWhisperEngine(SyncAsrEngine):
         self._prompts: dict[str, list[int]] = {}
         self._suppress: dict[str, list[int]] = {}
         self._fixed_language: str | None = None
-        self._f32 = np.zeros(FULL_WINDOW_S * SAMPLE_RATE, dtype=np.float32)  # int16 -> float32, reused
 
     # ------------------------------------------------------------------------------- loading
     @property
@@ -211,70 +223,96 @@ class FasterWhisperEngine(SyncAsrEngine):
         feats: np.ndarray = self._require_model().feature_extractor(audio)
         return feats[:, : feats.shape[-1] - 1]  # as faster-whisper: the last frame is padding
 
-    def _language_for(self, encoded: Any) -> str:
-        if self._fixed_language is not None:
-            return self._fixed_language
-        results = self._require_model().model.detect_language(encoded)
-        token, _prob = results[0][0]
-        language = str(token)[2:-2]
-        self._setup_language(language)
-        return language
+    def _languages(self, encoded: Any, requests: list[_Request]) -> list[str]:
+        """Each request's language: its own, else asr.language, else what the model detects."""
+        fixed = [r.language or self._fixed_language for r in requests]
+        if None in fixed:
+            for i, candidates in enumerate(self._require_model().model.detect_language(encoded)):
+                if fixed[i] is None:
+                    token, _prob = candidates[0]
+                    fixed[i] = str(token)[2:-2]
+        languages = [str(lang) for lang in fixed]
+        for lang in set(languages):
+            self._setup_language(lang)
+        return languages
 
     def _decode_window(self, features: np.ndarray, window_s: int, language: str | None, *,
                        temperature: float, budget: int | None) -> _Decode:
+        """One window of one utterance (a batch of one)."""
+        return self._decode_windows([_Request(features, window_s, temperature, budget, language)])[0]
+
+    def _decode_windows(self, requests: list[_Request]) -> list[_Decode]:
+        """Decode several utterances' windows in one CTranslate2 call: one encoder pass over the batch,
+        one batched generation. All requests share `window_s` and `temperature`; each keeps its own
+        token budget (checked on its own output: the batch generates up to the largest budget)."""
         model = self._require_model()
+        window_s, temperature = requests[0].window_s, requests[0].temperature
         t0 = time.perf_counter()
         frames = window_s * 100  # 10 ms feature frames
-        n_mels, n = features.shape
-        n = min(n, frames)
-        padded = np.zeros((1, n_mels, frames), dtype=np.float32)  # zero features, as faster-whisper pads
-        padded[0, :, :n] = features[:, :n]
+        n_mels = requests[0].features.shape[0]
+        padded = np.zeros((len(requests), n_mels, frames), dtype=np.float32)  # zero features, as faster-whisper pads
+        for i, r in enumerate(requests):
+            n = min(r.features.shape[1], frames)
+            padded[i, :, :n] = r.features[:, :n]
         encoded = model.model.encode(ctranslate2.StorageView.from_array(padded))
         t1 = time.perf_counter()
-        lang = language if language is not None else self._language_for(encoded)
-        tok = self._tokenizers[lang]
-        prompt = self._prompts[lang]
+        langs = self._languages(encoded, requests)
+        prompts = [self._prompts[lang] for lang in langs]
         greedy = temperature > 0 or self.settings.beam_size == 1
         model_max = int(getattr(model, "max_length", 448))
         # CTranslate2 counts the prompt (and, in 4.8, more) against max_length: give it room and
         # enforce the budget ourselves by checking the generated length.
-        max_length = model_max if budget is None else min(model_max, 2 * (budget + len(prompt)))
+        budgets = [r.budget for r in requests]
+        longest = max(len(p) for p in prompts)
+        max_length = model_max if None in budgets else min(model_max, 2 * (max(b or 0 for b in budgets) + longest))
         kwargs: dict[str, Any]
         if temperature > 0:
             kwargs = {"beam_size": 1, "num_hypotheses": 1, "sampling_topk": 0,
                       "sampling_temperature": temperature}
         else:
             kwargs = {"beam_size": self.settings.beam_size, "patience": 1.0}
-        result = model.model.generate(
-            encoded, [prompt], max_length=max_length, return_scores=True, return_no_speech_prob=True,
-            return_logits_vocab=greedy, suppress_blank=True, suppress_tokens=self._suppress[lang],
-            length_penalty=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, **kwargs)[0]
+        # The suppressed tokens are the tokenizer's special and non-speech tokens: the same for every language.
+        results = model.model.generate(
+            encoded, prompts, max_length=max_length, return_scores=True, return_no_speech_prob=True,
+            return_logits_vocab=greedy, suppress_blank=True, suppress_tokens=self._suppress[langs[0]],
+            length_penalty=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, **kwargs)
         t2 = time.perf_counter()
-        tokens = list(result.sequences_ids[0])
-        n_tok = len(tokens)
-        # faster-whisper's average log-probability (the score includes the end-of-text token).
-        avg_logprob = float(result.scores[0]) * n_tok / (n_tok + 1) if result.scores else 0.0
-        text = tok.decode(tokens).strip()
-        cr = compression_ratio(text)
-        truncated = (budget is not None and n_tok >= budget) or n_tok >= max_length - len(prompt) - 1
-        d = _Decode(tokens=tokens, text=text, avg_logprob=avg_logprob,
-                    no_speech_prob=float(result.no_speech_prob), compression_ratio=cr,
-                    temperature=temperature, window_s=float(window_s), truncated=truncated,
-                    encode_s=t1 - t0, generate_s=t2 - t1)
-        d.extra["language"] = lang
-        if truncated:
-            d.extra["degenerate"] = "token_budget"
-        elif cr > self.settings.gate.max_compression_ratio:
-            d.extra["degenerate"] = "compression_ratio"
-        elif has_repetition(text.split()):
-            d.extra["degenerate"] = "repeated_ngram"
-        elif window_s < FULL_WINDOW_S and is_doubled(text.split()):
-            d.extra["degenerate"] = "doubled_phrase"
-        if text and text[-1] in SENTENCE_END:
-            t3 = time.perf_counter()
-            d.final_punct_prob = self._final_punct_prob(result, tokens, tok, encoded, prompt, lang, greedy)
-            d.extra["punct_s"] = time.perf_counter() - t3
-        return d
+        decodes: list[_Decode] = []
+        encoder_out: np.ndarray | None = None  # per-item encoder output, only for beam search's punct pass
+        for i, (r, result, lang, prompt) in enumerate(zip(requests, results, langs, prompts, strict=True)):
+            tok = self._tokenizers[lang]
+            tokens = list(result.sequences_ids[0])
+            n_tok = len(tokens)
+            # faster-whisper's average log-probability (the score includes the end-of-text token).
+            avg_logprob = float(result.scores[0]) * n_tok / (n_tok + 1) if result.scores else 0.0
+            text = tok.decode(tokens).strip()
+            cr = compression_ratio(text)
+            truncated = (r.budget is not None and n_tok >= r.budget) or n_tok >= max_length - len(prompt) - 1
+            d = _Decode(tokens=tokens, text=text, avg_logprob=avg_logprob,
+                        no_speech_prob=float(result.no_speech_prob), compression_ratio=cr,
+                        temperature=temperature, window_s=float(window_s), truncated=truncated,
+                        encode_s=t1 - t0, generate_s=t2 - t1)
+            d.extra["language"] = lang
+            d.extra["batch"] = len(requests)
+            if truncated:
+                d.extra["degenerate"] = "token_budget"
+            elif cr > self.settings.gate.max_compression_ratio:
+                d.extra["degenerate"] = "compression_ratio"
+            elif has_repetition(text.split()):
+                d.extra["degenerate"] = "repeated_ngram"
+            elif window_s < FULL_WINDOW_S and is_doubled(text.split()):
+                d.extra["degenerate"] = "doubled_phrase"
+            if text and text[-1] in SENTENCE_END:
+                t3 = time.perf_counter()
+                item_encoded = encoded
+                if not greedy and len(requests) > 1:  # the forced pass decodes this item alone
+                    if encoder_out is None:
+                        encoder_out = np.array(encoded)
+                    item_encoded = ctranslate2.StorageView.from_array(np.ascontiguousarray(encoder_out[i:i + 1]))
+                d.final_punct_prob = self._final_punct_prob(result, tokens, tok, item_encoded, prompt, lang, greedy)
+                d.extra["punct_s"] = time.perf_counter() - t3
+            decodes.append(d)
+        return decodes
 
     def _final_punct_prob(self, result: Any, tokens: list[int], tok: Any, encoded: Any, prompt: list[int],
                           lang: str, greedy: bool) -> float | None:
@@ -305,9 +343,10 @@ class FasterWhisperEngine(SyncAsrEngine):
         prob = float(p[tokens[idx]] / p.sum())
         return min(1.0, max(prob, 1e-9))
 
-    def _decode_utterance(self, audio: np.ndarray, full_window: bool = False) -> _Decode:
-        duration = len(audio) / SAMPLE_RATE
-        features = self._features(audio)
+    def _decode_plan(self, features: np.ndarray, duration: float, full_window: bool = False
+                     ) -> Generator[_Request, _Decode, _Decode]:
+        """Decode one utterance: yields each window it needs decoded and receives the decode (the
+        caller batches the requests of several utterances)."""
         short = self.settings.short_window and not full_window
         first_window = self._window_s(duration) if short else FULL_WINDOW_S
         # Short window (greedy/beam, token budget) -> full window -> full window sampled at T > 0.
@@ -317,8 +356,7 @@ class FasterWhisperEngine(SyncAsrEngine):
         plan += [(FULL_WINDOW_S, t, None) for t in TEMPERATURE_FALLBACK]
         tried: list[_Decode] = []
         for window, temperature, budget in plan:
-            d = self._decode_window(features, window, self._fixed_language, temperature=temperature,
-                                    budget=budget)
+            d = yield _Request(features, window, temperature, budget)
             tried.append(d)
             if not d.degenerate_reason:
                 break
@@ -366,42 +404,87 @@ class FasterWhisperEngine(SyncAsrEngine):
         d.extra["attempts"] = 1
         return d
 
-    def _to_float(self, audio: Pcm) -> np.ndarray:
+    @staticmethod
+    def _to_float(audio: Pcm) -> np.ndarray:
+        """int16 (or float) audio -> float32 in [-1, 1), zero-padded to at least MIN_SAMPLES."""
         a = np.asarray(audio)
         n = len(a)
-        if n > len(self._f32):
-            self._f32 = np.zeros(n, dtype=np.float32)
-        buf = self._f32[: max(n, MIN_SAMPLES)]
+        buf = np.zeros(max(n, MIN_SAMPLES), dtype=np.float32)
         if np.issubdtype(a.dtype, np.integer):
             np.multiply(a, np.float32(1.0 / 32768.0), out=buf[:n], casting="unsafe")
         else:
             buf[:n] = a
-        buf[n:] = 0.0
         return buf
 
     def transcribe_sync(self, audio: Pcm, meta: UtteranceMeta) -> Transcript:
+        result = self.transcribe_batch_sync([(audio, meta)])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def transcribe_batch_sync(self, items: Sequence[tuple[Pcm, UtteranceMeta]]) -> list[Transcript | Exception]:
+        """Transcribe several utterances together. Each utterance's decode plan (short window, fallbacks,
+        second opinion) runs as it would alone, and the windows the plans ask for at the same step are
+        decoded in one batch when they share a window length and a temperature (most utterances are
+        under 9 s: the 10 s window). A failure is returned in its item's place."""
         if self._model is None:
             self.load_sync()
+        plans = [self._utterance_plan(a, m) for a, m in items]
+        results: list[Transcript | Exception | None] = [None] * len(plans)
+        waiting: dict[int, _Request] = {}
+
+        def advance(i: int, decode: _Decode | None) -> None:
+            try:
+                waiting[i] = plans[i].send(decode)  # type: ignore[arg-type]  # None starts the generator
+            except StopIteration as done:
+                results[i] = done.value
+            except Exception as exc:  # this utterance fails; the others go on
+                results[i] = exc
+
+        for i in range(len(plans)):
+            advance(i, None)
+        while waiting:
+            shape = next((r.window_s, r.temperature) for r in waiting.values())
+            batch = [i for i, r in waiting.items() if (r.window_s, r.temperature) == shape]
+            requests = [waiting.pop(i) for i in batch]
+            try:
+                decodes = self._decode_windows(requests)
+            except Exception as exc:  # CTranslate2 failed on the batch: each of its utterances fails
+                for i in batch:
+                    plans[i].close()
+                    results[i] = exc
+                continue
+            for i, d in zip(batch, decodes, strict=True):
+                advance(i, d)
+        return [r if r is not None else RuntimeError("the decode plan returned nothing") for r in results]
+
+    def _utterance_plan(self, audio: Pcm, meta: UtteranceMeta) -> Generator[_Request, _Decode, Transcript]:
+        """One utterance from audio to Transcript, yielding the windows it needs decoded."""
         t0 = time.perf_counter()
         s = self.settings
         dbfs = rms_dbfs(audio)
         samples = self._to_float(audio)
+        duration = len(samples) / SAMPLE_RATE
+        features: np.ndarray | None = None
         if len(samples) > FULL_WINDOW_S * SAMPLE_RATE:
-            d = self._decode_long(samples.copy())
+            d = self._decode_long(samples)  # several windows, by faster-whisper itself (not batched)
         else:
-            d = self._decode_utterance(samples)
+            features = self._features(samples)
+            d = yield from self._decode_plan(features, duration)
+
         def verdict(d: _Decode) -> str | None:
             return gate(d.text, no_speech_prob=d.no_speech_prob, avg_logprob=d.avg_logprob, audio_dbfs=dbfs,
                         settings=s.gate, compression_ratio_value=d.compression_ratio)
 
         reason = verdict(d)
-        if d.window_s < FULL_WINDOW_S and (reason in SECOND_OPINION_REASONS or self._doubtful(d)):
+        if features is not None and d.window_s < FULL_WINDOW_S and (reason in SECOND_OPINION_REASONS
+                                                                     or self._doubtful(d)):
             # A short window padded with many seconds of zero features makes Whisper doubt very short
             # and weak utterances (jfk's 1.4 s "ask not": "S not", no_speech 0.57-0.61, avg_logprob -1.16
             # with 10 s; "Ask not!", avg_logprob -0.67 with 30 s). Before dropping or mangling speech the
             # VAD found, ask the full window once: Whisper's trained window decides, both ways (0.3 s of
             # crowd noise: "Oh, my God." doubtful in 10 s, no_speech 0.74 with 30 s).
-            full = self._decode_utterance(samples, full_window=True)
+            full = yield from self._decode_plan(features, duration, full_window=True)
             full.encode_s += d.encode_s
             full.generate_s += d.generate_s
             full.extra["attempts"] = d.extra.get("attempts", 1) + full.extra.get("attempts", 1)

@@ -31,7 +31,7 @@ from fastapi.responses import Response
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pipeline.control.errors import error_body, error_response, json_bytes, shown
-from pipeline.metrics import Metrics
+from pipeline.metrics import ControlMetrics
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,13 @@ log = logging.getLogger(__name__)
 # (which may send any Host, e.g. the pod IP or a service name) must always get through, and it
 # answers nothing but "ok" and changes nothing, so a hostile page learns nothing it could not by timing.
 OPEN_PATHS = frozenset({"/healthz"})
+RELAY_PREFIX = "/v1/relays"  # `serve`: /v1/relays/{id}/... are one relay's endpoints
+_RELAY_PATH = re.compile(r"^/v1/relays/[^/]+(/[^/]*)?$")
 KNOWN_PATHS = frozenset({"/send_text_message", "/interrupt", "/status", "/healthz", "/readyz", "/metrics",
-                         "/openapi.json", "/docs", "/docs/oauth2-redirect", "/", "/events", "/static"})
+                         "/openapi.json", "/docs", "/docs/oauth2-redirect", "/", "/events", "/static",
+                         RELAY_PREFIX, RELAY_PREFIX + "/{id}",
+                         *(RELAY_PREFIX + "/{id}" + p for p in ("/send_text_message", "/interrupt", "/status",
+                                                                "/events"))})
 # The live page and its static files need no token (they hold no data, and a browser cannot send a header
 # when it opens a page); they still get the Host, Origin and rate checks. The page asks for the token.
 PAGE_PATH = "/"
@@ -289,7 +294,7 @@ class Guard:
     requests in progress -> body size limit (buffered, then replayed). /healthz skips all but the body."""
 
     def __init__(self, app: ASGIApp, *, token: str | None, max_body_bytes: int, limiter: RateLimiter,
-                 metrics: Metrics, browser: BrowserPolicy, max_in_flight: int) -> None:
+                 metrics: ControlMetrics, browser: BrowserPolicy, max_in_flight: int) -> None:
         self.app = app
         self.token = token.encode("utf-8") if token else None
         self.max_body_bytes = max_body_bytes
@@ -351,7 +356,7 @@ class Guard:
             return
         if (self.token is not None and not is_tokenless(path) and not self.browser.is_preflight(scope)
                 and not self._authorized(scope, path)):
-            also = f", or ?{EVENTS_TOKEN_PARAM}=<token> in the URL" if path == EVENTS_PATH else ""
+            also = f", or ?{EVENTS_TOKEN_PARAM}=<token> in the URL" if is_events_path(path) else ""
             await self._refuse(scope, receive, send, declared, error_response(
                 401, f"missing or invalid bearer token (send Authorization: Bearer <token>{also})",
                 field="Authorization", headers={"WWW-Authenticate": 'Bearer realm="echo-relay"'}))
@@ -432,7 +437,7 @@ class Guard:
                     if hmac.compare_digest(credentials.strip(), self.token):
                         return True
                     break
-        if path == EVENTS_PATH:
+        if is_events_path(path):
             candidate = _query_token(scope)
             return candidate is not None and hmac.compare_digest(candidate, self.token)
         return False
@@ -480,8 +485,21 @@ class Guard:
                               headers={"Connection": "close"})
 
     def _count(self, path: str, status: int) -> None:
-        endpoint = "/static" if path.startswith(STATIC_PREFIX) else path
+        endpoint = endpoint_of(path)
         count_request(self.metrics, endpoint if endpoint in KNOWN_PATHS else "other", str(status))
+
+
+def endpoint_of(path: str) -> str:
+    """A request path as a bounded metric label: relay ids become {id}, static files /static."""
+    if path.startswith(STATIC_PREFIX):
+        return "/static"
+    match = _RELAY_PATH.match(path)
+    return f"{RELAY_PREFIX}/{{id}}{match.group(1) or ''}" if match else path
+
+
+def is_events_path(path: str) -> bool:
+    """GET /events (`run`) or GET /v1/relays/{id}/events (`serve`): these also take ?token=."""
+    return endpoint_of(path) in (EVENTS_PATH, f"{RELAY_PREFIX}/{{id}}{EVENTS_PATH}")
 
 
 def is_tokenless(path: str) -> bool:
@@ -498,7 +516,7 @@ def _query_token(scope: Scope) -> bytes | None:
     return values[0].encode("latin-1") if len(values) == 1 else None
 
 
-def count_request(metrics: Metrics, endpoint: str, status: str) -> None:
+def count_request(metrics: ControlMetrics, endpoint: str, status: str) -> None:
     counter = getattr(metrics, "control_requests", None)  # optional: see docs/control-api.md
     if counter is not None:
         with contextlib.suppress(Exception):
@@ -523,7 +541,7 @@ class ConnectionLimits:
     (endpoint "connection") and logged at most once per OVERLOAD_LOG_EVERY_S.
     """
 
-    def __init__(self, max_connections: int, header_timeout_s: float, metrics: Metrics) -> None:
+    def __init__(self, max_connections: int, header_timeout_s: float, metrics: ControlMetrics) -> None:
         self.max_connections = max_connections
         self.header_timeout_s = header_timeout_s
         self.metrics = metrics

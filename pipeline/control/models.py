@@ -180,3 +180,66 @@ class ReadyResponse(BaseModel):
     ready: bool = Field(description="True when every check is true (HTTP 200); otherwise HTTP 503.")
     checks: dict[str, bool] = Field(
         description="The relay's readiness checks, e.g. model_loaded, sink_ready.")
+
+
+# ------------------------------------------------------------------------------- serve: relays
+MAX_SPEC_CHARS = 4096  # a source/sink SPEC: a path or a device name
+MAX_URL_CHARS = 2048
+
+
+class CreateRelayRequest(BaseModel):
+    """Body of `POST /v1/relays` (`echo-relay serve`): a relay's source and sink, and configuration
+    overrides; or a Tavus shortcut."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"conversation_url": "https://tavus.daily.co/c123456"},
+        {"source": "file:/data/talk.flac", "sink": "jsonl:/data/talk.jsonl", "config": {"vad": {"threshold": 0.4}}},
+    ]})
+
+    source: Annotated[Utf8Str, Field(min_length=1, max_length=MAX_SPEC_CHARS)] | None = Field(
+        default=None, description="SPEC as in `echo-relay run --source`: mic[:DEVICE] | file:PATH | daily. Default: "
+                                  "daily with a Tavus shortcut, else the configuration's source.spec.")
+    sink: Annotated[Utf8Str, Field(min_length=1, max_length=MAX_SPEC_CHARS)] | None = Field(
+        default=None, description="SPEC as in `echo-relay run --sink`: console | jsonl:PATH | daily. Default: daily "
+                                  "with a Tavus shortcut, else the configuration's sink.spec.")
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of the configuration for this relay: sections as in the config file "
+                    '({"vad": {"threshold": 0.4}}) or dotted keys ({"vad.threshold": 0.4}). The asr, control, '
+                    "serve and logging sections are shared by the process and cannot be overridden.")
+    conversation_url: Annotated[Utf8Str, Field(min_length=1, max_length=MAX_URL_CHARS)] | None = Field(
+        default=None, description="Tavus shortcut: join this conversation's Daily room, hear the user and echo "
+                                  "into the replica (source and sink default to daily).")
+    persona_id: Annotated[Utf8Str, Field(min_length=1, max_length=MAX_ID_CHARS)] | None = Field(
+        default=None, description="Tavus shortcut: create a conversation with this echo-mode persona (needs "
+                                  "TAVUS_API_KEY), join it as above, and end it when the relay is deleted.")
+
+
+class RelayCreated(BaseModel):
+    id: str = Field(description="The relay's id, for /v1/relays/{id}/...")
+    phase: str = Field(description="starting | running | draining | ended | failed")
+
+
+class LatencySummary(BaseModel):
+    count: int = Field(description="Speech messages measured (the last 1000 at most).")
+    p50_s: float | None = Field(description="Median end of speech to sent, seconds.")
+    p95_s: float | None = Field(description="95th percentile end of speech to sent, seconds.")
+
+
+class RelayInfo(BaseModel):
+    id: str
+    phase: str = Field(description="starting | running | draining | ended | failed")
+    error: str | None = Field(description="Why it failed (phase failed).")
+    created_at: str = Field(description="ISO 8601, UTC.")
+    source: str
+    sink: str
+    conversation_id: str | None
+    ledger: dict[str, Any] = Field(description="closed, delivered, dropped (by reason), undeliverable, in_flight, "
+                                               "unheard; as in GET /status.")
+    latency: LatencySummary
+
+
+class RelayList(BaseModel):
+    relays: list[RelayInfo]
+    active: int = Field(description="Relays starting, running or draining (counted against serve.max_relays).")
+    max_relays: int

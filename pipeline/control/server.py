@@ -29,13 +29,14 @@ import json
 import logging
 import math
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import uvicorn
-from fastapi import FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import Path as FastApiPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse, Response
@@ -65,15 +66,20 @@ from pipeline.control.guard import (
 )
 from pipeline.control.models import (
     DEFAULT_SAMPLE_RATE,
+    CreateRelayRequest,
     EchoRequest,
     ErrorResponse,
     HealthResponse,
     InterruptResponse,
     ReadyResponse,
+    RelayCreated,
+    RelayInfo,
+    RelayList,
     SendResponse,
 )
 from pipeline.events import MAX_SUBSCRIBERS, Event, Subscription, TooManySubscribers
-from pipeline.metrics import Metrics
+from pipeline.metrics import ControlMetrics, Metrics
+from pipeline.serve import RelayPhase, RelayPool, RelayRequest, RelayRequestError
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +98,7 @@ PAGE_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 's
 PAGE_HEADERS = {"Content-Security-Policy": PAGE_CSP, "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
                 "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
 SHUTDOWN_GRACE_S = 2  # in-flight requests get this long on stop()
+CAPACITY_RETRY_S = 5  # Retry-After of a 503 at capacity (serve)
 
 
 class ControlServerError(Exception):
@@ -254,23 +261,20 @@ _BODY_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_app(handle: RelayHandle, metrics: Metrics, settings: Settings) -> FastAPI:
-    """The FastAPI application (without the guard; `start_control_server` adds it)."""
-    ctl = settings.control
+RelayDependency = Callable[..., RelayHandle]
+
+
+def _new_app(settings: Settings, description: str) -> FastAPI:
+    """A FastAPI application with the control API's error handling (every error is an ErrorResponse)."""
     app = FastAPI(
         title="echo-relay control API",
         version="1",
-        description="Local control API of echo-relay. `POST /send_text_message` accepts the body of Tavus's "
-                    "echo-mode quickstart. With control.token set, every endpoint but /healthz, the live page "
-                    "(/) and its /static/ files needs `Authorization: Bearer <token>` (GET /events also takes "
-                    "it as `?token=`).",
+        description=description,
         docs_url=None,  # served below with local Swagger UI files: the default loads them from a CDN
         redoc_url=None,  # ReDoc would come from a CDN too: not served
     )
-    streams: set[Subscription] = set()  # open GET /events streams (ControlServer.stop closes them)
+    streams: set[Subscription] = set()  # open event streams (ControlServer.stop closes them)
     app.state.event_streams = streams
-    stream_limit = max_event_streams(ctl.max_connections)
-    page_html = _read_page("index.html")
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, exc: RequestValidationError) -> Response:
@@ -282,6 +286,12 @@ def create_app(handle: RelayHandle, metrics: Metrics, settings: Settings) -> Fas
     async def _on_field_error(request: Request, exc: FieldError) -> Response:
         return error_response(exc.status_code, str(exc), exc.field,
                               [{"field": exc.field, "message": exc.message, "type": exc.type}])
+
+    @app.exception_handler(RelayRequestError)
+    async def _on_relay_request(request: Request, exc: RelayRequestError) -> Response:
+        headers = {"Retry-After": str(CAPACITY_RETRY_S)} if exc.status == 503 else None
+        items = [{"field": exc.field, "message": exc.message, "type": "value_error"}] if exc.field else []
+        return error_response(exc.status, str(exc), exc.field, items, headers)
 
     @app.exception_handler(QueueFull)
     async def _on_queue_full(request: Request, exc: QueueFull) -> Response:
@@ -303,9 +313,22 @@ def create_app(handle: RelayHandle, metrics: Metrics, settings: Settings) -> Fas
                   type(exc).__name__, exc, exc_info=exc)
         return error_response(500, "internal error (see the relay's log)")
 
-    @app.post("/send_text_message", response_model=SendResponse, responses={**_ERRORS, **_BODY_ERRORS},
-              summary="Make the persona speak text or audio (Tavus echo quickstart body)")
-    async def send_text_message(body: EchoRequest) -> SendResponse:
+    return app
+
+
+def _relay_routes(app: FastAPI, settings: Settings, handle_of: RelayDependency, live_handle_of: RelayDependency
+                  ) -> APIRouter:
+    """The endpoints of one relay: at the root for `run`, under /v1/relays/{relay_id} for `serve`.
+    `handle_of` finds the relay; `live_handle_of` also requires that it still takes messages."""
+    ctl = settings.control
+    router = APIRouter()
+    any_relay, live_relay = Depends(handle_of), Depends(live_handle_of)  # FastAPI dependencies (defaults below)
+    streams: set[Subscription] = app.state.event_streams
+    stream_limit = max_event_streams(ctl.max_connections)
+
+    @router.post("/send_text_message", response_model=SendResponse, responses={**_ERRORS, **_BODY_ERRORS},
+                 summary="Make the persona speak text or audio (Tavus echo quickstart body)")
+    async def send_text_message(body: EchoRequest, handle: Any = live_relay) -> SendResponse:
         """Queue a `conversation.echo` for the room.
 
         modality "text": the text goes through the transform chain (unless
@@ -313,16 +336,17 @@ def create_app(handle: RelayHandle, metrics: Metrics, settings: Settings) -> Fas
         modality "audio": base64 s16le mono PCM at sample_rate, resampled to sink.audio_sample_rate
         and cut into chunks under the message size limit, closed by a silent done=true chunk.
         """
+        relay_settings: Settings = getattr(handle, "settings", settings)  # serve: the relay's own overrides
         p = body.properties
         done = True if p.done is None else p.done
-        through_transforms = settings.transform.through_control_api
+        through_transforms = relay_settings.transform.through_control_api
         if p.modality == "text":
             if p.text is None:
                 raise FieldError("properties.text", 'required when modality is "text"', type_="missing")
             limit, setting = ctl.max_text_chars, "control.max_text_chars"
             # Text the transform chain would drop as too long (pipeline/transform/chain.py) is refused here
             # instead, naming that setting: a 200 followed by a drop would be a silent loss to the caller.
-            chain_limit = getattr(settings.transform, "max_text_chars", None)
+            chain_limit = getattr(relay_settings.transform, "max_text_chars", None)
             if through_transforms and isinstance(chain_limit, int) and chain_limit < limit:
                 limit, setting = chain_limit, "transform.max_text_chars"
             if len(p.text) > limit:
@@ -344,10 +368,10 @@ def create_app(handle: RelayHandle, metrics: Metrics, settings: Settings) -> Fas
         log.debug("control API: %s echo %s (%s)", p.modality, ids, message)
         return SendResponse(message=message, modality=p.modality, inference_ids=ids)
 
-    @app.post("/interrupt", response_model=InterruptResponse,
-              responses={**_ERRORS, 415: _BODY_ERRORS[415], 413: _BODY_ERRORS[413]},
-              summary="Stop the persona mid-speech (conversation.interrupt)")
-    async def interrupt() -> InterruptResponse:
+    @router.post("/interrupt", response_model=InterruptResponse,
+                 responses={**_ERRORS, 415: _BODY_ERRORS[415], 413: _BODY_ERRORS[413]},
+                 summary="Stop the persona mid-speech (conversation.interrupt)")
+    async def interrupt(handle: Any = live_relay) -> InterruptResponse:
         """Send `conversation.interrupt` to the room right away (not queued behind pending echoes).
         Echoes queued or in progress are dropped first: they would start the replica again.
 
@@ -356,38 +380,20 @@ def create_app(handle: RelayHandle, metrics: Metrics, settings: Settings) -> Fas
         outcome = await handle.interrupt()
         return InterruptResponse(sent=outcome.sent, dropped_echoes=outcome.dropped, detail=outcome.detail)
 
-    @app.get("/status", responses=_ERRORS, summary="Relay state",
-             response_description="Room state, conversation id, model, queue depths, counters, recent "
-                                  "utterances (free-form JSON object from the relay)")
-    async def status() -> Response:
+    @router.get("/status", responses=_ERRORS, summary="Relay state",
+                response_description="Room state, conversation id, model, queue depths, counters, latency, "
+                                     "recent utterances (free-form JSON object from the relay)")
+    async def status(handle: Any = any_relay) -> Response:
         return _json(handle.status())
 
-    @app.get("/healthz", response_model=HealthResponse, summary="Liveness (no token needed)")
-    async def healthz() -> HealthResponse:
-        """200 whenever the relay's event loop is running (this endpoint is served by it)."""
-        return HealthResponse()
-
-    @app.get("/readyz", response_model=ReadyResponse,
-             responses={**_ERRORS, 503: {"model": ReadyResponse, "description": "Not ready: see `checks`."}},
-             summary="Readiness: model loaded and sink ready")
-    async def readyz() -> Response:
-        checks = {str(k): bool(v) for k, v in handle.readiness().items()}
-        ready = all(checks.values())
-        return _json(ReadyResponse(ready=ready, checks=checks).model_dump(), 200 if ready else 503)
-
-    @app.get("/metrics", responses={**_ERRORS, 200: {"content": {PROMETHEUS_CONTENT_TYPE: {}},
-                                                     "description": "Prometheus text exposition format"}},
-             response_class=Response, summary="Prometheus metrics")
-    async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
-
-    @app.get(EVENTS_PATH, response_class=Response, summary="Live event stream (Server-Sent Events)",
-             responses={**_ERRORS, 200: {"content": {"text/event-stream": {}},
-                                         "description": "`id: <seq>`, `event: <kind>`, `data: <JSON>` per event; "
-                                                        "a `: keep-alive` comment after 15 s without one"},
-                        503: {"model": ErrorResponse, "description": "Too many event streams (or requests) "
-                                                                     "already open; see Retry-After."}})
+    @router.get(EVENTS_PATH, response_class=Response, summary="Live event stream (Server-Sent Events)",
+                responses={**_ERRORS, 200: {"content": {"text/event-stream": {}},
+                                            "description": "`id: <seq>`, `event: <kind>`, `data: <JSON>` per event; "
+                                                           "a `: keep-alive` comment after 15 s without one"},
+                           503: {"model": ErrorResponse, "description": "Too many event streams (or requests) "
+                                                                        "already open; see Retry-After."}})
     async def event_stream(
+        handle: Any = any_relay,
         partial: bool = Query(False, description="Also make interim decodes while the person speaks (`partial` "
                                                  "events). They share the ASR's thread with the decodes that end "
                                                  "an utterance, so they add latency; the live page asks for them."),
@@ -411,13 +417,42 @@ def create_app(handle: RelayHandle, metrics: Metrics, settings: Settings) -> Fas
         streams.add(sub)
         return EventStreamResponse(sub, streams.discard)
 
-    @app.get(PAGE_PATH, response_class=HTMLResponse, summary="Live view (HTML page; no token needed)",
-             responses={k: v for k, v in _ERRORS.items() if k != 401})
-    async def live_page() -> Response:
-        """A self-contained page following GET /events: transcript, input level, latency, queues, drops,
-        room state and an Interrupt button. With control.token set, open it as `/#token=<token>` (the
-        fragment never leaves the browser) or type the token into the page."""
-        return Response(page_html, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+    return router
+
+
+def _process_routes(app: FastAPI, readiness: Callable[[], Mapping[str, bool]], render: Callable[[], bytes],
+                    *, page: bool) -> None:
+    """Liveness, readiness, metrics, the documentation and (for `run`) the live page."""
+
+    @app.get("/healthz", response_model=HealthResponse, summary="Liveness (no token needed)")
+    async def healthz() -> HealthResponse:
+        """200 whenever the process's event loop is running (this endpoint is served by it)."""
+        return HealthResponse()
+
+    @app.get("/readyz", response_model=ReadyResponse,
+             responses={**_ERRORS, 503: {"model": ReadyResponse, "description": "Not ready: see `checks`."}},
+             summary="Readiness: every check true")
+    async def readyz() -> Response:
+        checks = {str(k): bool(v) for k, v in readiness().items()}
+        ready = all(checks.values())
+        return _json(ReadyResponse(ready=ready, checks=checks).model_dump(), 200 if ready else 503)
+
+    @app.get("/metrics", responses={**_ERRORS, 200: {"content": {PROMETHEUS_CONTENT_TYPE: {}},
+                                                     "description": "Prometheus text exposition format"}},
+             response_class=Response, summary="Prometheus metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(render(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    if page:
+        page_html = _read_page("index.html")
+
+        @app.get(PAGE_PATH, response_class=HTMLResponse, summary="Live view (HTML page; no token needed)",
+                 responses={k: v for k, v in _ERRORS.items() if k != 401})
+        async def live_page() -> Response:
+            """A self-contained page following GET /events: transcript, input level, latency, queues, drops,
+            room state and an Interrupt button. With control.token set, open it as `/#token=<token>` (the
+            fragment never leaves the browser) or type the token into the page."""
+            return Response(page_html, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> Response:
@@ -432,6 +467,80 @@ def create_app(handle: RelayHandle, metrics: Metrics, settings: Settings) -> Fas
         return get_swagger_ui_oauth2_redirect_html()
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+
+
+def create_app(handle: RelayHandle, metrics: Metrics, settings: Settings) -> FastAPI:
+    """`run`'s application: one relay (without the guard; `start_control_server` adds it)."""
+    app = _new_app(settings, "Local control API of echo-relay. `POST /send_text_message` accepts the body of Tavus's "
+                             "echo-mode quickstart. With control.token set, every endpoint but /healthz, the live "
+                             "page (/) and its /static/ files needs `Authorization: Bearer <token>` (GET /events also "
+                             "takes it as `?token=`).")
+
+    def the_relay() -> RelayHandle:
+        return handle
+
+    app.include_router(_relay_routes(app, settings, the_relay, the_relay))
+    _process_routes(app, handle.readiness, metrics.render, page=True)
+    return app
+
+
+def create_serve_app(pool: RelayPool, settings: Settings) -> FastAPI:
+    """`serve`'s application: relays created, listed and deleted under /v1/relays, each with the
+    endpoints of `run` under /v1/relays/{relay_id}/."""
+    app = _new_app(settings, "Control API of `echo-relay serve`: many relays in one process, one ASR model. "
+                             "`POST /v1/relays` starts a relay (a source and a sink, or a Tavus conversation); "
+                             "each relay has the endpoints of `echo-relay run` under /v1/relays/{relay_id}/. "
+                             "With control.token set, every endpoint but /healthz needs `Authorization: Bearer "
+                             "<token>`.")
+    relay_id_param = FastApiPath(description="The relay's id (from POST /v1/relays).", max_length=64)
+
+    def relay_of(relay_id: str = relay_id_param) -> RelayHandle:
+        return pool.get(relay_id).relay
+
+    def live_relay_of(relay_id: str = relay_id_param) -> RelayHandle:
+        managed = pool.get(relay_id)
+        if managed.phase not in (RelayPhase.STARTING, RelayPhase.RUNNING):
+            raise FieldError("relay_id", f"relay {relay_id} is {managed.phase.value}: it takes no more messages",
+                             status_code=409, type_="relay_" + managed.phase.value)
+        return managed.relay
+
+    @app.post("/v1/relays", status_code=201, response_model=RelayCreated, tags=["relays"],
+              responses={**_ERRORS, **_BODY_ERRORS, 503: {"model": ErrorResponse, "description": (
+                  "At capacity (serve.max_relays relays running; /readyz is 503 too) or shutting down: send the "
+                  "conversation to another instance. See Retry-After.")}},
+              summary="Start a relay")
+    async def create_relay(body: CreateRelayRequest) -> RelayCreated:
+        """Start a relay with its own source, sink and configuration overrides, or a Tavus shortcut
+        (`conversation_url` joins a conversation, `persona_id` creates one). The relay starts in the
+        background: it is `starting` until its sink is ready (a Daily room joined), then `running`;
+        GET /v1/relays/{relay_id} follows it, and says why when it `failed`."""
+        managed = await pool.create(RelayRequest(source=body.source, sink=body.sink, config=body.config,
+                                                 conversation_url=body.conversation_url,
+                                                 persona_id=body.persona_id))
+        return RelayCreated(id=managed.id, phase=managed.phase.value)
+
+    @app.get("/v1/relays", response_model=RelayList, responses=_ERRORS, tags=["relays"], summary="List relays")
+    async def list_relays() -> RelayList:
+        """Every relay: running ones, and ended or failed ones for serve.keep_ended_s."""
+        relays = [RelayInfo.model_validate(m.describe()) for m in pool.list()]
+        return RelayList(relays=relays, active=pool.active, max_relays=settings.serve.max_relays)
+
+    @app.get("/v1/relays/{relay_id}", responses=_ERRORS, tags=["relays"], summary="One relay",
+             response_description="RelayInfo fields, plus room, ended and the relay's full status")
+    async def get_relay(relay_id: str = relay_id_param) -> Response:
+        return _json(pool.get(relay_id).describe(detail=True))
+
+    @app.delete("/v1/relays/{relay_id}", response_model=RelayInfo, responses=_ERRORS, tags=["relays"],
+                summary="Stop a relay and return its final state")
+    async def delete_relay(relay_id: str = relay_id_param) -> RelayInfo:
+        """Capture stops; what the person already said is delivered (until the relay's
+        sink.drain_timeout_s); the relay leaves its room, ends a conversation it created, and is
+        forgotten. The answer is its final state and ledger."""
+        return RelayInfo.model_validate(await pool.delete(relay_id))
+
+    app.include_router(_relay_routes(app, settings, relay_of, live_relay_of), prefix="/v1/relays/{relay_id}",
+                       tags=["one relay"])
+    _process_routes(app, pool.readiness, pool.metrics.render, page=False)
     return app
 
 
@@ -535,8 +644,10 @@ def _on_task_done(task: asyncio.Task[None]) -> None:
         log.error("control API server failed: %s", task.exception())
 
 
-async def start_control_server(handle: RelayHandle, metrics: Metrics, settings: Settings) -> ControlServer:
-    """Serve the control API in the current event loop; return once it is listening.
+async def start_control_server(handle: RelayHandle | None, metrics: ControlMetrics, settings: Settings, *,
+                               app: FastAPI | None = None) -> ControlServer:
+    """Serve the control API in the current event loop (`run`'s for `handle`, or `app`); return once it
+    is listening.
 
     Raises ControlServerError (one line) when the port cannot be bound or a non-loopback host has
     no control.token.
@@ -545,7 +656,9 @@ async def start_control_server(handle: RelayHandle, metrics: Metrics, settings: 
     token = ctl.token.get_secret_value() if ctl.token is not None else None
     if not is_loopback(ctl.host) and not token:
         raise ControlServerError(f"refusing to serve the control API on {ctl.host} without control.token")
-    app = create_app(handle, metrics, settings)
+    if app is None:
+        assert handle is not None and isinstance(metrics, Metrics)
+        app = create_app(handle, metrics, settings)
     browser = BrowserPolicy.from_settings(ctl.host, ctl.allowed_hosts, ctl.cors_origins)
     inner: ASGIApp = app
     if browser.cors_origins:  # CORS stays closed unless control.cors_origins names pages

@@ -1,0 +1,279 @@
+"""Shared ASR scheduling: one engine (one model in memory) decoding for one or many relays.
+
+Every relay transcribes through a `ScheduledAsr`, a client of an `AsrScheduler` (`run` has one
+relay and its own scheduler; `serve` shares one scheduler between all its relays). A request waits
+in the scheduler until the engine is free; then one dispatch takes up to `asr.batch.max_size`
+waiting requests and decodes them in one `transcribe_batch` call (faster-whisper: one encoder pass
+and one batched generation, pipeline/asr/whisper.py).
+
+Engines whose calls may overlap (`AsrEngine.batching` false: a remote server, most user engines)
+are not queued: each request goes to their `transcribe` at once.
+
+Which requests go first::
+
+    waited >= asr.batch.max_wait_ms ─▶ first, oldest first      (a bound on waiting: nothing starves)
+    else by kind:  final ─▶ speculative ─▶ interim              (UtteranceMeta.decode)
+    within a kind: oldest first, one request per relay per round (fair between relays)
+
+- A speculative decode that the relay takes as its utterance's final decode is promoted
+  (`ScheduledAsr.promote`). One the relay discards before it is dispatched is never decoded.
+- `asr.batch.gather_ms`: with several relays, an idle engine waits this long after the first
+  request for others to join its batch (relays whose utterances end together).
+- A failure of one item (its exception) is that item's; a failure of the whole batch call is each
+  of its items'. Nothing here drops a request: every one ends with a result, an exception, or its
+  caller's cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.asr.base import AsrEngine
+from pipeline.config import AsrBatchSettings
+from pipeline.frames import DecodeKind, Pcm, Transcript, UtteranceMeta
+from pipeline.metrics import AsrSchedulingMetrics
+
+log = logging.getLogger(__name__)
+
+KIND_ORDER: dict[DecodeKind, int] = {"final": 0, "speculative": 1, "interim": 2}
+
+
+@dataclass(eq=False, slots=True)
+class _Request:
+    client: str
+    audio: Pcm
+    meta: UtteranceMeta
+    future: asyncio.Future[Transcript]
+    queued_at: float = field(default_factory=time.monotonic)
+    seq: int = 0
+
+
+def pick(waiting: Sequence[_Request], max_size: int, max_wait_s: float, now: float) -> list[_Request]:
+    """The next batch (pure: the order rule of the module docstring)."""
+    def key(r: _Request) -> tuple[int, int, float, int]:
+        overdue = now - r.queued_at >= max_wait_s
+        return (0 if overdue else 1, 0 if overdue else KIND_ORDER[r.meta.decode], r.queued_at, r.seq)
+
+    ordered = sorted(waiting, key=key)
+    batch: list[_Request] = []
+    taken: Counter[str] = Counter()  # requests taken per client so far
+    level = 0
+    while len(batch) < min(max_size, len(ordered)):
+        for r in ordered:  # each pass takes at most one more request per client
+            if len(batch) < max_size and taken[r.client] == level and r not in batch:
+                batch.append(r)
+                taken[r.client] += 1
+        level += 1
+    return batch
+
+
+class AsrScheduler:
+    """Queues transcription requests from its clients and decodes them in batches on one engine."""
+
+    def __init__(self, engine: AsrEngine, settings: AsrBatchSettings,
+                 metrics: AsrSchedulingMetrics | None = None) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self._waiting: list[_Request] = []
+        self._wake: asyncio.Event | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._load_lock: asyncio.Lock | None = None
+        self._loaded = False
+        self._clients: set[str] = set()
+        self._seq = itertools.count()
+        self.batches = 0  # dispatches so far
+        self.decoded = 0  # requests decoded so far
+
+    @property
+    def name(self) -> str:
+        return str(getattr(self.engine, "name", "asr"))
+
+    @property
+    def model_name(self) -> str:
+        return str(getattr(self.engine, "model_name", ""))
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    @property
+    def depth(self) -> int:
+        return len(self._waiting)
+
+    def client(self, client_id: str, *, owner: bool = False) -> ScheduledAsr:
+        """The engine as one relay sees it. `owner`: closing this client closes the scheduler and the
+        engine (`run`); shared clients only detach (`serve` closes the scheduler itself)."""
+        if client_id in self._clients:
+            raise ValueError(f"ASR client {client_id!r} exists")
+        self._clients.add(client_id)
+        return ScheduledAsr(self, client_id, owner)
+
+    async def load(self) -> None:
+        """Load the engine once, however many clients ask."""
+        if self._load_lock is None:
+            self._load_lock = asyncio.Lock()
+        async with self._load_lock:
+            if not self._loaded:
+                load = getattr(self.engine, "load", None)
+                if load is not None:
+                    await load()
+                self._loaded = True
+
+    async def transcribe(self, client_id: str, audio: Pcm, meta: UtteranceMeta) -> Transcript:
+        if not getattr(self.engine, "batching", False):
+            return await self._pass_through(audio, meta)
+        loop = asyncio.get_running_loop()
+        request = _Request(client_id, audio, meta, loop.create_future(), seq=next(self._seq))
+        self._waiting.append(request)
+        self._ensure_dispatcher()
+        assert self._wake is not None
+        self._wake.set()
+        try:
+            return await request.future
+        finally:
+            if not request.future.done():  # the caller gave up (a discarded speculation, a deadline)
+                request.future.cancel()
+            if request in self._waiting:  # never dispatched: never decoded
+                self._waiting.remove(request)
+                self._count(request, "cancelled")
+
+    async def _pass_through(self, audio: Pcm, meta: UtteranceMeta) -> Transcript:
+        if self.metrics is not None:
+            self.metrics.wait.labels(kind=meta.decode).observe(0.0)
+        try:
+            result = await self.engine.transcribe(audio, meta)
+        except asyncio.CancelledError:
+            if self.metrics is not None:
+                self.metrics.requests.labels(kind=meta.decode, outcome="cancelled").inc()
+            raise
+        except Exception:
+            if self.metrics is not None:
+                self.metrics.requests.labels(kind=meta.decode, outcome="failed").inc()
+            raise
+        if self.metrics is not None:
+            self.metrics.requests.labels(kind=meta.decode, outcome="decoded").inc()
+        self.decoded += 1
+        return result
+
+    def promote(self, client_id: str, utterance_id: str) -> None:
+        """A waiting speculative decode of this utterance now stands for its final decode."""
+        for r in self._waiting:
+            if r.client == client_id and r.meta.utterance_id == utterance_id and r.meta.decode == "speculative":
+                r.meta.decode = "final"
+
+    def detach(self, client_id: str) -> None:
+        self._clients.discard(client_id)
+
+    async def close(self) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher
+            self._dispatcher = None
+        for r in self._waiting:
+            if not r.future.done():
+                r.future.set_exception(RuntimeError("the ASR engine was closed"))
+        self._waiting.clear()
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            await close()
+
+    # ------------------------------------------------------------------------------ dispatch
+    def _ensure_dispatcher(self) -> None:
+        if self._dispatcher is None or self._dispatcher.done():
+            self._wake = asyncio.Event()
+            self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(), name="asr-dispatch")
+
+    async def _dispatch(self) -> None:
+        assert self._wake is not None
+        s = self.settings
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._waiting:
+                continue
+            if s.gather_ms > 0 and len(self._clients) > 1 and len(self._waiting) < s.max_size:
+                await asyncio.sleep(s.gather_ms / 1000)  # let utterances ending together share the batch
+            batch = pick(self._waiting, s.max_size, s.max_wait_ms / 1000, time.monotonic())
+            for r in batch:
+                self._waiting.remove(r)
+            batch = [r for r in batch if not r.future.done()]
+            if batch:
+                await self._decode(batch)
+            if self._waiting:
+                self._wake.set()
+
+    async def _decode(self, batch: list[_Request]) -> None:
+        now = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(batch))
+            for r in batch:
+                self.metrics.wait.labels(kind=r.meta.decode).observe(now - r.queued_at)
+        self.batches += 1
+        items = [(r.audio, r.meta) for r in batch]
+        try:
+            batch_call = getattr(self.engine, "transcribe_batch", None)
+            if batch_call is not None:
+                results: list[Any] = list(await batch_call(items))
+            else:  # a user engine with transcribe() only
+                results = list(await asyncio.gather(*(self.engine.transcribe(a, m) for a, m in items),
+                                                    return_exceptions=True))
+        except asyncio.CancelledError:
+            for r in batch:
+                r.future.cancel()
+            raise
+        except Exception as exc:
+            results = [exc] * len(batch)
+        log.debug("ASR batch of %d (%s) decoded in %.3f s", len(batch),
+                  ", ".join(f"{r.client}/{r.meta.utterance_id}/{r.meta.decode}" for r in batch), time.monotonic() - now)
+        if len(results) != len(batch):
+            results = [RuntimeError(f"the ASR engine returned {len(results)} results for {len(batch)} utterances")
+                       ] * len(batch)
+        for r, result in zip(batch, results, strict=True):
+            if r.future.done():
+                self._count(r, "discarded")  # decoded, but its caller had given up meanwhile
+            elif isinstance(result, BaseException):
+                self._count(r, "failed")
+                r.future.set_exception(result)
+            else:
+                self._count(r, "decoded")
+                self.decoded += 1
+                r.future.set_result(result)
+
+    def _count(self, r: _Request, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.requests.labels(kind=r.meta.decode, outcome=outcome).inc()
+
+
+class ScheduledAsr(AsrEngine):
+    """One relay's view of a shared engine: `transcribe` goes through the scheduler."""
+
+    def __init__(self, scheduler: AsrScheduler, client_id: str, owner: bool) -> None:
+        self.scheduler = scheduler
+        self.client_id = client_id
+        self.owner = owner
+        self.name = scheduler.name
+        self.model_name = scheduler.model_name
+
+    async def load(self) -> None:
+        await self.scheduler.load()
+
+    async def transcribe(self, audio: Pcm, meta: UtteranceMeta) -> Transcript:
+        return await self.scheduler.transcribe(self.client_id, audio, meta)
+
+    def promote(self, utterance_id: str) -> None:
+        self.scheduler.promote(self.client_id, utterance_id)
+
+    async def close(self) -> None:
+        self.scheduler.detach(self.client_id)
+        if self.owner:
+            await self.scheduler.close()
