@@ -322,6 +322,9 @@ class AsrBatchSettings(_Section):
                                                                        "interim)")
     gather_ms: int = _num(10, ge=0, le=1000, description="with several relays, an idle engine waits this long "
                                                           "for utterances that end together")
+    round_window_s: int = _num(80, ge=30, le=1920, description="seconds of Whisper windows one decode round may "
+                                                               "encode (8 x 10 s, 2 x 30 s): bounds how long a round "
+                                                               "holds the others up")
 
 
 class AsrSettings(_Section):
@@ -542,6 +545,9 @@ class ServeSettings(_Section):
                                                            "/readyz answer 503")
     keep_ended_s: float = _num(300.0, ge=0, le=MAX_WAIT_S, description="an ended relay stays listed (state, "
                                                                        "ledger) this long")
+    file_roots: list[str] = Field(default_factory=list, description="directories under which POST /v1/relays may "
+                                                                    "name files (file: sources, jsonl: sinks, step "
+                                                                    "files); empty = no file paths through the API")
 
 
 class LoggingSettings(_Section):
@@ -583,7 +589,7 @@ _SECRET_KEY = re.compile(r"(?:^|[_-])(?:token|secret|password|passwd|key|apikey|
                          r"credentials?)$", re.IGNORECASE)
 # Transform step options holding paths (`words_file`, and by the same convention `file`, `path`,
 # `dir`, `*_path`, `*_dir`): relative ones are resolved against the config file like source.spec.
-_PATH_OPTION = re.compile(r"(?:^|_)(?:file|path|dir)$")
+PATH_OPTION = re.compile(r"(?:^|_)(?:file|path|dir)$")
 # A literal that looks like a credential (16+ characters of token alphabet, letters and digits):
 # never quoted in an error, even under an ordinary key (a token pasted into the wrong key).
 _TOKEN_SHAPED = re.compile(r"(?=[^\s]*[0-9])(?=[^\s]*[A-Za-z])[A-Za-z0-9_.+=~-]{16,}")
@@ -1017,7 +1023,7 @@ def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> None:
     for step in steps if isinstance(steps, list) else []:
         if isinstance(step, dict):
             for option, value in step.items():
-                if isinstance(option, str) and _PATH_OPTION.search(option) and isinstance(value, str):
+                if isinstance(option, str) and PATH_OPTION.search(option) and isinstance(value, str):
                     step[option] = rebase(value)
 
 

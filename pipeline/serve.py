@@ -18,7 +18,11 @@ opened; the other relays and the scheduler go on. Ended and failed relays stay l
 
 Configuration: each relay's settings are the process's configuration (file, environment) with the
 request's `source`, `sink`, Tavus shortcut and `config` overrides applied, validated like a config
-file. The sections shared by the whole process (`SHARED_SECTIONS`) cannot be overridden per relay.
+file. What a request may change is narrower than what a config file may say (`request_problem`):
+a config file is the operator's, a request is any API client's. The sections shared by the whole
+process (`SHARED_SECTIONS`) are not per relay; code is loaded only from the config file (per relay,
+transform steps and VAD engines are built-in ones, and not `webhook`, which calls out); files are
+named only under `serve.file_roots`.
 """
 
 from __future__ import annotations
@@ -30,25 +34,31 @@ import enum
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from pipeline.asr import make_asr_engine
 from pipeline.asr.base import AsrEngine
 from pipeline.asr.scheduler import AsrScheduler
-from pipeline.config import ConfigError, EnvUse, Settings, dotted, validate_tree
+from pipeline.config import PATH_OPTION, ConfigError, EnvUse, Settings, dotted, validate_tree
 from pipeline.metrics import Metrics, ServeMetrics
 from pipeline.relay import Relay
 from pipeline.sink import SinkError
 from pipeline.source.base import SourceError
+from pipeline.specs import SpecError, parse_sink_spec, parse_source_spec
+from pipeline.transform import BUILTINS as TRANSFORM_BUILTINS
+from pipeline.vad import BUILTIN_ENGINES as VAD_BUILTINS
 
 log = logging.getLogger(__name__)
 
 # One per process: the model and its scheduling, the control API, serve itself, logging.
 SHARED_SECTIONS = ("asr", "control", "serve", "logging")
 DELETE_GRACE_S = 5.0  # DELETE waits the relay's drain deadline plus this for it to finish
+# Built-in transform steps a request may use: local ones (`webhook` sends the text to a URL).
+REQUEST_STEPS = frozenset(TRANSFORM_BUILTINS) - {"webhook"}
 # Request fields that set a configuration key (their errors name the field, not the key).
 FIELD_KEYS = {"source.spec": "source", "sink.spec": "sink", "tavus.conversation_url": "conversation_url",
               "tavus.persona_id": "persona_id"}
@@ -146,6 +156,52 @@ def _override_keys(overrides: Mapping[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
+def _paths(settings: Settings) -> Iterator[tuple[str, str]]:
+    """(key, path) of every file a relay's settings name: its source, outputs and step files."""
+    try:
+        kind, arg = parse_source_spec(settings.source.spec)
+        if kind == "file":
+            yield "source.spec", str(arg)
+        for key, spec in [("sink.spec", settings.sink.spec),
+                          *((f"sink.also[{i}]", spec) for i, spec in enumerate(settings.sink.also))]:
+            sink_kind, sink_arg = parse_sink_spec(spec)
+            if sink_kind == "jsonl" and sink_arg:
+                yield key, sink_arg
+    except SpecError:  # validated already; nothing to add
+        return
+    for i, step in enumerate(settings.transform.steps):
+        for option, value in step.options.items():
+            if PATH_OPTION.search(option) and isinstance(value, str):
+                yield f"transform.steps[{i}].{option}", value
+
+
+def request_problem(base: Settings, relay: Settings) -> tuple[str, str] | None:
+    """(key, why) when a relay's settings take from a request what only the config file may say (see the
+    module docstring); None when they do not. Compared with the process's settings, so what the config
+    file itself says is never refused."""
+    if relay.transform.steps != base.transform.steps:
+        for i, step in enumerate(relay.transform.steps):
+            if step.step not in REQUEST_STEPS:
+                return (f"transform.steps[{i}].step", f"{step.step!r} cannot be set per relay: steps are built-in "
+                        f"({', '.join(sorted(REQUEST_STEPS))}); others load code, so they come from the config file")
+    if relay.vad.engine != base.vad.engine and relay.vad.engine not in VAD_BUILTINS:
+        return "vad.engine", (f"{relay.vad.engine!r} cannot be set per relay: built-in engines only "
+                              f"({', '.join(VAD_BUILTINS)})")
+    if relay.sink.daily.module != base.sink.daily.module:
+        return "sink.daily.module", "cannot be set per relay (it names a module to import)"
+    roots = [Path(r).resolve() for r in base.serve.file_roots]
+    base_paths = dict(_paths(base))
+    for key, path in _paths(relay):
+        if base_paths.get(key) == path:
+            continue
+        resolved = Path(path).expanduser().resolve()
+        if not any(resolved.is_relative_to(root) for root in roots):
+            where = (f"under serve.file_roots ({', '.join(map(str, roots))})" if roots
+                     else "set serve.file_roots to allow files through the API")
+            return key, f"{path} is not a file this API may name: {where}"
+    return None
+
+
 class RelayPool:
     """The relays of one `serve` process, their shared ASR scheduler and admission control."""
 
@@ -214,10 +270,14 @@ class RelayPool:
             if value is not None:
                 merge_overrides(tree, {key: value})
         try:
-            return validate_tree(tree, self._used)
+            settings = validate_tree(tree, self._used)
         except ConfigError as exc:
             first = exc.problems[0]
             raise RelayRequestError(self._field(first.key, request), first.message) from None
+        problem = request_problem(self.settings, settings)
+        if problem is not None:
+            raise RelayRequestError(self._field(problem[0], request), problem[1])
+        return settings
 
     @staticmethod
     def _field(key: str | None, request: RelayRequest) -> str:
@@ -227,8 +287,6 @@ class RelayPool:
 
     async def create(self, request: RelayRequest) -> ManagedRelay:
         """Build and start a relay (it runs in its own task). Raises RelayRequestError (4xx) or AtCapacity."""
-        from pipeline.app import PREFLIGHT_RUN, build_relay, check_stages
-
         self.prune()
         if not self.accepting:
             self.metrics.relays_refused.labels(reason="shutting_down").inc()
@@ -237,20 +295,7 @@ class RelayPool:
             self.metrics.relays_refused.labels(reason="capacity").inc()
             raise AtCapacity(self.active, self.settings.serve.max_relays)
         try:
-            settings = self.settings_for(request)
-            checks = tuple(c for c in (*PREFLIGHT_RUN, "transform", "source_file", "sink_file") if c != "asr")
-            problems = check_stages(settings, checks=checks)
-            if problems:
-                raise RelayRequestError(self._field(problems[0].key, request), problems[0].message)
-            relay_id = uuid.uuid4().hex[:12]
-            try:
-                relay = build_relay(settings, metrics=Metrics(), asr=self.scheduler.client(relay_id))
-            except ConfigError as exc:
-                raise RelayRequestError(self._field(exc.key, request), exc.message) from None
-            except SourceError as exc:
-                raise RelayRequestError(self._field("source.spec", request), str(exc)) from None
-            except SinkError as exc:
-                raise RelayRequestError(self._field("sink.spec", request), str(exc)) from None
+            relay_id, relay = self._build(request)
         except RelayRequestError:
             self.metrics.relays_refused.labels(reason="invalid").inc()
             raise
@@ -258,8 +303,33 @@ class RelayPool:
         self._relays[relay_id] = managed
         managed.task = asyncio.get_running_loop().create_task(self._run(managed), name=f"relay-{relay_id}")
         self._publish()
-        log.info("relay %s created: %s -> %s", relay_id, settings.source.spec, settings.sink.spec)
+        log.info("relay %s created: %s -> %s", relay_id, relay.settings.source.spec, relay.settings.sink.spec)
         return managed
+
+    def _build(self, request: RelayRequest) -> tuple[str, Relay]:
+        """The relay's stages, checked as `run` checks them before it starts (nothing is opened yet)."""
+        from pipeline.app import PREFLIGHT_RUN, build_relay, check_stages
+
+        settings = self.settings_for(request)
+        checks = tuple(c for c in (*PREFLIGHT_RUN, "transform", "source_file", "sink_file") if c != "asr")
+        problems = check_stages(settings, checks=checks)
+        if problems:
+            raise RelayRequestError(self._field(problems[0].key, request), problems[0].message)
+        relay_id = uuid.uuid4().hex[:12]
+        client = self.scheduler.client(relay_id)
+        try:
+            return relay_id, build_relay(settings, metrics=Metrics(), asr=client)
+        except ConfigError as exc:
+            problem = RelayRequestError(self._field(exc.key, request), exc.message)
+        except SourceError as exc:
+            problem = RelayRequestError(self._field("source.spec", request), str(exc))
+        except SinkError as exc:
+            problem = RelayRequestError(self._field("sink.spec", request), str(exc))
+        except BaseException:
+            self.scheduler.detach(relay_id)
+            raise
+        self.scheduler.detach(relay_id)
+        raise problem
 
     def get(self, relay_id: str) -> ManagedRelay:
         managed = self._relays.get(relay_id)

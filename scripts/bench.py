@@ -400,6 +400,13 @@ def parse_args() -> argparse.Namespace:
                     help="also measure CPU during 30 s of silence (+45 s); reported with the clean stream only")
     ap.add_argument("--models", default="base.en,small.en,distil-small.en",
                     help="other models to run with the default config when they are available locally")
+    ap.add_argument("--relays", metavar="N[,N...]",
+                    help="instead: N relays replaying the clean stream in one `echo-relay serve` against N "
+                         "`echo-relay run` processes (scripts/bench_relays.py), e.g. 1,2,4,8,16")
+    ap.add_argument("--relay-modes", default="sync,staggered", help="--relays start patterns: sync, staggered")
+    ap.add_argument("--relay-processes", default="1,4,8",
+                    help="--relays: the N for which separate run processes are measured too ('' = none)")
+    ap.add_argument("--stagger-s", type=float, default=20.0, help="--relays staggered: offsets in [0, this) s")
     ap.add_argument("--write", type=Path, help="write the report (markdown) to this file")
     ap.add_argument("--keep", type=Path, help="keep the stream, configs and jsonl here")
     return ap.parse_args()
@@ -454,6 +461,8 @@ def main() -> int:
     clips: list[Clip] = []
     pieces: list[hard_audio.Item] = []
     stream, hard_stream = work / "stream.wav", work / "hard.wav"
+    if args.relays:
+        return relays_main(args, norm, work)
     if args.stream in ("clean", "both"):
         clips = load_clips(args.set)
         print(f"{len(clips)} clips, {sum(len(c.audio) for c in clips) / SR:.1f} s of speech; offline pass ...",
@@ -500,6 +509,29 @@ def main() -> int:
     if args.write:
         cmd = "python scripts/bench.py " + shlex.join(sys.argv[1:])
         args.write.write_text(render_markdown(results, clips, hard_results, pieces, cmd, args))
+        print(f"wrote {args.write}", file=sys.stderr)
+    return 0
+
+
+def relays_main(args: argparse.Namespace, norm, work: Path) -> int:  # type: ignore[no-untyped-def]
+    """--relays: scripts/bench_relays.py's serve-against-processes comparison on the clean stream."""
+    import bench_relays
+
+    clips = load_clips(args.set)
+    stream = work / "stream.wav"
+    build_stream(clips, args.gap, stream)
+    stream_s = len(decode_file(stream)) / SR
+    ns = [int(x) for x in args.relays.split(",") if x]
+    process_ns = [int(x) for x in args.relay_processes.split(",") if x]
+    modes = [m for m in args.relay_modes.split(",") if m]
+    overrides = [kv for v in args.variant for kv in v.partition("=")[2].split(",") if kv]
+    runs = bench_relays.bench_relays(clips, stream, work, norm, ns, modes, process_ns, args.stagger_s, overrides)
+    text = bench_relays.report(runs, len(clips), stream_s, args.stagger_s)
+    print(text)
+    if args.write:
+        cmd = "python scripts/bench.py " + shlex.join(sys.argv[1:])
+        args.write.write_text(f"# Relays\n\nMeasured {date.today().isoformat()} on {machine()}.\n\n"
+                              f"Command: `{cmd}`\n\n{text}\n")
         print(f"wrote {args.write}", file=sys.stderr)
     return 0
 

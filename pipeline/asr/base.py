@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from pipeline.frames import Pcm, Transcript, UtteranceMeta
+
+T = TypeVar("T")
 
 
 class AsrError(Exception):
@@ -65,6 +68,10 @@ class SyncAsrEngine(AsrEngine):
 
     async def load(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self.load_sync)
+
+    async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` in the engine's thread, after the decodes already there."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def transcribe(self, audio: Pcm, meta: UtteranceMeta) -> Transcript:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.transcribe_sync, audio, meta)

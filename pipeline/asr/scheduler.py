@@ -3,8 +3,15 @@
 Every relay transcribes through a `ScheduledAsr`, a client of an `AsrScheduler` (`run` has one
 relay and its own scheduler; `serve` shares one scheduler between all its relays). A request waits
 in the scheduler until the engine is free; then one dispatch takes up to `asr.batch.max_size`
-waiting requests and decodes them in one `transcribe_batch` call (faster-whisper: one encoder pass
-and one batched generation, pipeline/asr/whisper.py).
+waiting requests and decodes them together.
+
+Engines with the round API (`RoundEngine`: faster-whisper, pipeline/asr/whisper.py) are driven one
+decode round at a time: an utterance's decode is a plan of windows (short window, then fallbacks
+and second opinions when needed), and one round decodes, in one batch, the next window of the
+utterances that need the same window, at most `asr.batch.round_window_s` seconds of windows. An
+utterance that needs another round goes back to the queue, so the fallback of one utterance (two
+30 s windows: ~1 s on two cores) never holds up the first decode of the others for longer than a
+round. Other batching engines get all their requests in one `transcribe_batch` call.
 
 Engines whose calls may overlap (`AsrEngine.batching` false: a remote server, most user engines)
 are not queued: each request goes to their `transcribe` at once.
@@ -13,7 +20,8 @@ Which requests go first::
 
     waited >= asr.batch.max_wait_ms ─▶ first, oldest first      (a bound on waiting: nothing starves)
     else by kind:  final ─▶ speculative ─▶ interim              (UtteranceMeta.decode)
-    within a kind: oldest first, one request per relay per round (fair between relays)
+    within a kind: first rounds before later ones, then oldest first, one request per relay per pass
+                                                                 (fair between relays)
 
 - A speculative decode that the relay takes as its utterance's final decode is promoted
   (`ScheduledAsr.promote`). One the relay discards before it is dispatched is never decoded.
@@ -32,9 +40,9 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from pipeline.asr.base import AsrEngine
 from pipeline.config import AsrBatchSettings
@@ -42,8 +50,32 @@ from pipeline.frames import DecodeKind, Pcm, Transcript, UtteranceMeta
 from pipeline.metrics import AsrSchedulingMetrics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 KIND_ORDER: dict[DecodeKind, int] = {"final": 0, "speculative": 1, "interim": 2}
+
+
+class RoundRequest(Protocol):
+    """One window a `RoundEngine` plan asks for: requests with equal `key` share a batch; `cost` is
+    what `asr.batch.round_window_s` bounds (seconds of window to encode)."""
+
+    @property
+    def key(self) -> Hashable: ...
+
+    @property
+    def cost(self) -> float: ...
+
+
+@runtime_checkable
+class RoundEngine(Protocol):
+    """An engine decoded round by round (pipeline/asr/whisper.py). `plan` and `decode_round` are called
+    through `run_sync`, in the engine's own thread."""
+
+    def plan(self, audio: Pcm, meta: UtteranceMeta) -> Generator[Any, Any, Transcript]: ...
+
+    def decode_round(self, requests: list[Any]) -> list[Any]: ...
+
+    async def run_sync(self, fn: Callable[..., T], *args: Any) -> T: ...
 
 
 @dataclass(eq=False, slots=True)
@@ -54,13 +86,27 @@ class _Request:
     future: asyncio.Future[Transcript]
     queued_at: float = field(default_factory=time.monotonic)
     seq: int = 0
+    ready_at: float = 0.0  # when it last became ready for a round (queued_at, then after each round)
+    # Round engines: the utterance's plan, the window it waits for, and its outcome once the plan ends.
+    plan: Generator[Any, Any, Transcript] | None = None
+    pending: Any = None
+    outcome: Transcript | Exception | None = None
+
+    def __post_init__(self) -> None:
+        self.ready_at = self.ready_at or self.queued_at
+
+    @property
+    def started(self) -> bool:
+        return self.plan is not None
 
 
 def pick(waiting: Sequence[_Request], max_size: int, max_wait_s: float, now: float) -> list[_Request]:
     """The next batch (pure: the order rule of the module docstring)."""
-    def key(r: _Request) -> tuple[int, int, float, int]:
-        overdue = now - r.queued_at >= max_wait_s
-        return (0 if overdue else 1, 0 if overdue else KIND_ORDER[r.meta.decode], r.queued_at, r.seq)
+    def key(r: _Request) -> tuple[int, int, bool, float, int]:
+        overdue = now - r.ready_at >= max_wait_s
+        if overdue:
+            return (0, 0, False, r.ready_at, r.seq)
+        return (1, KIND_ORDER[r.meta.decode], r.started, r.ready_at, r.seq)
 
     ordered = sorted(waiting, key=key)
     batch: list[_Request] = []
@@ -204,11 +250,14 @@ class AsrScheduler:
             if s.gather_ms > 0 and len(self._clients) > 1 and len(self._waiting) < s.max_size:
                 await asyncio.sleep(s.gather_ms / 1000)  # let utterances ending together share the batch
             batch = pick(self._waiting, s.max_size, s.max_wait_ms / 1000, time.monotonic())
-            for r in batch:
-                self._waiting.remove(r)
-            batch = [r for r in batch if not r.future.done()]
-            if batch:
-                await self._decode(batch)
+            if isinstance(self.engine, RoundEngine):
+                await self._round(batch)
+            else:
+                for r in batch:
+                    self._waiting.remove(r)
+                batch = [r for r in batch if not r.future.done()]
+                if batch:
+                    await self._decode(batch)
             if self._waiting:
                 self._wake.set()
 
@@ -239,15 +288,93 @@ class AsrScheduler:
             results = [RuntimeError(f"the ASR engine returned {len(results)} results for {len(batch)} utterances")
                        ] * len(batch)
         for r, result in zip(batch, results, strict=True):
-            if r.future.done():
-                self._count(r, "discarded")  # decoded, but its caller had given up meanwhile
-            elif isinstance(result, BaseException):
-                self._count(r, "failed")
-                r.future.set_exception(result)
-            else:
-                self._count(r, "decoded")
-                self.decoded += 1
-                r.future.set_result(result)
+            self._settle(r, result)
+
+    async def _round(self, batch: list[_Request]) -> None:
+        """One decode round (RoundEngine): start the plans of new requests, decode the next window of
+        those that share the first one's key (within round_window_s), settle the finished ones."""
+        assert isinstance(self.engine, RoundEngine)
+        batch = [r for r in batch if not r.future.done()]
+        now = time.monotonic()
+        if self.metrics is not None:
+            for r in batch:
+                if not r.started:
+                    self.metrics.wait.labels(kind=r.meta.decode).observe(now - r.queued_at)
+        try:
+            decoded = await self.engine.run_sync(self._round_sync, batch)
+        except asyncio.CancelledError:
+            for r in batch:
+                r.future.cancel()
+            raise
+        self.batches += 1
+        if self.metrics is not None and decoded:
+            self.metrics.batch_size.observe(len(decoded))
+        log.debug("ASR round of %d (%s) in %.3f s", len(decoded), ", ".join(
+            f"{r.client}/{r.meta.utterance_id}/{r.meta.decode}" for r in decoded), time.monotonic() - now)
+        done_at = time.monotonic()
+        for r in decoded:
+            r.ready_at = done_at
+        for r in batch:
+            if r.outcome is None and not r.future.done():
+                continue  # it needs another round
+            if r.plan is not None and r.outcome is None:
+                r.plan.close()  # its caller gave up mid-plan: no more rounds for it
+            if r in self._waiting:  # else transcribe() removed it when its caller gave up, and counted it
+                self._waiting.remove(r)
+                self._settle(r, r.outcome)
+
+    def _round_sync(self, batch: list[_Request]) -> list[_Request]:
+        """In the engine's thread: the round itself. Returns the requests it decoded a window of."""
+        engine = self.engine
+        assert isinstance(engine, RoundEngine)
+        for r in batch:
+            if r.plan is None:
+                try:
+                    r.plan = engine.plan(r.audio, r.meta)
+                except Exception as exc:
+                    r.outcome = exc
+                    continue
+                self._advance(r, None)
+        live = [r for r in batch if r.outcome is None and r.pending is not None]
+        if not live:
+            return []
+        key = live[0].pending.key
+        group: list[_Request] = []
+        cost = 0.0
+        for r in live:
+            if r.pending.key == key and (not group or cost + r.pending.cost <= self.settings.round_window_s):
+                group.append(r)
+                cost += r.pending.cost
+        try:
+            results = engine.decode_round([r.pending for r in group])
+        except Exception as exc:  # the batch failed: each of its utterances fails
+            for r in group:
+                r.outcome = exc
+            return group
+        for r, result in zip(group, results, strict=True):
+            self._advance(r, result)
+        return group
+
+    @staticmethod
+    def _advance(r: _Request, value: Any) -> None:
+        assert r.plan is not None
+        try:
+            r.pending = r.plan.send(value)
+        except StopIteration as finished:
+            r.pending, r.outcome = None, finished.value
+        except Exception as exc:  # this utterance fails; the others go on
+            r.pending, r.outcome = None, exc
+
+    def _settle(self, r: _Request, result: Transcript | BaseException | None) -> None:
+        if r.future.done():
+            self._count(r, "discarded" if result is not None else "cancelled")
+        elif isinstance(result, BaseException) or result is None:
+            self._count(r, "failed")
+            r.future.set_exception(result or RuntimeError("the decode ended without a result"))
+        else:
+            self._count(r, "decoded")
+            self.decoded += 1
+            r.future.set_result(result)
 
     def _count(self, r: _Request, outcome: str) -> None:
         if self.metrics is not None:

@@ -70,6 +70,7 @@ TOKENS_MARGIN = 16  # ... plus this
 TEMPERATURE_FALLBACK = (0.2, 0.4)  # tried only when greedy decoding loops even on the full window
 MIN_SAMPLES = SAMPLE_RATE // 10  # shorter audio is zero-padded to 0.1 s (the STFT needs some samples)
 WARMUP_S = 1.0
+ENCODE_MAX_FRAMES = FULL_WINDOW_S * 100  # feature frames per encoder pass: one full window, or 3 x 10 s
 
 
 @dataclass(slots=True)
@@ -104,6 +105,16 @@ class _Request:
     temperature: float
     budget: int | None  # token budget (None: the model's maximum)
     language: str | None = None  # None: asr.language, else detected
+
+    @property
+    def key(self) -> tuple[int, float]:
+        """Requests with the same key can be decoded in one batch."""
+        return self.window_s, self.temperature
+
+    @property
+    def cost(self) -> float:
+        """Window seconds to encode (the encoder dominates a decode on CPU)."""
+        return float(self.window_s)
 
 
 def load_whisper_model(path: Path, settings: AsrSettings) -> WhisperModel:
@@ -254,7 +265,7 @@ class FasterWhisperEngine(SyncAsrEngine):
         for i, r in enumerate(requests):
             n = min(r.features.shape[1], frames)
             padded[i, :, :n] = r.features[:, :n]
-        encoded = model.model.encode(ctranslate2.StorageView.from_array(padded))
+        encoded = self._encode(padded)
         t1 = time.perf_counter()
         langs = self._languages(encoded, requests)
         prompts = [self._prompts[lang] for lang in langs]
@@ -313,6 +324,18 @@ class FasterWhisperEngine(SyncAsrEngine):
                 d.extra["punct_s"] = time.perf_counter() - t3
             decodes.append(d)
         return decodes
+
+    def _encode(self, features: np.ndarray) -> Any:
+        """Encoder output of a batch of padded features. Encoded a few windows at a time: on CPU the
+        encoder gains nothing from larger batches (8 windows take 8-9 times one), while its attention
+        memory grows with batch x window^2 (8 x 30 s windows: ~430 MB of scores)."""
+        model = self._require_model()
+        per_pass = max(1, ENCODE_MAX_FRAMES // features.shape[-1])
+        if len(features) <= per_pass:
+            return model.model.encode(ctranslate2.StorageView.from_array(features))
+        parts = [np.array(model.model.encode(ctranslate2.StorageView.from_array(features[i:i + per_pass])))
+                 for i in range(0, len(features), per_pass)]
+        return ctranslate2.StorageView.from_array(np.ascontiguousarray(np.concatenate(parts)))
 
     def _final_punct_prob(self, result: Any, tokens: list[int], tok: Any, encoded: Any, prompt: list[int],
                           lang: str, greedy: bool) -> float | None:
@@ -444,11 +467,11 @@ class FasterWhisperEngine(SyncAsrEngine):
         for i in range(len(plans)):
             advance(i, None)
         while waiting:
-            shape = next((r.window_s, r.temperature) for r in waiting.values())
-            batch = [i for i, r in waiting.items() if (r.window_s, r.temperature) == shape]
+            key = next(iter(waiting.values())).key
+            batch = [i for i, r in waiting.items() if r.key == key]
             requests = [waiting.pop(i) for i in batch]
             try:
-                decodes = self._decode_windows(requests)
+                decodes = self.decode_round(requests)
             except Exception as exc:  # CTranslate2 failed on the batch: each of its utterances fails
                 for i in batch:
                     plans[i].close()
@@ -458,8 +481,19 @@ class FasterWhisperEngine(SyncAsrEngine):
                 advance(i, d)
         return [r if r is not None else RuntimeError("the decode plan returned nothing") for r in results]
 
+    # The round API of pipeline/asr/scheduler.py: `plan` and `decode_round` run in the engine's thread.
+    def plan(self, audio: Pcm, meta: UtteranceMeta) -> Generator[_Request, _Decode, Transcript]:
+        """One utterance from audio to Transcript, yielding each window it needs decoded (a request with
+        a batch `key` and a `cost`) and receiving that window's decode."""
+        if self._model is None:
+            self.load_sync()
+        return self._utterance_plan(audio, meta)
+
+    def decode_round(self, requests: list[_Request]) -> list[_Decode]:
+        """Decode requests that share a `key` in one batch."""
+        return self._decode_windows(requests)
+
     def _utterance_plan(self, audio: Pcm, meta: UtteranceMeta) -> Generator[_Request, _Decode, Transcript]:
-        """One utterance from audio to Transcript, yielding the windows it needs decoded."""
         t0 = time.perf_counter()
         s = self.settings
         dbfs = rms_dbfs(audio)

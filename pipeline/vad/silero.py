@@ -28,6 +28,7 @@ does (faster_whisper/vad.py in faster-whisper 1.2): a pool has little to split i
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,21 @@ def bundled_model_path() -> Path:
     return path
 
 
+@functools.cache
+def _session(model_path: str) -> Any:
+    """One ONNX Runtime session per model file for the whole process: the model is stateless (the
+    recurrent state and context are inputs and outputs, kept by each `SileroVad`), and a session
+    costs memory for every relay of `echo-relay serve`."""
+    import onnxruntime  # imported here so `import pipeline.vad` stays cheap
+
+    opts = onnxruntime.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3  # errors only
+    return onnxruntime.InferenceSession(model_path, providers=["CPUExecutionProvider"], sess_options=opts)
+
+
 class SileroVad(VadEngine):
     """Speech probability per 512-sample frame; recurrent state kept across calls until `reset()`, or
     until `state_reset_ms` of frames in a row score below `state_reset_below` while quieter than
@@ -72,19 +88,11 @@ class SileroVad(VadEngine):
                  state_reset_ms: int = DEFAULT_STATE_RESET_MS,
                  state_reset_below: float = DEFAULT_STATE_RESET_BELOW,
                  state_reset_max_dbfs: float = DEFAULT_STATE_RESET_MAX_DBFS) -> None:
-        import onnxruntime  # imported here so `import pipeline.vad` stays cheap
-
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"silero threshold must be between 0 and 1 (got {threshold!r})")
         self.threshold = threshold
         self.model_path = Path(model_path) if model_path is not None else bundled_model_path()
-        opts = onnxruntime.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-        opts.log_severity_level = 3  # errors only
-        self._session: Any = onnxruntime.InferenceSession(
-            str(self.model_path), providers=["CPUExecutionProvider"], sess_options=opts)
+        self._session: Any = _session(str(self.model_path.resolve()))
         # One preallocated input row: [64 samples of context | 512 new samples], float32 in [-1, 1).
         self._input = np.zeros((1, CONTEXT_SAMPLES + FRAME_SAMPLES), dtype=np.float32)
         self._h = np.zeros(STATE_SHAPE, dtype=np.float32)
