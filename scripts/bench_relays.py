@@ -111,7 +111,8 @@ def run_serve(stream: Path, n: int, mode: str, work: Path, overrides: list[str],
     tag = f"serve-{mode}-{n}"
     cfg = work / f"{tag}.yaml"
     bench.write_overrides(cfg, [f"control.port={port}", f"serve.max_relays={max(n, 1)}",
-                                "control.rate_limit_per_s=1000", *overrides])
+                                "control.rate_limit_per_s=1000", f"serve.file_roots=[{json.dumps(str(work))}]",
+                                *overrides])
     log = work / f"{tag}.log"
     base = f"http://127.0.0.1:{port}"
     run = RelaysRun("serve", mode, n)

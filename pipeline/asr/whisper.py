@@ -9,7 +9,7 @@ CTranslate2 directly instead of `WhisperModel.transcribe`:
   cores). CTranslate2's Whisper encoder accepts fewer frames, so we encode
   ``min(30, max(10, ceil(duration + 1)))`` seconds instead (~0.03-0.05 s). Windows under 10 s made
   the decoder loop on 2-6 s clips, hence the 10 s floor; whole seconds keep the number of distinct
-  encoder shapes small.
+  encoder shapes small. Utterances over `SHORT_WINDOW_MAX_S` (15 s) get the full window at once.
 - **Token budget.** Generation is capped at ~``8 tokens/s * duration + 16`` (read speech is 2-5
   tokens/s), so a looping short-window decode stops early.
 - **Fallback.** When the short-window result looks degenerate (hit the token budget, compression
@@ -65,6 +65,10 @@ DOUBT_AVG_LOGPROB = -1.0
 FULL_WINDOW_S = 30  # Whisper's trained window
 MIN_WINDOW_S = 10  # shorter windows made the decoder loop on 2-6 s clips
 WINDOW_MARGIN_S = 1.0  # window >= utterance + this
+# Longer utterances get the full window at once. A short window leaves them little room after the speech,
+# and a loop there costs the whole token budget before the fallback: a 19.3 s utterance of the clean bench
+# stream looped in its 20-21 s windows (170 tokens, 1.6 s) and decoded in 0.7-1.0 s with 22-30 s ones.
+SHORT_WINDOW_MAX_S = 15.0
 TOKENS_PER_S = 8.0  # generation budget per second of audio (read speech: 2-5 tokens/s) ...
 TOKENS_MARGIN = 16  # ... plus this
 TEMPERATURE_FALLBACK = (0.2, 0.4)  # tried only when greedy decoding loops even on the full window
@@ -370,7 +374,7 @@ class FasterWhisperEngine(SyncAsrEngine):
                      ) -> Generator[_Request, _Decode, _Decode]:
         """Decode one utterance: yields each window it needs decoded and receives the decode (the
         caller batches the requests of several utterances)."""
-        short = self.settings.short_window and not full_window
+        short = self.settings.short_window and not full_window and duration <= SHORT_WINDOW_MAX_S
         first_window = self._window_s(duration) if short else FULL_WINDOW_S
         # Short window (greedy/beam, token budget) -> full window -> full window sampled at T > 0.
         plan: list[tuple[int, float, int | None]] = [(first_window, 0.0, self._budget(duration))]
