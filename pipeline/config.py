@@ -322,6 +322,8 @@ class AsrBatchSettings(_Section):
                                                                        "interim)")
     gather_ms: int = _num(10, ge=0, le=1000, description="with several relays, an idle engine waits this long "
                                                           "for utterances that end together")
+    workers: int = _num(2, ge=1, le=16, description="decode batches run at once (CTranslate2 workers of the one "
+                                                    "model): a short decode need not wait for a long one")
     round_window_s: int = _num(80, ge=30, le=1920, description="seconds of Whisper windows one decode round may "
                                                                "encode (8 x 10 s, 2 x 30 s): bounds how long a round "
                                                                "holds the others up")

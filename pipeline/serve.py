@@ -43,7 +43,8 @@ from typing import Any
 from pipeline.asr import make_asr_engine
 from pipeline.asr.base import AsrEngine
 from pipeline.asr.scheduler import AsrScheduler
-from pipeline.config import PATH_OPTION, ConfigError, EnvUse, Settings, dotted, validate_tree
+from pipeline.config import PATH_OPTION, ConfigError, EnvUse, Settings, dotted, secret_values, validate_tree
+from pipeline.logs import register_secret
 from pipeline.metrics import Metrics, ServeMetrics
 from pipeline.relay import Relay
 from pipeline.sink import SinkError
@@ -57,8 +58,12 @@ log = logging.getLogger(__name__)
 # One per process: the model and its scheduling, the control API, serve itself, logging.
 SHARED_SECTIONS = ("asr", "control", "serve", "logging")
 DELETE_GRACE_S = 5.0  # DELETE waits the relay's drain deadline plus this for it to finish
-# Built-in transform steps a request may use: local ones (`webhook` sends the text to a URL).
-REQUEST_STEPS = frozenset(TRANSFORM_BUILTINS) - {"webhook"}
+# Built-in transform steps a request may use: `webhook` sends the text to a URL the request would choose, and
+# a `regex_replace` pattern can take exponential time on the event loop that every relay shares.
+REQUEST_STEPS = frozenset(TRANSFORM_BUILTINS) - {"webhook", "regex_replace"}
+# Keys only the config file may set, and why.
+FILE_ONLY_KEYS = {("tavus", "api_url"): "it would receive the process's Tavus API key",
+                  ("sink", "daily", "module"): "it names a module to import"}
 # Request fields that set a configuration key (their errors name the field, not the key).
 FIELD_KEYS = {"source.spec": "source", "sink.spec": "sink", "tavus.conversation_url": "conversation_url",
               "tavus.persona_id": "persona_id"}
@@ -175,6 +180,13 @@ def _paths(settings: Settings) -> Iterator[tuple[str, str]]:
                 yield f"transform.steps[{i}].{option}", value
 
 
+def _value(settings: Settings, path: tuple[str, ...]) -> Any:
+    node: Any = settings
+    for part in path:
+        node = getattr(node, part)
+    return node
+
+
 def request_problem(base: Settings, relay: Settings) -> tuple[str, str] | None:
     """(key, why) when a relay's settings take from a request what only the config file may say (see the
     module docstring); None when they do not. Compared with the process's settings, so what the config
@@ -183,12 +195,14 @@ def request_problem(base: Settings, relay: Settings) -> tuple[str, str] | None:
         for i, step in enumerate(relay.transform.steps):
             if step.step not in REQUEST_STEPS:
                 return (f"transform.steps[{i}].step", f"{step.step!r} cannot be set per relay: steps are built-in "
-                        f"({', '.join(sorted(REQUEST_STEPS))}); others load code, so they come from the config file")
+                        f"({', '.join(sorted(REQUEST_STEPS))}); others load code or call out, so they come from the "
+                        "config file")
     if relay.vad.engine != base.vad.engine and relay.vad.engine not in VAD_BUILTINS:
         return "vad.engine", (f"{relay.vad.engine!r} cannot be set per relay: built-in engines only "
                               f"({', '.join(VAD_BUILTINS)})")
-    if relay.sink.daily.module != base.sink.daily.module:
-        return "sink.daily.module", "cannot be set per relay (it names a module to import)"
+    for keypath, why in FILE_ONLY_KEYS.items():
+        if _value(relay, keypath) != _value(base, keypath):
+            return ".".join(keypath), f"cannot be set per relay: {why}"
     roots = [Path(r).resolve() for r in base.serve.file_roots]
     base_paths = dict(_paths(base))
     for key, path in _paths(relay):
@@ -311,6 +325,8 @@ class RelayPool:
         from pipeline.app import PREFLIGHT_RUN, build_relay, check_stages
 
         settings = self.settings_for(request)
+        for secret in secret_values(settings):  # a request's own Tavus key or token is scrubbed from logs too
+            register_secret(secret)
         checks = tuple(c for c in (*PREFLIGHT_RUN, "transform", "source_file", "sink_file") if c != "asr")
         problems = check_stages(settings, checks=checks)
         if problems:

@@ -47,8 +47,10 @@ class SyncAsrEngine(AsrEngine):
 
     batching = True
 
-    def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"asr-{self.name}")
+    def __init__(self, concurrency: int = 1) -> None:
+        # Calls of the engine that may run at once (its threads); the scheduler keeps that many batches going.
+        self.concurrency = concurrency
+        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"asr-{self.name}")
 
     def load_sync(self) -> None:
         """Load and warm up."""

@@ -25,6 +25,8 @@ Which requests go first::
 
 - A speculative decode that the relay takes as its utterance's final decode is promoted
   (`ScheduledAsr.promote`). One the relay discards before it is dispatched is never decoded.
+- `asr.batch.workers`: batches decoded at once (faster-whisper runs that many CTranslate2 calls in
+  parallel), so a short decode need not wait for a long one; each batch is picked as above.
 - `asr.batch.gather_ms`: with several relays, an idle engine waits this long after the first
   request for others to join its batch (relays whose utterances end together).
 - A failure of one item (its exception) is that item's; a failure of the whole batch call is each
@@ -87,6 +89,7 @@ class _Request:
     queued_at: float = field(default_factory=time.monotonic)
     seq: int = 0
     ready_at: float = 0.0  # when it last became ready for a round (queued_at, then after each round)
+    running: bool = False  # in a batch being decoded
     # Round engines: the utterance's plan, the window it waits for, and its outcome once the plan ends.
     plan: Generator[Any, Any, Transcript] | None = None
     pending: Any = None
@@ -132,6 +135,7 @@ class AsrScheduler:
         self._waiting: list[_Request] = []
         self._wake: asyncio.Event | None = None
         self._dispatcher: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()  # batches being decoded
         self._load_lock: asyncio.Lock | None = None
         self._loaded = False
         self._clients: set[str] = set()
@@ -220,11 +224,12 @@ class AsrScheduler:
         self._clients.discard(client_id)
 
     async def close(self) -> None:
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._dispatcher
-            self._dispatcher = None
+        for task in [self._dispatcher, *self._running]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._dispatcher = None
         for r in self._waiting:
             if not r.future.done():
                 r.future.set_exception(RuntimeError("the ASR engine was closed"))
@@ -240,26 +245,50 @@ class AsrScheduler:
             self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(), name="asr-dispatch")
 
     async def _dispatch(self) -> None:
+        """Start batches while the engine has a free slot (`concurrency`: decode calls it runs at once)."""
         assert self._wake is not None
         s = self.settings
+        slots = max(1, int(getattr(self.engine, "concurrency", 1)))
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if not self._waiting:
-                continue
-            if s.gather_ms > 0 and len(self._clients) > 1 and len(self._waiting) < s.max_size:
-                await asyncio.sleep(s.gather_ms / 1000)  # let utterances ending together share the batch
-            batch = pick(self._waiting, s.max_size, s.max_wait_ms / 1000, time.monotonic())
+            while len(self._running) < slots:
+                ready = [r for r in self._waiting if not r.running]
+                if not ready:
+                    break
+                if s.gather_ms > 0 and not self._running and len(self._clients) > 1 and len(ready) < s.max_size:
+                    await asyncio.sleep(s.gather_ms / 1000)  # let utterances ending together share the batch
+                    ready = [r for r in self._waiting if not r.running]
+                batch = pick(ready, s.max_size, s.max_wait_ms / 1000, time.monotonic())
+                if not batch:
+                    break
+                for r in batch:
+                    r.running = True
+                task = asyncio.get_running_loop().create_task(self._run_batch(batch), name="asr-batch")
+                self._running.add(task)
+                task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("ASR scheduling failed: %s", task.exception())
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _run_batch(self, batch: list[_Request]) -> None:
+        try:
             if isinstance(self.engine, RoundEngine):
                 await self._round(batch)
             else:
                 for r in batch:
-                    self._waiting.remove(r)
+                    if r in self._waiting:
+                        self._waiting.remove(r)
                 batch = [r for r in batch if not r.future.done()]
                 if batch:
                     await self._decode(batch)
-            if self._waiting:
-                self._wake.set()
+        finally:
+            for r in batch:
+                r.running = False
 
     async def _decode(self, batch: list[_Request]) -> None:
         now = time.monotonic()

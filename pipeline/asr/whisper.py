@@ -130,7 +130,7 @@ def load_whisper_model(path: Path, settings: AsrSettings) -> WhisperModel:
         raise AsrError(f"faster-whisper is not installed: {exc}") from exc
     try:
         return WhisperModel(str(path), device=settings.device, compute_type=settings.compute_type,
-                            cpu_threads=settings.cpu_threads, num_workers=1)
+                            cpu_threads=settings.cpu_threads, num_workers=settings.batch.workers)
     except Exception as exc:  # CTranslate2 raises RuntimeError/ValueError for corrupt or unsupported files
         detail = " ".join(str(exc).split()) or type(exc).__name__
         raise AsrError(f"Whisper model at {path} could not be loaded: {detail} (is model.bin complete and a "
@@ -144,7 +144,7 @@ class FasterWhisperEngine(SyncAsrEngine):
 
     def __init__(self, settings: AsrSettings, metrics: Metrics | None = None, *,
                  hf_cache_dir: str | Path | None = None) -> None:
-        super().__init__()
+        super().__init__(concurrency=settings.batch.workers)
         self.settings = settings
         self.metrics = metrics
         self.model_name = settings.model
