@@ -975,8 +975,8 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> None:
     """Paths written in a config file are relative to that file, not to the working directory:
-    source.spec file:PATH, sink.spec and sink.also jsonl:PATH, asr.models_dir, asr.model when it is a path, and
-    transform step options named like paths (words_file, ...). Values that do not parse are left
+    source.spec file:PATH, sink.spec and sink.also jsonl:PATH, serve.file_roots, asr.models_dir, asr.model
+    when it is a path, and transform step options named like paths (words_file, ...). Values that do not parse are left
     for validation to report."""
 
     def rebase(text: str) -> str:
@@ -1010,6 +1010,9 @@ def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> None:
             sink["spec"] = rebase_sink(sink["spec"])
         if isinstance(sink.get("also"), list):  # secondary sinks (pipeline/sink/fanout.py)
             sink["also"] = [rebase_sink(spec) for spec in sink["also"]]
+    serve = tree.get("serve")
+    if isinstance(serve, dict) and isinstance(serve.get("file_roots"), list):
+        serve["file_roots"] = [rebase(r) if isinstance(r, str) else r for r in serve["file_roots"]]
     asr = tree.get("asr")
     if isinstance(asr, dict):
         if isinstance(asr.get("models_dir"), str):

@@ -426,12 +426,17 @@ class FakeRoundEngine(SyncAsrEngine):
     name = "rounds"
     model_name = "fake"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, concurrency: int = 1, block: Sequence[str] = ()) -> None:
+        super().__init__(concurrency)
         self.rounds: list[list[str]] = []
         self.in_round = threading.Event()
         self._go = threading.Event()
         self._go.set()
+        self.block = set(block)  # rounds holding one of these ids wait for unblock()
+        self._unblocked = threading.Event()
+
+    def unblock(self) -> None:
+        self._unblocked.set()
 
     def hold(self) -> None:
         self._go.clear()
@@ -455,6 +460,8 @@ class FakeRoundEngine(SyncAsrEngine):
     def decode_round(self, requests: list[Any]) -> list[Any]:
         self.in_round.set()
         assert self._go.wait(10), "held too long"
+        if self.block & {r.uid for r in requests}:
+            assert self._unblocked.wait(10), "blocked too long"
         assert len({r.key for r in requests}) == 1, "a round mixes windows"
         self.rounds.append([r.uid for r in requests])
         return [f"decode of {r.uid}" for r in requests]
@@ -528,4 +535,23 @@ async def test_a_request_cancelled_between_rounds_is_not_decoded_further() -> No
     await asyncio.sleep(0.1)  # time for more rounds, if any were (wrongly) started
     assert scheduler.depth == 0 and engine.rounds == [["long-spec"]]
     assert outcomes(metrics) == {("speculative", "cancelled"): 1}
+    await scheduler.close()
+
+
+async def test_with_two_workers_a_short_decode_does_not_wait_for_a_long_one() -> None:
+    """asr.batch.workers: an engine that runs two calls at once gets two batches at once, so a relay's short
+    decode completes while another relay's long decode is still in its round."""
+    engine = FakeRoundEngine(concurrency=2, block=["long-a"])
+    scheduler, _metrics = make_scheduler(engine, gather_ms=0)
+    a, b = scheduler.client("a"), scheduler.client("b")
+    long_task = asyncio.ensure_future(a.transcribe(AUDIO, meta("long-a")))
+    for _ in range(500):
+        if engine.in_round.is_set():
+            break
+        await asyncio.sleep(0.01)
+    short = await asyncio.wait_for(b.transcribe(AUDIO, meta("short-b")), 5)
+    assert short.text == "text of short-b after 1 round(s)" and not long_task.done()
+    engine.unblock()
+    assert (await long_task).text == "text of long-a after 3 round(s)"
+    assert engine.rounds[0] == ["short-b"] and engine.rounds[1:] == [["long-a"]] * 3
     await scheduler.close()

@@ -750,3 +750,13 @@ def test_cli_serve_relays_a_clip_and_drains_on_sigterm(tmp_path: Path) -> None:
     cut = words(long_recs[1]["text"])
     assert cut and sum(w in set(words(reference(LONG_CLIP))) for w in cut) >= len(cut) / 2, cut
     assert "thanks" not in cut, cut  # drained mid-clip, not played out
+
+
+def test_file_roots_in_a_config_file_are_relative_to_it(tmp_path: Path) -> None:
+    """serve.file_roots written in a config file resolve against the file's folder, as its other paths do."""
+    from pipeline.config import load_settings
+
+    cfg = tmp_path / "conf" / "serve.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text("serve:\n  file_roots: [data, /srv/audio]\n", encoding="utf-8")
+    assert load_settings(cfg, env={}).serve.file_roots == [str(tmp_path / "conf" / "data"), "/srv/audio"]
