@@ -50,10 +50,13 @@ def tone_b64(seconds: float = 1.0, rate: int = 16000, hz: float = 440.0) -> str:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
+    """The complete records of a JSONL file the relay is still writing: a read may catch a long record (an
+    audio echo) half written, so the text after the last newline is not a record yet."""
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    text = path.read_text(encoding="utf-8")
+    complete = text[: text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
 def metric(text: str, name: str, labels: dict[str, str] | None = None) -> float:
