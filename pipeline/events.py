@@ -128,7 +128,7 @@ class EventBus:
 
     @property
     def wants_partial(self) -> bool:
-        """A subscriber asked for interim decodes. They share the ASR's one thread with the decodes that
+        """A subscriber asked for interim decodes. They share the ASR engine and the CPU with the decodes that
         end an utterance, so they cost latency (measured on jfk.wav: "Ask not!" delivered after 2.0-3.9 s
         instead of 1.2-2.2 s) and are only made for a consumer that asks."""
         return any(sub.partial for sub in self._subscribers)

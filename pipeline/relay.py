@@ -270,9 +270,9 @@ class Relay:
         return asyncio.ensure_future(self.asr.transcribe(utt.audio, meta))
 
     def _maybe_partial(self, pos: int) -> None:
-        """An interim decode for watchers (never sent to the room). It runs on the ASR's thread, so it is
+        """An interim decode for watchers (never sent to the room). It takes the ASR engine and CPU, so it is
         only done while someone listens and while the person speaks (not in a pause, where the
-        speculative and final decodes of the utterance's end need the thread)."""
+        speculative and final decodes of the utterance's end need it; the scheduler decodes those first)."""
         if not self.events.wants_partial or self._partial is not None or self.speculator.pending() is not None:
             return
         if self.vad.silence_samples > 0 or pos - self._partial_at < PARTIAL_EVERY_SAMPLES:

@@ -395,8 +395,9 @@ def _relay_routes(app: FastAPI, settings: Settings, handle_of: RelayDependency, 
     async def event_stream(
         handle: Any = any_relay,
         partial: bool = Query(False, description="Also make interim decodes while the person speaks (`partial` "
-                                                 "events). They share the ASR's thread with the decodes that end "
-                                                 "an utterance, so they add latency; the live page asks for them."),
+                                                 "events). They share the ASR engine and the CPU with the decodes "
+                                                 "that end an utterance, so they add latency; the live page asks for "
+                                                 "them."),
         token: str | None = Query(None, description="The control token, for clients that cannot send "
                                                     "Authorization (a browser's EventSource). URL-encode it."),
     ) -> Response:
