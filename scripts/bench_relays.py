@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import bench
+import hard_audio
 
 START_TIMEOUT_S = 120.0
 POLL_S = 0.5
@@ -61,10 +62,8 @@ class RelaysRun:
 
 
 def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[max(0, -(-len(s) * q // 100) - 1)]  # nearest rank
+    """hard_audio's nearest-rank percentile, NaN for no values (a run whose relays all failed)."""
+    return hard_audio.pct(values, q) if values else float("nan")
 
 
 def free_port() -> int:

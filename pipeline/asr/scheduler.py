@@ -202,15 +202,12 @@ class AsrScheduler:
         try:
             result = await self.engine.transcribe(audio, meta)
         except asyncio.CancelledError:
-            if self.metrics is not None:
-                self.metrics.requests.labels(kind=meta.decode, outcome="cancelled").inc()
+            self._count_kind(meta.decode, "cancelled")
             raise
         except Exception:
-            if self.metrics is not None:
-                self.metrics.requests.labels(kind=meta.decode, outcome="failed").inc()
+            self._count_kind(meta.decode, "failed")
             raise
-        if self.metrics is not None:
-            self.metrics.requests.labels(kind=meta.decode, outcome="decoded").inc()
+        self._count_kind(meta.decode, "decoded")
         self.decoded += 1
         return result
 
@@ -406,8 +403,11 @@ class AsrScheduler:
             r.future.set_result(result)
 
     def _count(self, r: _Request, outcome: str) -> None:
+        self._count_kind(r.meta.decode, outcome)
+
+    def _count_kind(self, kind: str, outcome: str) -> None:
         if self.metrics is not None:
-            self.metrics.requests.labels(kind=r.meta.decode, outcome=outcome).inc()
+            self.metrics.requests.labels(kind=kind, outcome=outcome).inc()
 
 
 class ScheduledAsr(AsrEngine):
