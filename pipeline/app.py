@@ -20,6 +20,7 @@ from pipeline.config import ConfigError, EnvUse, Settings, TavusSettings, secret
 from pipeline.frames import UtteranceMeta
 from pipeline.logs import register_secret
 from pipeline.metrics import Metrics
+from pipeline.perception.stage import build_perception, perception_problems
 from pipeline.plugins import ASR_GROUP, TRANSFORM_GROUP, VAD_GROUP, PluginError, resolve
 from pipeline.relay import Relay
 from pipeline.sink import Sink, SinkError, make_sink
@@ -46,6 +47,9 @@ EXIT_PORT = 5  # control API cannot listen (port in use, refused public bind)
 EXIT_REMOTE = 6  # Tavus/Daily refused at start: key rejected, invalid room URL, join failed
 EXIT_OUTPUT = 7  # the local output cannot be written at start (jsonl path unwritable): not Tavus/Daily's doing
 EXIT_INTERRUPTED = 130  # second Ctrl-C: exit at once
+# Ledger drop reasons of speech the ASR never recognised (pipeline/delivery.py): counted apart in the run's
+# summary, and a run where every utterance ended so exits 1.
+ASR_FAILURES = ("asr_error", "asr_deadline")
 END_ON_EXIT_S = 3.0  # second Ctrl-C: time allowed to end the Tavus conversation this process created
 # Each stops the relay gracefully (drain, exit 0/1); a second one exits at once. SIGHUP too: a closed
 # terminal or systemd's hangup must not lose the utterance in progress (reloading config is not supported).
@@ -68,10 +72,11 @@ def register_settings_secrets(settings: Settings) -> None:
 # What `check_stages` can check. `config check` runs them all; `run` runs PREFLIGHT_RUN first (the
 # chain is built by build_relay, and a missing audio file or unwritable output keeps its own exit
 # status, 3 or 7, when the stage opens it).
-STAGE_CHECKS = ("transform", "asr", "vad", "source_file", "sink_file", "tavus")
+STAGE_CHECKS = ("transform", "perception", "asr", "vad", "source_file", "sink_file", "tavus")
 PREFLIGHT_RUN = ("asr", "vad", "tavus")
 # The checks that need each section: a section that failed validation is not checked further.
-_SECTION_CHECKS = {"transform": ("transform",), "asr": ("asr",), "vad": ("vad",), "source": ("source_file",),
+_SECTION_CHECKS = {"transform": ("transform",), "perception": ("perception",), "asr": ("asr",), "vad": ("vad",),
+                   "source": ("source_file",),
                    "sink": ("sink_file", "tavus"), "tavus": ("tavus",)}
 
 
@@ -140,6 +145,8 @@ def check_stages(settings: Settings, *, checks: Collection[str] = STAGE_CHECKS,
     problems: list[ConfigError] = []
     if "transform" in active:
         problems += _transform_problems(settings)
+    if "perception" in active:
+        problems += perception_problems(settings.perception, parse_source_spec(settings.source.spec)[0])
     if "asr" in active:
         problems += filter(None, [_engine_problem(settings.asr.engine, ASR_BUILTINS, ASR_GROUP, "asr.engine")])
     if "vad" in active:
@@ -193,7 +200,12 @@ def build_relay(settings: Settings, *, metrics: Metrics | None = None, source: A
             if settings.asr.engine in ASR_BUILTINS:
                 raise
             raise _user_engine_error(settings.asr.engine, "asr.engine", exc) from None
-    return Relay(settings, source=source, sink=sink, asr=asr, vad=vad, chain=chain, metrics=metrics)
+    perception = build_perception(settings.perception, metrics, source.now_s)
+    if perception.video is not None and not source.has_video:
+        raise ConfigError(f"video analyzers need a source with a camera (daily); source {source.name!r} has none",
+                          "perception.video.analyzers")
+    return Relay(settings, source=source, sink=sink, asr=asr, vad=vad, chain=chain, metrics=metrics,
+                 perception=perception)
 
 
 async def run_daemon(settings: Settings, relay: Relay | None = None, *, view: bool = False) -> int:
@@ -274,8 +286,15 @@ async def run_daemon(settings: Settings, relay: Relay | None = None, *, view: bo
     # dropped, so an operator sees what was not heard (vad.unheard_threshold).
     log.log(logging.WARNING if ledger.unheard else logging.INFO, "unheard speech: %d region(s), %.1f s",
             ledger.unheard, ledger.unheard_s)
+    asr_lost = sum(ledger.dropped.get(reason, 0) for reason in ASR_FAILURES)
+    if asr_lost:  # speech that was never recognised (the engine failed or missed its deadline), not a gate verdict
+        log.error("%d of %d utterance(s) lost to ASR failures (%s; the reasons are logged above)", asr_lost,
+                  ledger.closed, ", ".join(f"{r}: {ledger.dropped[r]}" for r in ASR_FAILURES if r in ledger.dropped))
     if relay.failed:
         log.error("run failed: %s", relay.failed)
+        return EXIT_RUNTIME
+    if asr_lost and asr_lost == ledger.closed:  # nothing was recognised at all: not a success
+        log.error("run failed: the ASR failed on every utterance (%s %s)", relay.asr.name, relay.asr.model_name)
         return EXIT_RUNTIME
     if ledger.undeliverable:  # something was lost on the way out: the operator must notice
         log.error("%d message(s) could not be delivered (logged above with their text)", ledger.undeliverable)

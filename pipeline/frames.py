@@ -50,6 +50,9 @@ EndReason = Literal["silence", "sentence_end", "max_length", "end_of_stream"]
 # in case the utterance ends there, or an interim one for watchers (pipeline/asr/scheduler.py orders
 # requests by it).
 DecodeKind = Literal["final", "speculative", "interim"]
+# Why the hallucination gate (pipeline/asr/gate.py) drops a decode: `Transcript.dropped_reason` and the
+# `reason` of echo_relay_dropped_total{stage="asr"}.
+GateReason = Literal["empty", "no_speech", "low_logprob", "repetition", "phantom"]
 
 
 @dataclass(slots=True)
@@ -95,6 +98,7 @@ class Transcript:
     text: str
     confidence: float = 1.0
     language: str | None = None
+    language_probability: float | None = None  # of a detected language (None: fixed by config or the model)
     no_speech_prob: float = 0.0
     avg_logprob: float = 0.0
     # Probability the model gave the final . ? ! token (None when the text does not end a sentence
@@ -116,9 +120,14 @@ class UtteranceMeta:
     asr_text: str = ""
     confidence: float = 1.0
     language: str | None = None
+    language_probability: float | None = None  # of a detected language; None when it was fixed or not detected
+    # Stream time of the first sample of the audio the ASR and the analyzers get (pre-roll included).
+    audio_offset_s: float = 0.0
     # Room state the transforms may use (e.g. whether the replica is speaking).
     room: dict[str, Any] = field(default_factory=dict)
     # Transforms may set this to ask the sink to send audio instead of text (audio echo).
     modality: Literal["text", "audio"] = "text"
     decode: DecodeKind = "final"  # for ASR engines and the shared scheduler
+    # What the perception analyzers found (pipeline/perception/), by analyzer name; filled before the transforms.
+    perception: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)

@@ -3,15 +3,24 @@
 Scrubbed: every registered secret (`register_secret`: the Tavus key, tokens, and every value the
 configuration filled from the environment, see pipeline/config.py `secret_values`) and, in every URL,
 its user info and query values.
+
+JSON lines (`logging.format: json`, `--log-format json`) carry what a log shipper indexes: `time`
+(ISO 8601, UTC), `level`, `logger`, `message`, and `relay_id`, `utterance_id`, `conversation_id`
+(null when not known). Those three come from the context the record is logged in (`log_context`,
+`bind_log_context`: contextvars, so each asyncio task of each relay of `serve` carries its own), or
+from `extra={"relay_id": ...}` on the call.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import datetime
 import json
 import logging
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -23,6 +32,40 @@ REDACTED = "***"
 
 # A URL in running text: scheme://authority[path][?query][#fragment], up to whitespace or a quote.
 _URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
+
+
+# Fields every JSON record carries from its context (null when not known).
+CONTEXT_FIELDS = ("relay_id", "utterance_id", "conversation_id")
+_context: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("echo_relay_log_context",
+                                                                                    default=None)
+
+
+def current_log_context() -> dict[str, str]:
+    """The fields records logged here carry (see `log_context`)."""
+    return dict(_context.get() or {})
+
+
+def _merged(fields: Mapping[str, str | None]) -> dict[str, str]:
+    unknown = set(fields) - set(CONTEXT_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown log context field(s) {sorted(unknown)}; known: {CONTEXT_FIELDS}")
+    return {**current_log_context(), **{k: v for k, v in fields.items() if v is not None}}
+
+
+@contextlib.contextmanager
+def log_context(**fields: str | None) -> Iterator[None]:
+    """Records logged inside the block (and in tasks it starts) carry these fields; None leaves one as it is."""
+    token = _context.set(_merged(fields))
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def bind_log_context(**fields: str | None) -> None:
+    """Add fields to the current context for good: the rest of this asyncio task and the tasks it starts
+    later (e.g. a relay's conversation id, once its sink has one)."""
+    _context.set(_merged(fields))
 
 
 def register_secret(value: str | None) -> None:
@@ -86,19 +129,41 @@ class _ScrubFilter(logging.Filter):
         return True
 
 
-class _JsonFormatter(logging.Formatter):
+class _ContextFilter(logging.Filter):
+    """Copies the log context (`log_context`) onto each record, unless the call passed the field in `extra`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = current_log_context()
+        for name in CONTEXT_FIELDS:
+            if getattr(record, name, None) is None:
+                setattr(record, name, context.get(name))
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, relay_id, utterance_id, conversation_id
+    and, when there is one, exception (the traceback)."""
+
     def format(self, record: logging.LogRecord) -> str:
-        data = {"t": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
-                "msg": record.getMessage()}
+        data: dict[str, object] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        context = current_log_context()
+        for name in CONTEXT_FIELDS:
+            value = getattr(record, name, None)
+            data[name] = value if value is not None else context.get(name)
         if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
+            data["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # scrubbed by _ScrubFilter
+            data["exception"] = record.exc_text
         return json.dumps(data, ensure_ascii=False)
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ScrubFilter())
-    handler.setFormatter(_JsonFormatter() if fmt == "json" else
+    handler.addFilter(_ContextFilter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
                          logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
     for h in list(root.handlers):

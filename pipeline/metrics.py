@@ -2,21 +2,73 @@
 
 Each relay owns a `Metrics` (its own CollectorRegistry), so tests can run several relays in one
 process and read exact values. Stages receive the `Metrics` object and never create metrics.
+
+Conventions (https://prometheus.io/docs/practices/naming/; `promtool check metrics` passes, see
+tests/test_metrics_conventions.py):
+- base units in the name (`_seconds`, `_ratio` for 0..1 fractions), counters end in `_total`;
+- label values come from fixed sets (a remote peer's event types outside the protocol are "other"), and
+  the known combinations exist at 0 from the start (`DROP_REASONS`, `init_labels`), so a rate() over
+  them works before the first event;
+- what /metrics shows (`render`) adds the once-per-process series (`ProcessSeries`: process_*,
+  python_info, python_gc_*, echo_relay_build_info) and leaves out prometheus_client's `_created`
+  samples: a scrape is the same for library users without touching prometheus_client's global state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import platform
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import get_args
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
+
+from pipeline import __version__
+from pipeline.daily_room import OTHER_EVENT, ROOM_EVENT_TYPES
+from pipeline.frames import DecodeKind, EndReason, GateReason
 
 # ASR batch sizes (pipeline/asr/scheduler.py: asr.batch.max_size is at most 64).
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # Latency buckets (seconds) chosen around the targets: p50 <= 0.5 s, p95 <= 0.8 s end-of-speech to echo.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+# Every (stage, reason) of echo_relay_dropped_total but the transform chain's (those name a configured
+# step: `TransformChain` adds them), each at 0 from the start.
+DROP_REASONS: dict[str, tuple[str, ...]] = {
+    "source": ("queue_full",),  # pipeline/source/mic.py, daily.py: the capture queue was full
+    "vad": ("too_short",),  # pipeline/vad/segmenter.py `Discarded`
+    "asr": ("deadline", "error", *get_args(GateReason)),  # pipeline/delivery.py; the hallucination gate
+    "delivery": ("unsettled", "interrupted"),  # pipeline/delivery.py (`INTERRUPTED`)
+}
+STAGES = ("asr", "transform", "sink")  # echo_relay_stage_latency_seconds{stage}
+SPECULATIVE_OUTCOMES = ("early", "reused", "discarded")  # pipeline/speculation.py
+ECHO_SOURCES = ("speech", "api")  # pipeline/delivery.py `Origin`
+QUEUES = ("source", "delivery")
+ASR_OUTCOMES = ("decoded", "failed", "cancelled", "discarded")  # pipeline/asr/scheduler.py
+VIDEO_FRAME_OUTCOMES = ("analyzed", "skipped")  # pipeline/perception/video.py
+REFUSALS = ("capacity", "invalid", "shutting_down")  # pipeline/serve.py RelayPool.create
+
+
+def init_labels(metric: MetricWrapperBase, **values: Sequence[str]) -> None:
+    """Create `metric`'s child for every combination of the given label values (counters at 0, histograms
+    empty), so its series exist before the first event."""
+    combos: list[dict[str, str]] = [{}]
+    for name, options in values.items():
+        combos = [{**c, name: v} for c in combos for v in options]
+    for labels in combos:
+        metric.labels(**labels)
 
 
 class Metrics:
@@ -45,13 +97,18 @@ class Metrics:
         self.audio_reopens = Counter(p + "audio_reopens", "times the input device was reopened", registry=r)
         self.speculative = Counter(p + "speculative_decodes", "speculative decodes, by outcome", ["outcome"],
                                    registry=r)
-        self.stage_latency = Histogram(p + "stage_latency_seconds", "time spent per stage", ["stage"],
-                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.stage_latency = Histogram(p + "stage_latency_seconds", "time spent per stage and utterance (transform: "
+                                       "the whole chain)", ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.transform_step_latency = Histogram(p + "transform_step_latency_seconds", "time spent per transform "
+                                                "step call", ["step"], buckets=LATENCY_BUCKETS, registry=r)
         self.end_to_sent = Histogram(p + "end_of_speech_to_sent_seconds",
                                      "VAD speech end to message handed to the sink", buckets=LATENCY_BUCKETS,
                                      registry=r)
         self.queue_depth = Gauge(p + "queue_depth", "items waiting, by queue", ["queue"], registry=r)
-        self.input_level = Gauge(p + "audio_input_dbfs", "input level of the last block (dBFS)", registry=r)
+        # A ratio, not dBFS: Prometheus names carry base units, and a 0..1 fraction is `_ratio`
+        # (dBFS = 20 * log10(ratio); digital silence is 0).
+        self.input_level = Gauge(p + "audio_input_level_ratio", "RMS level of the latest input frame as a fraction "
+                                 "of full scale (0..1), updated 10 times a second", registry=r)
         self.control_requests = Counter(p + "control_requests", "control API requests by endpoint and status",
                                         ["endpoint", "status"], registry=r)
         self.events_dropped = Counter(p + "events_dropped", "event-stream events a slow subscriber lost "
@@ -60,13 +117,34 @@ class Metrics:
                                        registry=r)
         self.model_loaded = Gauge(p + "model_loaded", "1 once the ASR model is loaded and warm", registry=r)
 
+        # pipeline/perception/stage.py: one outcome per analyzer call (`OUTCOMES` there; analyzer = its configured
+        # name), and what became of the camera frames the video analyzers were offered.
+        self.perception_calls = Counter(p + "perception_calls", "analyzer calls by analyzer and outcome",
+                                        ["analyzer", "outcome"], registry=r)
+        self.perception_latency = Histogram(p + "perception_latency_seconds", "analyzer call duration (ok, none "
+                                            "and late outcomes)", ["analyzer"], buckets=LATENCY_BUCKETS, registry=r)
+        self.video_frames = Counter(p + "video_frames", "camera frames handed to the video analyzers (analyzed) or "
+                                    "replaced by a newer one while they were busy (skipped)", ["outcome"], registry=r)
+
         self.asr = AsrSchedulingMetrics(r)  # `run`: this relay's own scheduler
+        self.process = ProcessSeries()  # on /metrics only (`render`): under `serve` the process shows it once
+
+        init_labels(self.utterances, reason=get_args(EndReason))
+        init_labels(self.echoes_sent, source=ECHO_SOURCES)
+        for stage, reasons in DROP_REASONS.items():
+            init_labels(self.dropped, stage=[stage], reason=reasons)
+        init_labels(self.speculative, outcome=SPECULATIVE_OUTCOMES)
+        init_labels(self.stage_latency, stage=STAGES)
+        init_labels(self.queue_depth, queue=QUEUES)
+        init_labels(self.video_frames, outcome=VIDEO_FRAME_OUTCOMES)
+        init_labels(self.room_events, event_type=(*ROOM_EVENT_TYPES, OTHER_EVENT))
 
     def drop(self, stage: str, reason: str) -> None:
         self.dropped.labels(stage=stage, reason=reason).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The /metrics text of `run`: this relay's series and the process's."""
+        return generate_latest(Exposition(self.registry, self.process))
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """Current value of a sample (e.g. 'echo_relay_dropped_total'); 0 when absent. For tests/status."""
@@ -87,6 +165,8 @@ class AsrSchedulingMetrics:
                               ["kind"], buckets=LATENCY_BUCKETS, registry=registry)
         self.requests = Counter(p + "asr_requests", "ASR decode requests by kind and outcome (decoded, failed, "
                                 "cancelled before decoding, discarded after)", ["kind", "outcome"], registry=registry)
+        init_labels(self.wait, kind=get_args(DecodeKind))
+        init_labels(self.requests, kind=get_args(DecodeKind), outcome=ASR_OUTCOMES)
 
 
 class ServeMetrics:
@@ -102,12 +182,15 @@ class ServeMetrics:
         self.relays = Gauge(p + "relays", "relays by phase", ["phase"], registry=r)
         self.relays_refused = Counter(p + "relays_refused", "POST /v1/relays refused, by reason", ["reason"],
                                       registry=r)
+        init_labels(self.relays_refused, reason=REFUSALS)
         self.asr = AsrSchedulingMetrics(r)
+        self.process = ProcessSeries()
         own = {family.name for family in r.collect()}
         r.register(RelaysCollector(relays, exclude=own))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The /metrics text of `serve`: the process's series once, every relay's with its `relay` label."""
+        return generate_latest(Exposition(self.registry, self.process))
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         v = self.registry.get_sample_value(name, labels or {})
@@ -135,6 +218,48 @@ class RelaysCollector(Collector):
                 merged.samples.extend(Sample(s.name, {"relay": relay_id, **s.labels}, s.value, s.timestamp,
                                              s.exemplar) for s in family.samples)
         return list(families.values())
+
+
+class ProcessSeries(Collector):
+    """The series a process has once, whatever number of relays it runs: prometheus_client's process
+    collector (memory, CPU seconds, start time, open and max fds; Linux), platform collector (python_info),
+    GC collector, and `echo_relay_build_info` (1, labelled with the version, the Python version and the
+    ASR engine and model, `describe_asr`)."""
+
+    def __init__(self) -> None:
+        self.asr_engine = ""
+        self.asr_model = ""
+
+    def describe_asr(self, engine: str, model: str) -> None:
+        self.asr_engine, self.asr_model = engine, model
+
+    def collect(self) -> Iterable[Metric]:
+        # The default registry's instances: each collects afresh on every call, registry or not.
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            yield from collector.collect()
+        info = GaugeMetricFamily("echo_relay_build_info", "always 1; the labels describe this echo-relay",
+                                 labels=["version", "python_version", "asr_engine", "asr_model"])
+        info.add_metric([__version__, platform.python_version(), self.asr_engine, self.asr_model], 1)
+        yield info
+
+
+class Exposition(Collector):
+    """What /metrics shows: every family of `sources`, without prometheus_client's `_created` samples
+    (creation timestamps as separate gauges: noise for dashboards, and the same for library users as
+    for the CLI, without `prometheus_client.disable_created_metrics()`, which is process-wide)."""
+
+    def __init__(self, *sources: Collector) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterable[Metric]:
+        for source in self._sources:
+            for family in source.collect():
+                created = family.name + "_created"
+                if any(s.name == created for s in family.samples):
+                    trimmed = Metric(family.name, family.documentation, family.type, family.unit)
+                    trimmed.samples = [s for s in family.samples if s.name != created]
+                    family = trimmed
+                yield family
 
 
 ControlMetrics = Metrics | ServeMetrics  # what the control API counts its requests in (`run`, `serve`)

@@ -1,11 +1,11 @@
 """Find engines and transform steps by built-in name, entry point, or dotted path.
 
-One resolver serves every pluggable stage, so `asr.engine`, `vad.engine` and transform steps
-all accept the same three forms:
+One resolver serves every pluggable stage, so `asr.engine`, `vad.engine`, transform steps and
+perception analyzers all accept the same three forms:
 
 - a built-in name (`faster-whisper`, `webrtc`, `filler_words`, ...),
 - an installed entry point in the stage's group (`echo_relay.asr`, `echo_relay.vad`,
-  `echo_relay.transforms`),
+  `echo_relay.transforms`, `echo_relay.perception`),
 - a dotted path `package.module:attribute` (or `package.module.attribute`).
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 ASR_GROUP = "echo_relay.asr"
 VAD_GROUP = "echo_relay.vad"
 TRANSFORM_GROUP = "echo_relay.transforms"
+PERCEPTION_GROUP = "echo_relay.perception"  # audio and video analyzers (pipeline/perception/)
 
 
 class PluginError(ValueError):

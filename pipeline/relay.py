@@ -31,7 +31,7 @@ from pipeline.asr.scheduler import AsrScheduler, ScheduledAsr
 from pipeline.config import Settings
 from pipeline.control.api import InterruptOutcome
 from pipeline.delivery import Delivery, Ledger, Origin, QueuedEcho
-from pipeline.dsp import resample, rms_dbfs
+from pipeline.dsp import dbfs, resample, rms
 from pipeline.events import EventBus
 from pipeline.frames import (
     SAMPLE_RATE,
@@ -44,6 +44,7 @@ from pipeline.frames import (
     ms_to_samples,
 )
 from pipeline.metrics import Metrics
+from pipeline.perception import Perception, PerceptionRun
 from pipeline.sink.base import Sink
 from pipeline.source.base import Source
 from pipeline.speculation import Speculator
@@ -70,23 +71,28 @@ STATE_EVERY_S = 1.0  # `room` and `stats` events while someone listens
 
 class Relay:
     def __init__(self, settings: Settings, *, source: Source, sink: Sink, asr: AsrEngine, vad: VadStage,
-                 chain: TransformChain, metrics: Metrics) -> None:
+                 chain: TransformChain, metrics: Metrics, perception: Perception | None = None) -> None:
         self.settings = settings
         self.source, self.sink, self.vad, self.chain = source, sink, vad, chain
+        self.perception = perception or Perception([], budget_s=0.0, metrics=metrics)
         # Decodes go through a scheduler (pipeline/asr/scheduler.py): `serve` hands every relay a client of
         # one shared scheduler; alone, the relay schedules its own engine (final decodes before interim ones).
         self.asr = asr if isinstance(asr, ScheduledAsr) else AsrScheduler(
             asr, settings.asr.batch, metrics.asr).client("relay", owner=True)
         self.metrics = metrics
         self.events = EventBus(metrics, source.now_s)
+        self.perception.bind_events(self.events)
         self.delivery = Delivery(settings, sink=sink, chain=chain, metrics=metrics, now_s=source.now_s,
                                  events=self.events, paced=source.paced)
-        self.speculator = Speculator(settings, metrics, lambda utt: self._transcribe(utt, "speculative"))
+        self.speculator = Speculator(settings, metrics, lambda utt: self._transcribe(utt, "speculative"),
+                                     allowed=self.asr.speculative)
         self._model_loaded = False
         self._stopping = asyncio.Event()
         self._barge_pending: int | None = None  # speech start position awaiting barge_in_min_ms
         self._partial: asyncio.Future[Transcript] | None = None  # the interim decode in progress
         self._partial_at = 0  # stream position of the last interim decode
+        # Analyzers started on a pause's snapshot, beside its speculative decode: (utterance id, speech_end, run).
+        self._spec_perception: tuple[str, int, PerceptionRun] | None = None
         self._api_count = 0
         self._background: set[asyncio.Future[Any]] = set()  # fire-and-forget work, referenced until done
         self.failed: str | None = None  # why the run failed (exit status 1), None when it did not
@@ -103,15 +109,21 @@ class Relay:
         await self.asr.load()
         self._model_loaded = True
         self.metrics.model_loaded.set(1)
+        self.metrics.process.describe_asr(self.asr.name, self.asr.model_name)
         log.info("ASR ready: %s %s in %.2fs", self.asr.name, self.asr.model_name, time.perf_counter() - t0)
         log.info("VAD: %s", self.vad.describe())
         ep = self.settings.endpoint
         log.info("endpointing: %s", (
             f"speculative decode after {ep.speculative_ms} ms of silence; finish after {ep.confident_pause_ms} ms "
             f"when the final . ? ! has p >= {ep.confident_prob}, after {ep.likely_pause_ms} ms when p >= "
-            f"{ep.likely_prob}, else after {self.settings.vad.hangover_ms} ms") if ep.enabled
-            else f"plain: decode after {self.settings.vad.hangover_ms} ms of silence")
+            f"{ep.likely_prob}, else after {self.settings.vad.hangover_ms} ms")
+            if self.speculator.enabled else f"plain: decode after {self.settings.vad.hangover_ms} ms of silence"
+            + ("" if self.asr.speculative else " (one request per utterance: asr.openai_http.speculative is off)"))
         await self.sink.start()
+        video = self.perception.video
+        if video is not None:  # the speaker's camera, for the video analyzers (pipeline/perception/video.py)
+            video.bind(asyncio.get_running_loop())
+            self.source.watch_video(video.on_frame, video.color_format)
 
     async def run(self) -> None:
         """Relay until the source ends or stop() is called, then deliver what is pending."""
@@ -129,11 +141,14 @@ class Relay:
             await self.asr.close()
             with contextlib.suppress(Exception):
                 await self.chain.aclose()
+            with contextlib.suppress(Exception):
+                await self.perception.aclose()
 
     async def abandon(self) -> None:
         """After a failed start(): release what it may have opened (the room and a conversation it created,
         the output, the source, this relay's use of the ASR engine). `serve` carries on without it."""
-        closers = (lambda: self.sink.close(0.0), self.source.close, self.asr.close, self.chain.aclose)
+        closers = (lambda: self.sink.close(0.0), self.source.close, self.asr.close, self.chain.aclose,
+                   self.perception.aclose)
         for close in closers:
             with contextlib.suppress(Exception):
                 await close()
@@ -180,9 +195,9 @@ class Relay:
                 await self._maybe_finish()
                 continue
             if frame.start >= next_level:
-                level = rms_dbfs(frame.samples)
+                level = rms(frame.samples)
                 self.metrics.input_level.set(level)
-                self.events.emit("level", dbfs=round(level, 1))
+                self.events.emit("level", dbfs=round(dbfs(level), 1))
                 next_level = frame.start + LEVEL_EVERY_SAMPLES
             for event in self.vad.process(frame):
                 await self._on_vad_event(event)
@@ -233,8 +248,10 @@ class Relay:
                 self._on_speech_started(event.pos)
         elif isinstance(event, SpeechPaused):
             self.speculator.start(event.snapshot)
+            self._speculate_perception(event.snapshot)
         elif isinstance(event, SpeechResumed):
             self.speculator.discard("resumed")
+            self._speculate_perception(None)
         elif isinstance(event, UtteranceEnded):
             await self._utterance_closed(event.utterance)
         elif isinstance(event, Unheard):
@@ -275,6 +292,8 @@ class Relay:
         speculative and final decodes of the utterance's end need it; the scheduler decodes those first)."""
         if not self.events.wants_partial or self._partial is not None or self.speculator.pending() is not None:
             return
+        if not self.asr.speculative:  # one request per utterance (asr.openai_http.speculative): no interim ones
+            return
         if self.vad.silence_samples > 0 or pos - self._partial_at < PARTIAL_EVERY_SAMPLES:
             return
         snap = self.vad.snapshot()
@@ -303,12 +322,36 @@ class Relay:
             self.asr.promote(utt.id)  # if still waiting for the engine, it is this utterance's final decode now
         else:
             transcript = self._transcribe(utt, "final")
+        meta = self._meta(utt)
+        perception = self._perception_for(utt, meta)
         # Backpressure: a full queue pauses capture here (docs/reliability.md).
-        await self.delivery.put(QueuedEcho(Origin.SPEECH, self._meta(utt), utterance=utt, transcript=transcript))
+        await self.delivery.put(QueuedEcho(Origin.SPEECH, meta, utterance=utt, transcript=transcript,
+                                           perception=perception))
+
+    def _speculate_perception(self, snapshot: Utterance | None) -> None:
+        """Start the analyzers on a pause's snapshot, as the speculative decode starts (their results are ready
+        when a speculative transcript closes the utterance); None: the speech resumed, drop the last start."""
+        spec, self._spec_perception = self._spec_perception, None
+        if spec is not None:
+            spec[2].abandon()  # what its calls bring is counted `unused`
+        if snapshot is not None and self.perception and self.speculator.enabled:
+            run = self.perception.start(snapshot.audio, self._meta(snapshot))
+            if run is not None:
+                self._spec_perception = snapshot.id, snapshot.speech_end, run
+
+    def _perception_for(self, utt: Utterance, meta: UtteranceMeta) -> PerceptionRun | None:
+        """The analyzers' run for a closed utterance: the pause's one when it covers the same speech, else a new
+        one started now, beside the ASR."""
+        spec, self._spec_perception = self._spec_perception, None
+        if spec is not None and spec[:2] == (utt.id, utt.speech_end):
+            return spec[2]
+        if spec is not None:
+            spec[2].abandon()
+        return self.perception.start(utt.audio, meta)
 
     def _meta(self, utt: Utterance) -> UtteranceMeta:
         return UtteranceMeta(utterance_id=utt.id, audio_start_s=utt.audio_start_s, audio_end_s=utt.audio_end_s,
-                             reason=utt.reason, room=self.sink.room.as_dict())
+                             reason=utt.reason, room=self.sink.room.as_dict(), audio_offset_s=utt.start / SAMPLE_RATE)
 
     # -------------------------------------------------------------------------------- barge-in
     def _on_speech_started(self, pos: int) -> None:
@@ -356,7 +399,7 @@ class Relay:
         return await self.delivery.interrupt("POST /interrupt")
 
     def readiness(self) -> dict[str, bool]:
-        return {"model_loaded": self._model_loaded, "sink_ready": self.sink.is_ready(),
+        return {"model_loaded": self._model_loaded, **self.asr.readiness(), "sink_ready": self.sink.is_ready(),
                 "running": not self._stopping.is_set()}
 
     def status(self) -> dict[str, Any]:
@@ -365,5 +408,6 @@ class Relay:
                 "sink": self.sink.name, "source": self.source.name,
                 "model": {"engine": self.asr.name, "name": self.asr.model_name, "loaded": self._model_loaded},
                 "queues": {"delivery": self.delivery.depth}, "ledger": self.ledger.as_dict(),
+                "perception": self.perception.status() if self.perception else None,
                 "source_stats": self.source.stats(), "sink_stats": self.sink.stats(),
                 "recent": list(self.delivery.recent)}

@@ -44,8 +44,9 @@ from pipeline.asr import make_asr_engine
 from pipeline.asr.base import AsrEngine
 from pipeline.asr.scheduler import AsrScheduler
 from pipeline.config import PATH_OPTION, ConfigError, EnvUse, Settings, dotted, secret_values, validate_tree
-from pipeline.logs import register_secret
+from pipeline.logs import bind_log_context, log_context, register_secret
 from pipeline.metrics import Metrics, ServeMetrics
+from pipeline.perception.builtins import AUDIO_BUILTINS, VIDEO_BUILTINS
 from pipeline.relay import Relay
 from pipeline.sink import SinkError
 from pipeline.source.base import SourceError
@@ -197,6 +198,14 @@ def request_problem(base: Settings, relay: Settings) -> tuple[str, str] | None:
                 return (f"transform.steps[{i}].step", f"{step.step!r} cannot be set per relay: steps are built-in "
                         f"({', '.join(sorted(REQUEST_STEPS))}); others load code or call out, so they come from the "
                         "config file")
+    if relay.perception != base.perception:  # analyzers by dotted path or entry point load code
+        p = relay.perception
+        for key, analyzers, builtins in (("perception.analyzers", p.analyzers, AUDIO_BUILTINS),
+                                         ("perception.video.analyzers", p.video.analyzers, VIDEO_BUILTINS)):
+            for i, a in enumerate(analyzers):
+                if a.analyzer not in builtins:
+                    return (f"{key}[{i}].analyzer", f"{a.analyzer!r} cannot be set per relay: analyzers are built-in "
+                            f"({', '.join(sorted(builtins))}); others load code, so they come from the config file")
     if relay.vad.engine != base.vad.engine and relay.vad.engine not in VAD_BUILTINS:
         return "vad.engine", (f"{relay.vad.engine!r} cannot be set per relay: built-in engines only "
                               f"({', '.join(VAD_BUILTINS)})")
@@ -236,6 +245,7 @@ class RelayPool:
         """Load the model once (AsrError when it cannot be)."""
         await self.scheduler.load()
         self.metrics.model_loaded.set(1)
+        self.metrics.process.describe_asr(self.scheduler.name, self.scheduler.model_name)
 
     async def close(self) -> None:
         """Stop accepting, drain every relay (each within its own sink.drain_timeout_s), close the engine."""
@@ -249,7 +259,7 @@ class RelayPool:
         self._publish()
 
     def readiness(self) -> dict[str, bool]:
-        return {"model_loaded": self.scheduler.loaded, "accepting": self.accepting,
+        return {"model_loaded": self.scheduler.loaded, **self.scheduler.readiness(), "accepting": self.accepting,
                 "capacity": self.active < self.settings.serve.max_relays}
 
     @property
@@ -317,7 +327,8 @@ class RelayPool:
         self._relays[relay_id] = managed
         managed.task = asyncio.get_running_loop().create_task(self._run(managed), name=f"relay-{relay_id}")
         self._publish()
-        log.info("relay %s created: %s -> %s", relay_id, relay.settings.source.spec, relay.settings.sink.spec)
+        with log_context(relay_id=relay_id):
+            log.info("relay %s created: %s -> %s", relay_id, relay.settings.source.spec, relay.settings.sink.spec)
         return managed
 
     def _build(self, request: RelayRequest) -> tuple[str, Relay]:
@@ -389,6 +400,7 @@ class RelayPool:
 
     async def _run(self, managed: ManagedRelay) -> None:
         """One relay's whole life; whatever happens here stays here."""
+        bind_log_context(relay_id=managed.id)  # this task's records, and those of every task the relay starts
         relay = managed.relay
         try:
             try:

@@ -8,7 +8,9 @@ utterances, asks `should_finish()` on every frame and whenever the decode comple
 and when the utterance does close, `take()` hands the decode over for reuse if it covers the same
 audio.
 
-One speculation at a time; nothing here touches the queue or the sink.
+One speculation at a time; nothing here touches the queue or the sink. Off when `endpoint.enabled` is
+false, or when the ASR engine takes one request per utterance (`AsrEngine.speculative` false: an
+openai-http server unless `asr.openai_http.speculative`).
 """
 
 from __future__ import annotations
@@ -39,14 +41,15 @@ class _Speculation:
 
 
 class Speculator:
-    def __init__(self, settings: Settings, metrics: Metrics, transcribe: Transcribe) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, transcribe: Transcribe, *, allowed: bool = True) -> None:
         self.settings, self.metrics = settings, metrics
         self._transcribe = transcribe
+        self._allowed = allowed  # the engine takes speculative decodes (AsrEngine.speculative)
         self._spec: _Speculation | None = None
 
     @property
     def enabled(self) -> bool:
-        return self.settings.endpoint.enabled
+        return self.settings.endpoint.enabled and self._allowed
 
     def start(self, snapshot: Utterance) -> None:
         """Decode `snapshot` (the utterance as if it ended now) in the background."""

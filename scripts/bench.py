@@ -412,12 +412,25 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
+def split_overrides(text: str) -> list[str]:
+    """"a=1,b=[{x: 1}, {x: 2}]" -> ["a=1", "b=[{x: 1}, {x: 2}]"]: commas inside YAML brackets stay with
+    their value (perception.analyzers=[{analyzer: loudness}, {analyzer: pitch}])."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p for p in parts if p]
+
+
 def variant_list(args: argparse.Namespace) -> tuple[list[tuple[str, list[str]]], list[str]]:
     """(label, overrides) of every run, and the --models that have no local copy."""
     variants: list[tuple[str, list[str]]] = [] if args.no_default else [("default config", [])]
     for v in args.variant:
         label, _, rest = v.partition("=")
-        variants.append((label, [kv for kv in rest.split(",") if kv]))
+        variants.append((label, split_overrides(rest)))
     unavailable: list[str] = []
     for name in [m for m in args.models.split(",") if m]:
         if model_available(name):
@@ -524,7 +537,7 @@ def relays_main(args: argparse.Namespace, norm, work: Path) -> int:  # type: ign
     ns = [int(x) for x in args.relays.split(",") if x]
     process_ns = [int(x) for x in args.relay_processes.split(",") if x]
     modes = [m for m in args.relay_modes.split(",") if m]
-    overrides = [kv for v in args.variant for kv in v.partition("=")[2].split(",") if kv]
+    overrides = [kv for v in args.variant for kv in split_overrides(v.partition("=")[2])]
     runs = bench_relays.bench_relays(clips, stream, work, norm, ns, modes, process_ns, args.stagger_s, overrides)
     text = bench_relays.report(runs, len(clips), stream_s, args.stagger_s)
     print(text)

@@ -3,9 +3,11 @@
 #   scripts/install.sh          runtime + bundled tiny.en model
 #   scripts/install.sh --dev    also the test and lint tools
 # System packages: libportaudio2 (sounddevice's PortAudio, for microphones) and, with --dev, tmux (the
-# terminal-view test runs the relay in it) and chromium + chromium-driver (the live-page test drives the page
-# in headless Chromium). Installed with apt-get when running as root (or with sudo available); otherwise a
-# warning says what to install.
+# terminal-view test runs the relay in it), chromium + chromium-driver (the live-page test drives the page
+# in headless Chromium), systemd (tests/test_deploy.py runs `systemd-analyze verify` on the unit file) and
+# prometheus (its `promtool check metrics` lints /metrics in tests/test_metrics_conventions.py; its service is
+# not needed and a container without systemd never starts it).
+# Installed with apt-get when running as root (or with sudo available); otherwise a warning says what to install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="models"
@@ -15,8 +17,10 @@ pkgs=()  # the missing ones
 ldconfig -p 2>/dev/null | grep -q libportaudio.so.2 || pkgs+=(libportaudio2)
 [[ "$extras" == *dev* ]] && ! command -v tmux >/dev/null && pkgs+=(tmux)
 [[ "$extras" == *dev* ]] && ! { command -v chromium && command -v chromedriver; } >/dev/null && pkgs+=(chromium chromium-driver)
+[[ "$extras" == *dev* ]] && ! command -v systemd-analyze >/dev/null && pkgs+=(systemd)
+[[ "$extras" == *dev* ]] && ! command -v promtool >/dev/null && pkgs+=(prometheus)
 if (( ${#pkgs[@]} )); then
-  need="microphones need libportaudio2, tests/test_view.py needs tmux, tests/test_control_page.py needs chromium and chromium-driver"
+  need="microphones need libportaudio2, tests/test_view.py needs tmux, tests/test_control_page.py needs chromium and chromium-driver, tests/test_deploy.py needs systemd's systemd-analyze, tests/test_metrics_conventions.py needs prometheus's promtool"
   if command -v apt-get >/dev/null; then
     SUDO=""; [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null && SUDO="sudo"
     if [[ $(id -u) -eq 0 || -n "$SUDO" ]]; then
@@ -28,7 +32,7 @@ if (( ${#pkgs[@]} )); then
       echo "warning: missing ${pkgs[*]} ($need: apt-get install ${pkgs[*]})" >&2
     fi
   else
-    echo "warning: missing ${pkgs[*]} ($need; macOS: brew install portaudio tmux chromium chromedriver)" >&2
+    echo "warning: missing ${pkgs[*]} ($need; macOS: brew install portaudio tmux chromium chromedriver prometheus)" >&2
   fi
 fi
 

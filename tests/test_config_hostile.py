@@ -35,6 +35,7 @@ from pipeline.config import (
     MAX_YAML_ALIASES,
     MAX_YAML_DEPTH,
     ConfigError,
+    PerceptionAnalyzer,
     Settings,
     TransformStep,
     load_settings,
@@ -128,7 +129,7 @@ def numeric_settings() -> list[Num]:
             key = f"{prefix}.{name}" if prefix else name
             sub = _sub_model(info.annotation)
             if sub is not None:
-                walk(sub, f"{key}[0]" if sub is TransformStep else key)
+                walk(sub, f"{key}[0]" if sub in (TransformStep, PerceptionAnalyzer) else key)
                 continue
             kind = _number_type(info.annotation)
             if kind is None or get_origin(info.annotation) is Literal:
@@ -161,7 +162,8 @@ CROSS_FIELD = {"vad.hangover_ms", "endpoint.speculative_ms", "endpoint.likely_pr
 
 
 def tree_for(key: str, value: Any) -> dict[str, Any]:
-    """The nested config tree that sets one dotted key (a transform step gets `step: whitespace`)."""
+    """The nested config tree that sets one dotted key (a transform step gets `step: whitespace`, an analyzer
+    `analyzer: loudness`)."""
     parts = key.replace("[0]", ".[0]").split(".")
     tree: dict[str, Any] = {}
     node: Any = tree
@@ -170,7 +172,7 @@ def tree_for(key: str, value: Any) -> dict[str, Any]:
         if part == "[0]":
             continue
         if i + 1 < len(parts) and parts[i + 1] == "[0]":
-            item: dict[str, Any] = {"step": "whitespace"}
+            item: dict[str, Any] = {"step": "whitespace"} if part == "steps" else {"analyzer": "loudness"}
             node[part] = [item]
             node = item
         elif last:

@@ -77,10 +77,13 @@ async def until(predicate: Callable[[], Any], timeout_s: float = WAIT_S, what: s
 
 
 @contextlib.asynccontextmanager
-async def relay_with_api(clip: Path, **control: Any) -> AsyncIterator[tuple[Any, ControlServer, RecordingSink]]:
-    """A relay on `clip` paced in real time (not yet running) with its control API on a free port."""
+async def relay_with_api(clip: Path, analyzers: tuple[str, ...] = (),
+                         **control: Any) -> AsyncIterator[tuple[Any, ControlServer, RecordingSink]]:
+    """A relay on `clip` paced in real time (not yet running) with its control API on a free port, and the
+    built-in perception `analyzers`."""
     dotted = {f"control__{k}": v for k, v in {"port": 0, **control}.items()}
-    settings = relay_settings(f"file:{clip}", source__file__speed=1, **dotted)
+    settings = relay_settings(f"file:{clip}", source__file__speed=1, **dotted,
+                              perception__analyzers=[{"analyzer": a} for a in analyzers])
     metrics = Metrics()
     sink = RecordingSink()
     relay = build_relay(settings, metrics=metrics, sink=sink, asr=FaultyAsr(real_engine(), metrics=metrics))
@@ -419,14 +422,15 @@ return {level: document.getElementById('level').dataset.dbfs,
         replica: document.getElementById('replica').textContent,
         conn: document.getElementById('conn').textContent,
         partial_color: row ? getComputedStyle(row.querySelector('.partial')).color : '',
-        final_color: row ? getComputedStyle(row.querySelector('.final')).color : ''};
+        final_color: row ? getComputedStyle(row.querySelector('.final')).color : '',
+        perception: row ? [...row.querySelectorAll('.perception .chip')].map(c => c.textContent) : []};
 """
 
 
 async def test_the_live_page_follows_a_real_run_in_chromium(clip_file: Path, chromium: Any, tmp_path: Path) -> None:
     driver = chromium
     echoes: list[Event] = []
-    async with relay_with_api(clip_file, token=TOKEN) as (relay, server, sink):
+    async with relay_with_api(clip_file, ("loudness", "pitch"), token=TOKEN) as (relay, server, sink):
         # What a Daily sink would report about its room (RecordingSink has none): shown from `room` events.
         sink.room.joined, sink.room.replica_present, sink.room.network = True, True, "good"
         sink.room.conversation_id = "c0ffee42d00d"
@@ -444,8 +448,9 @@ async def test_the_live_page_follows_a_real_run_in_chromium(clip_file: Path, chr
         await run
         echoes = [e for e in watcher.pending() if e.kind == "echo"]
         watcher.close()
-        state = await _until_page(driver, lambda s: bool(s["latency"] and s["final"] and s["delivered"] == "1"),
-                                  "the final text, its latency and the ledger")
+        state = await _until_page(driver, lambda s: bool(s["latency"] and s["final"] and s["delivered"] == "1"
+                                                         and len(s["perception"]) == 2),
+                                  "the final text, its latency, the ledger and the analyzers' results")
         screenshot = tmp_path / "live-page.png"
         await asyncio.to_thread(driver.save_screenshot, str(screenshot))
 
@@ -462,6 +467,11 @@ async def test_the_live_page_follows_a_real_run_in_chromium(clip_file: Path, chr
     assert wer(reference(CLIP), state["final"]) <= 0.25, state
     assert state["final"] == sink.sent[0].text
     assert state["outcome"] == "delivered"
+    # The analyzers' results under the utterance, as the JSONL record has them (perception.analyzers).
+    found = sink.sent[0].perception
+    assert found is not None and set(found) == {"loudness", "pitch"}
+    assert f"loudness: rms_dbfs {found['loudness']['rms_dbfs']:.1f}" in state["perception"][0], state["perception"]
+    assert state["perception"][1].startswith("pitch: voiced_ratio "), state["perception"]
     partial_seen = [s for s in samples if s["partial"] and not s["final"]]
     assert partial_seen, [(s["speaking"], s["partial"], s["final"]) for s in samples]
     assert word_recall(reference(CLIP), partial_seen[-1]["partial"]) > 0

@@ -25,6 +25,7 @@ import pytest
 
 from pipeline import daily_room, protocol
 from pipeline.config import Settings, set_dotted
+from pipeline.logs import current_log_context
 from pipeline.metrics import Metrics
 from pipeline.sink.base import Outgoing, SinkError
 from pipeline.sink.daily import DailySink, SinkPhase, ended_with_error
@@ -116,6 +117,8 @@ async def test_sends_wait_for_the_replica_then_go_in_order() -> None:
     await sink.start()
     assert sink.phase is SinkPhase.OPEN and sink.room.joined and not sink.is_ready()
     assert REPLICA_ABSENT in (sink.blocked_reason() or "")
+    # the relay's task (and the tasks it starts next) logs with the conversation id (JSON logs)
+    assert current_log_context()["conversation_id"] == room.conversation_id
     outs = [echo(f"message {i}.", room.conversation_id) for i in range(4)]
 
     async def relay() -> None:  # the relay sends one message after the other
@@ -549,6 +552,11 @@ async def test_replica_events_update_room_state_and_reach_subscribers() -> None:
     assert metrics.value("echo_relay_room_events_total",
                          {"event_type": "conversation.replica.started_speaking"}) == 1
     assert metrics.value("echo_relay_room_events_total", {"event_type": "other"}) == 4
+    # Bounded: a peer's own event types are "other"; every known type has its series from the start.
+    labels = {s.labels["event_type"]: s.value for f in metrics.registry.collect() if f.name == "echo_relay_room_events"
+              for s in f.samples if s.name.endswith("_total")}
+    assert set(labels) == {*daily_room.ROOM_EVENT_TYPES, "other"}, labels
+    assert labels["system.shutdown"] == 0
     await sink.close()
 
 

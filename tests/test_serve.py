@@ -38,6 +38,7 @@ from pipeline.dsp import speech_bounds
 from pipeline.frames import SAMPLE_RATE, Pcm, Transcript, UtteranceMeta
 from pipeline.serve import RelayPool
 from pipeline.testing.fake_daily import FakeRoom
+from tests.conftest import wait_until_ready
 
 FAKE_DAILY = "pipeline.testing.fake_daily"
 PERSONA = "Echo Persona"
@@ -557,6 +558,10 @@ async def test_relay_overrides_cannot_call_arbitrary_code(start_serve: Starter, 
     ({"transform.steps": [{"step": "blocklist", "words_file": "/etc/passwd"}]},
      "config.transform.steps[0].words_file", "serve.file_roots"),
     ({"sink.also": ["jsonl:/etc/echo-relay-test.jsonl"]}, "config.sink.also[0]", "serve.file_roots"),
+    ({"perception.analyzers": [{"analyzer": "loudness"}, {"analyzer": "os:makedirs", "name": "x"}]},
+     "config.perception.analyzers[1].analyzer", "analyzers are built-in"),
+    ({"perception": {"video": {"analyzers": [{"analyzer": "tests.perception_analyzers:boom"}]}}},
+     "config.perception.video.analyzers[0].analyzer", "analyzers are built-in"),
 ])
 async def test_a_request_may_not_load_code_or_name_files_outside_the_roots(
         start_serve: Starter, tmp_path: Path, config: dict[str, Any], field: str, says: str) -> None:
@@ -573,7 +578,7 @@ async def test_a_request_may_not_load_code_or_name_files_outside_the_roots(
 async def test_files_outside_the_roots_are_refused_and_built_in_steps_allowed(
         start_serve: Starter, tmp_path: Path) -> None:
     """file: sources and jsonl: sinks must lie under serve.file_roots (none by default: no file through the
-    API at all); built-in local steps may be set per relay and run."""
+    API at all); built-in local steps and analyzers may be set per relay and run."""
     clip_file = padded_wav(tmp_path, SHORT_CLIPS[0])
     srv = await start_serve(serve__file_roots=[])
     r = await srv.client.post("/v1/relays", json={"source": f"file:{clip_file}", "sink": "console"})
@@ -585,11 +590,13 @@ async def test_files_outside_the_roots_are_refused_and_built_in_steps_allowed(
     srv = await start_serve(serve__file_roots=[str(tmp_path)])
     out = tmp_path / "upper.jsonl"
     rid = await srv.create(source=f"file:{clip_file}", sink=f"jsonl:{out}",
-                           config={"transform.steps": [{"step": "uppercase"}]})
+                           config={"transform.steps": [{"step": "uppercase"}],
+                                   "perception.analyzers": [{"analyzer": "loudness"}]})
     info = await srv.wait_done(rid)
     assert info["phase"] == "ended" and info["ledger"]["delivered"] >= 1
     text = echo_text(out)
     assert text and text == text.upper()
+    assert all(r["perception"]["loudness"]["rms_dbfs"] < 0 for r in records(out) if r["event"] == "echo")
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -687,16 +694,7 @@ def test_cli_serve_relays_a_clip_and_drains_on_sigterm(tmp_path: Path) -> None:
                                 stdout=subprocess.DEVNULL, stderr=fh)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            deadline = time.monotonic() + 60
-            while True:
-                assert proc.poll() is None, f"serve exited ({proc.returncode}):\n{err.read_text()}"
-                assert time.monotonic() < deadline, err.read_text()
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
+            wait_until_ready(client, proc, err, 60)
 
             def wait_phase(rid: str, phases: tuple[str, ...], timeout: float = 60) -> dict[str, Any]:
                 end = time.monotonic() + timeout

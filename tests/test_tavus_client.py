@@ -23,7 +23,7 @@ from pipeline.tavus import (
     TavusServerError,
     TavusTimeout,
 )
-from pipeline.tavus.client import normalize_api_url, parse_retry_after
+from pipeline.tavus.client import normalize_api_url
 from pipeline.testing.fake_tavus import FAKE_REPLICA_ID, FakeTavusServer
 
 KEY = "tvs-SECRET-key-5f1c0e9d7a"
@@ -417,19 +417,6 @@ def test_empty_key_rejected() -> None:
         TavusClient("https://tavusapi.com", "  ")
     with pytest.raises(ValueError):
         TavusClient("https://tavusapi.com", SecretStr(""))
-
-
-def test_parse_retry_after() -> None:
-    now = datetime(2026, 1, 1, tzinfo=UTC)
-    assert parse_retry_after("5") == 5.0
-    assert parse_retry_after("1.5") == 1.5
-    assert parse_retry_after("-3") == 0.0
-    assert parse_retry_after(None) is None
-    assert parse_retry_after("soon") is None
-    http_date = format_datetime(now + timedelta(seconds=42), usegmt=True)
-    assert parse_retry_after(http_date, now=now.timestamp()) == pytest.approx(42.0)
-    assert parse_retry_after(format_datetime(now - timedelta(seconds=42), usegmt=True),
-                             now=now.timestamp()) == 0.0
 
 
 # ------------------------------------------------------------------------------ secret hygiene

@@ -29,7 +29,12 @@ def dropped(m: Metrics, reason: str, stage: str = "transform") -> float:
 
 
 def latency_count(m: Metrics) -> float:
+    """Chain runs timed as the transform stage."""
     return m.value("echo_relay_stage_latency_seconds_count", {"stage": "transform"})
+
+
+def step_count(m: Metrics, step: str) -> float:
+    return m.value("echo_relay_transform_step_latency_seconds_count", {"step": step})
 
 
 def chain_of(*steps: Any, metrics: Metrics | None = None, timeout_s: float = 1.0,
@@ -67,7 +72,9 @@ async def test_steps_run_in_order_sync_and_async() -> None:
     assert out.text == "xabcd" and not out.dropped and out.dropped_by is None
     assert seen == ["a", "b"]
     assert [t.outcome for t in out.timings] == ["ok"] * 4
-    assert latency_count(m) == 4
+    assert latency_count(m) == 1  # one chain run, each of its four steps timed under its own name
+    assert [step_count(m, s.name) for s in chain.steps] == [1, 1, 1, 1]
+    assert len({s.name for s in chain.steps}) == 4
     assert out.total_s >= 0
 
 
@@ -190,7 +197,7 @@ async def test_async_timeout_policies(policy: str) -> None:
     else:
         assert out.dropped and out.dropped_by is not None and out.dropped_by.reason == "timeout"
         assert dropped(m, "timeout:slow") == 1
-    assert latency_count(m) == 1
+    assert latency_count(m) == 1 and step_count(m, "slow") == 1
 
 
 @pytest.mark.parametrize("policy", ["pass", "drop"])

@@ -37,6 +37,7 @@ from pipeline.frames import SAMPLE_RATE
 from pipeline.logs import log_to_console, register_secret, setup_logging
 from pipeline.metrics import Metrics
 from pipeline.view import METER_CELLS, TerminalView, ViewState, render, want_view
+from tests.conftest import logging_restored
 
 REPO = Path(__file__).resolve().parent.parent
 CLIP = "mfa/61-70968-0000.flac"  # HE BEGAN A CONFUSED COMPLAINT AGAINST THE WIZARD ... CURTAIN ON THE LEFT
@@ -192,19 +193,12 @@ def test_run_view_with_the_console_sink_exits_2_with_one_line() -> None:
 # --------------------------------------------------------------------------------------- the task
 @pytest.fixture
 def stderr_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
-    """`setup_logging` as `echo-relay run` calls it, its stderr a buffer; the root logger put back after."""
-    root, pipeline_logger = logging.getLogger(), logging.getLogger("pipeline")
-    saved = (list(root.handlers), root.level, pipeline_logger.level)
+    """`setup_logging` as `echo-relay run` calls it, its stderr a buffer; the logging set-up put back after."""
     buffer = io.StringIO()
     monkeypatch.setattr(sys, "stderr", buffer)
-    setup_logging("info", "text")
-    yield buffer
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    for h in saved[0]:
-        root.addHandler(h)
-    root.setLevel(saved[1])
-    pipeline_logger.setLevel(saved[2])
+    with logging_restored():
+        setup_logging("info", "text")
+        yield buffer
 
 
 def test_log_records_print_through_the_console_while_it_is_on(stderr_logging: io.StringIO) -> None:

@@ -24,9 +24,17 @@ class AsrEngine(ABC):
     # several utterances per `transcribe_batch` call (pipeline/asr/scheduler.py). False: calls may
     # overlap (a remote server), and each goes to `transcribe` at once.
     batching: bool = False
+    # True: the relay may ask for more than the one final decode of an utterance: speculative decodes in its
+    # pauses (pipeline/speculation.py) and interim ones for event-stream watchers. False: one request per
+    # utterance (a remote server that queues or bills each one, `asr.openai_http.speculative`).
+    speculative: bool = True
 
     async def load(self) -> None:  # noqa: B027 - optional hook
         """Load and warm up once, before the first utterance (no-op by default)."""
+
+    def readiness(self) -> dict[str, bool]:
+        """The engine's own checks for `/readyz`, beside the relay's (e.g. a remote server's reachability)."""
+        return {}
 
     @abstractmethod
     async def transcribe(self, audio: Pcm, meta: UtteranceMeta) -> Transcript:

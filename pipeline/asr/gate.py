@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from pipeline.config import GateSettings
 from pipeline.dsp import SILENCE_DBFS as SILENCE_DBFS  # re-exported: the engines and tests import from here
 from pipeline.dsp import rms_dbfs as rms_dbfs
+from pipeline.frames import GateReason
 
 DROP_REASONS = ("empty", "no_speech", "low_logprob", "repetition", "phantom")
 
@@ -109,7 +110,7 @@ def has_repetition(words: Sequence[str], *, min_repeats: int = 3, min_span: int 
 
 
 def gate(text: str, *, no_speech_prob: float, avg_logprob: float, audio_dbfs: float,
-         settings: GateSettings, compression_ratio_value: float | None = None) -> str | None:
+         settings: GateSettings, compression_ratio_value: float | None = None) -> GateReason | None:
     """Return why this decode must be dropped, or None to keep it.
 
     `compression_ratio_value` defaults to `compression_ratio(text)`; pass it when the engine has it.

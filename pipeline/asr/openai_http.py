@@ -5,9 +5,22 @@ faster-whisper-server/speaches, whisper.cpp's server, vLLM, ...) as a 16 kHz mon
 multipart form, with ``model``, ``language``, ``prompt`` (`asr.initial_prompt`) and
 ``response_format`` fields, and ``Authorization: Bearer`` when an API key is set.
 
-- Connection errors, timeouts and 5xx answers are retried ``openai_http.retries`` times with
-  exponential backoff (0.2 s, 0.4 s, ...); a 4xx answer fails at once. Both raise
-  `AsrRequestError` carrying the server's own message.
+- Start (`load`): the server is probed (``GET {base}/models``, see `probe_url`), retried as below.
+  Any HTTP answer means it is reachable (whisper.cpp's server answers 404 there); no answer, or a
+  gateway's 502/504, means it is not, and start fails with `AsrError` naming the URL (`run` and
+  `serve` exit 4); 401/403 means the key is wrong, a clear error too.
+- Readiness (`readiness()`, on `/readyz` as ``asr_server``) follows the server: false from the first
+  request or probe that cannot reach it, true again at its next answer. After start the server is
+  probed whenever no request got an answer for ``openai_http.probe_interval_s`` (so an idle relay,
+  or `serve` with no relay, still sees it go away). While it is unreachable a request waits for it
+  (no request storm on a server that is down) until ``asr.deadline_s`` from the request's start,
+  then fails.
+- Timeouts, 408, 429 and 5xx are retried ``openai_http.retries`` times by the shared policy of
+  pipeline/retry.py (backoff with full jitter from 0.2 s, or the server's ``Retry-After`` on 429/503),
+  never past ``asr.deadline_s``: a result after it would be dropped anyway, and the retry would load
+  a server that is already struggling. Other 4xx fail at once. Failures raise `AsrRequestError`
+  carrying the server's own message.
+- One request per utterance unless ``openai_http.speculative`` (`AsrEngine.speculative`).
 - ``{"text": ...}`` is the result. When the server returns ``verbose_json`` segments
   (``avg_logprob``, ``no_speech_prob``, ``compression_ratio``), confidence and the full
   hallucination gate use them as for faster-whisper; otherwise confidence is 1.0 and only the gate
@@ -17,10 +30,13 @@ multipart form, with ``model``, ``language``, ``prompt`` (`asr.initial_prompt`) 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import random
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import numpy as np
@@ -30,14 +46,35 @@ from pipeline.asr.gate import compression_ratio, gate, rms_dbfs
 from pipeline.config import AsrSettings
 from pipeline.dsp import wav_bytes
 from pipeline.frames import Pcm, Transcript, UtteranceMeta
+from pipeline.retry import RetryPolicy, retry_after
 
 if TYPE_CHECKING:
     from pipeline.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-BACKOFF_INITIAL_S = 0.2
+BACKOFF_BASE_S = 0.2  # first retry within 0.2 s (full jitter), ceilings doubling up to BACKOFF_MAX_S
 BACKOFF_MAX_S = 2.0
+PROBE_TIMEOUT_S = 5.0  # a reachability probe (GET, no decode) needs no longer, whatever timeout_s is
+UNREACHABLE_STATUSES = frozenset({502, 504})  # a gateway answered: the server behind it did not
+AUTH_STATUSES = frozenset({401, 403})
+RETRY_STATUSES = frozenset({408, 429})  # 4xx worth a retry (5xx all are)
+TRANSCRIPTIONS_PATH = "/audio/transcriptions"
+
+
+def probe_url(url: str) -> str:
+    """Where to check that the server is up: ``{base}/models`` for an OpenAI-style
+    ``{base}/audio/transcriptions`` URL (a cheap GET every compatible server answers, with 200, 401 or
+    404), else the URL itself (a GET there is answered 404/405: still an answer)."""
+    parts = urlsplit(url)
+    if parts.path.rstrip("/").endswith(TRANSCRIPTIONS_PATH):
+        base = parts.path.rstrip("/")[: -len(TRANSCRIPTIONS_PATH)]
+        return urlunsplit(parts._replace(path=f"{base}/models", query=""))
+    return url
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 class AsrRequestError(AsrError):
@@ -46,6 +83,10 @@ class AsrRequestError(AsrError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class _Unreachable(Exception):
+    """No answer from the server (connection refused or timed out, or a gateway's 502/504)."""
 
 
 def _server_message(resp: httpx.Response) -> str:
@@ -76,8 +117,18 @@ class OpenAIHttpEngine(AsrEngine):
         self.http = settings.openai_http
         self.model_name = self.http.model
         self.response_format: str = str(getattr(self.http, "response_format", "json"))
+        self.speculative = self.http.speculative
+        self.retry = RetryPolicy(self.http.retries, BACKOFF_BASE_S, BACKOFF_MAX_S)
+        self.probe_url = probe_url(self.http.url)
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
+        self._random = random.Random()
+        self._reachable = False  # the last request or probe got an answer
+        self._answered_at = 0.0  # time.monotonic() of the last answer
+        self._in_flight = 0  # requests waiting for the server's answer: they will tell whether it is there
+        self._down_since: float | None = None  # time.monotonic() when it stopped answering, while it does not
+        self._up = asyncio.Event()  # set while reachable: requests waiting for the server wait on it
+        self._watcher: asyncio.Task[None] | None = None  # probes when requests do not tell (_watch)
 
     def _headers(self) -> dict[str, str]:
         headers = {"Accept": "application/json"}
@@ -85,64 +136,175 @@ class OpenAIHttpEngine(AsrEngine):
             headers["Authorization"] = f"Bearer {self.http.api_key.get_secret_value()}"
         return headers
 
-    async def load(self) -> None:
+    def _ensure_client(self) -> httpx.AsyncClient:
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.http.timeout_s),
                                              headers=self._headers(), transport=self._transport)
-        if self.metrics is not None:
-            self.metrics.model_loaded.set(1)
+        return self._client
+
+    def readiness(self) -> dict[str, bool]:
+        return {"asr_server": self._reachable}
+
+    async def load(self) -> None:
+        """Check that the server answers (retried as requests are); AsrError naming the URL when it does not."""
+        problem = ""
+        for attempt in range(self.retry.retries + 1):
+            if attempt:
+                await asyncio.sleep(self.retry.delay(attempt - 1, rng=self._random))
+            try:
+                await self._probe()
+            except _Unreachable as exc:
+                problem = str(exc)
+                continue
+            log.info("ASR server %s answers (model %s)", self.http.url, self.http.model)
+            if self.metrics is not None:
+                self.metrics.model_loaded.set(1)
+            self._ensure_watcher()
+            return
+        raise AsrError(f"ASR server {self.http.url} cannot be reached ({problem}; {self.retry.retries + 1} "
+                       f"attempt(s) at {self.probe_url}): start it, or set asr.openai_http.url")
+
+    async def _probe(self) -> None:
+        """One GET of `probe_url`. Any answer marks the server reachable; none (or a gateway's 502/504) raises
+        `_Unreachable`; 401/403 raises `AsrRequestError` (a wrong key: nothing to wait for)."""
+        try:
+            resp = await self._ensure_client().get(self.probe_url, timeout=min(self.http.timeout_s, PROBE_TIMEOUT_S))
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise _Unreachable(_describe(exc)) from None
+        except httpx.TimeoutException:  # connected, but busy: a server that decodes on its event loop is still there
+            self._set_up()
+            return
+        except httpx.TransportError as exc:  # the connection dropped without an answer
+            raise _Unreachable(_describe(exc)) from None
+        if resp.status_code in UNREACHABLE_STATUSES:
+            raise _Unreachable(f"HTTP {resp.status_code}: {_server_message(resp)}")
+        self._set_up()
+        if resp.status_code in AUTH_STATUSES:
+            raise AsrRequestError(f"ASR server {self.http.url} refused the API key (HTTP {resp.status_code} at "
+                                  f"{self.probe_url}: {_server_message(resp)}): set asr.openai_http.api_key",
+                                  resp.status_code)
+
+    def _set_up(self) -> None:
+        if self._down_since is not None:
+            log.warning("ASR server %s answers again after %.1f s unreachable", self.http.url,
+                        time.monotonic() - self._down_since)
+            self._down_since = None
+        self._reachable = True
+        self._answered_at = time.monotonic()
+        self._up.set()
+
+    def _set_down(self, why: str) -> None:
+        """A request got no answer: not ready, and probe until the server answers."""
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.error("ASR server %s cannot be reached (%s): /readyz is 503 until it answers; checking every %g s",
+                      self.http.url, why, self.http.probe_interval_s)
+        self._reachable = False
+        self._up.clear()
+        self._ensure_watcher()
+
+    def _ensure_watcher(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="asr-server-probe")
+
+    async def _watch(self) -> None:
+        """Until close: probe the server whenever no request got an answer for probe_interval_s."""
+        interval = self.http.probe_interval_s
+        while True:
+            await asyncio.sleep(max(0.0, self._answered_at + interval - time.monotonic()) if self._reachable
+                                else interval)
+            if self._reachable and (self._in_flight or time.monotonic() - self._answered_at < interval):
+                continue  # requests are being answered, or will be: no need to ask
+            try:
+                await self._probe()
+            except _Unreachable as exc:
+                self._set_down(str(exc))
+            except AsrRequestError:
+                pass  # it answers, refusing the key: the requests fail with that message
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None
 
     async def _post(self, wav: bytes, meta: UtteranceMeta) -> dict[str, Any]:
-        if self._client is None:
-            await self.load()
-        assert self._client is not None
+        client = self._ensure_client()
         data: dict[str, str] = {"model": self.http.model, "response_format": self.response_format}
         if self.settings.language:
             data["language"] = self.settings.language
         if self.settings.initial_prompt:
             data["prompt"] = self.settings.initial_prompt
         files = {"file": (f"{meta.utterance_id or 'utterance'}.wav", wav, "audio/wav")}
-        attempts = self.http.retries + 1
-        delay = BACKOFF_INITIAL_S
-        last = ""
-        status: int | None = None
-        for attempt in range(1, attempts + 1):
+        deadline = time.monotonic() + self.settings.deadline_s
+        attempt = 0  # retries so far (waiting for an unreachable server is not one)
+        while True:
             try:
-                resp = await self._client.post(self.http.url, data=data, files=files)
-            except httpx.TransportError as exc:  # connect/read errors and timeouts
-                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                status = None
+                resp = await self._send(client, data, files)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # not sent: nothing listens there
+                self._set_down(_describe(exc))
+                await self._wait_for_server(deadline, _describe(exc))
+                continue
+            except httpx.TransportError as exc:  # sent, but no answer in time (or the connection dropped)
+                last, status, hint = _describe(exc), None, None
             else:
-                if resp.status_code < 300:
-                    try:
-                        body = resp.json()
-                    except ValueError:
-                        if self.response_format == "text":
-                            return {"text": resp.text}
-                        raise AsrRequestError(
-                            f"ASR server {self.http.url} answered {resp.status_code} with a body that is "
-                            f"not JSON: {resp.text[:200]!r}", resp.status_code) from None
-                    if not isinstance(body, dict) or not isinstance(body.get("text"), str):
-                        raise AsrRequestError(f"ASR server {self.http.url} answered without a 'text' field: "
-                                              f"{str(body)[:200]}", resp.status_code)
-                    return body
-                status = resp.status_code
-                last = f"HTTP {resp.status_code}: {_server_message(resp)}"
-                if resp.status_code < 500 and resp.status_code not in (408, 429):
-                    raise AsrRequestError(f"ASR server {self.http.url} rejected the request ({last})",
-                                          resp.status_code)
-            if attempt < attempts:
-                log.warning("ASR request to %s failed (%s); retry %d/%d in %.1f s", self.http.url, last,
-                            attempt, attempts - 1, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_MAX_S)
-        raise AsrRequestError(f"ASR server {self.http.url} failed after {attempts} attempt(s): {last}",
-                              status)
+                status, hint = resp.status_code, retry_after(resp)
+                last = f"HTTP {status}: {_server_message(resp)}" if status >= 300 else ""
+                if status in UNREACHABLE_STATUSES:  # retried as a 5xx: the gateway may answer its /models
+                    self._set_down(last)
+                else:
+                    self._set_up()
+                if status < 300:
+                    return self._body(resp)
+                if status < 500 and status not in RETRY_STATUSES:
+                    raise AsrRequestError(f"ASR server {self.http.url} rejected the request ({last})", status)
+            if attempt >= self.retry.retries:
+                raise AsrRequestError(f"ASR server {self.http.url} failed after {attempt + 1} attempt(s): {last}",
+                                      status)
+            delay = self.retry.delay(attempt, hint, self._random)
+            if time.monotonic() + delay >= deadline:
+                raise AsrRequestError(f"ASR server {self.http.url} failed ({last}); a retry in {delay:.1f} s would "
+                                      f"be past asr.deadline_s ({self.settings.deadline_s:g} s)", status)
+            attempt += 1
+            log.warning("ASR request to %s failed (%s); retry %d/%d in %.2f s%s", self.http.url, last, attempt,
+                        self.retry.retries, delay, " (its Retry-After)" if hint is not None else "")
+            await asyncio.sleep(delay)
+
+    async def _send(self, client: httpx.AsyncClient, data: dict[str, str], files: dict[str, Any]) -> httpx.Response:
+        self._in_flight += 1
+        try:
+            return await client.post(self.http.url, data=data, files=files)
+        finally:
+            self._in_flight -= 1
+
+    async def _wait_for_server(self, deadline: float, last: str) -> None:
+        """Wait until a probe finds the server again, at most until `deadline`; AsrRequestError after it."""
+        remaining = deadline - time.monotonic()
+        if remaining > 0:
+            try:
+                await asyncio.wait_for(self._up.wait(), remaining)
+                return
+            except TimeoutError:
+                pass
+        raise AsrRequestError(f"ASR server {self.http.url} cannot be reached ({last}) within asr.deadline_s "
+                              f"({self.settings.deadline_s:g} s)")
+
+    def _body(self, resp: httpx.Response) -> dict[str, Any]:
+        try:
+            body = resp.json()
+        except ValueError:
+            if self.response_format == "text":
+                return {"text": resp.text}
+            raise AsrRequestError(f"ASR server {self.http.url} answered {resp.status_code} with a body that is "
+                                  f"not JSON: {resp.text[:200]!r}", resp.status_code) from None
+        if not isinstance(body, dict) or not isinstance(body.get("text"), str):
+            raise AsrRequestError(f"ASR server {self.http.url} answered without a 'text' field: "
+                                  f"{str(body)[:200]}", resp.status_code)
+        return body
 
     async def transcribe(self, audio: Pcm, meta: UtteranceMeta) -> Transcript:
         t0 = time.perf_counter()

@@ -156,6 +156,16 @@ class AsrScheduler:
         return self._loaded
 
     @property
+    def speculative(self) -> bool:
+        """Whether the engine takes speculative and interim decodes (`AsrEngine.speculative`)."""
+        return bool(getattr(self.engine, "speculative", True))
+
+    def readiness(self) -> dict[str, bool]:
+        """The engine's own readiness checks (`AsrEngine.readiness`; none for engines without it)."""
+        checks = getattr(self.engine, "readiness", None)
+        return dict(checks()) if callable(checks) else {}
+
+    @property
     def depth(self) -> int:
         return len(self._waiting)
 
@@ -419,9 +429,13 @@ class ScheduledAsr(AsrEngine):
         self.owner = owner
         self.name = scheduler.name
         self.model_name = scheduler.model_name
+        self.speculative = scheduler.speculative
 
     async def load(self) -> None:
         await self.scheduler.load()
+
+    def readiness(self) -> dict[str, bool]:
+        return self.scheduler.readiness()
 
     async def transcribe(self, audio: Pcm, meta: UtteranceMeta) -> Transcript:
         return await self.scheduler.transcribe(self.client_id, audio, meta)

@@ -238,18 +238,20 @@ class FasterWhisperEngine(SyncAsrEngine):
         feats: np.ndarray = self._require_model().feature_extractor(audio)
         return feats[:, : feats.shape[-1] - 1]  # as faster-whisper: the last frame is padding
 
-    def _languages(self, encoded: Any, requests: list[_Request]) -> list[str]:
-        """Each request's language: its own, else asr.language, else what the model detects."""
+    def _languages(self, encoded: Any, requests: list[_Request]) -> tuple[list[str], list[float | None]]:
+        """Each request's language: its own, else asr.language, else what the model detects; and the
+        probability of a detected one (None for a fixed language)."""
         fixed = [r.language or self._fixed_language for r in requests]
+        probs: list[float | None] = [None] * len(requests)
         if None in fixed:
             for i, candidates in enumerate(self._require_model().model.detect_language(encoded)):
                 if fixed[i] is None:
-                    token, _prob = candidates[0]
-                    fixed[i] = str(token)[2:-2]
+                    token, prob = candidates[0]
+                    fixed[i], probs[i] = str(token)[2:-2], float(prob)
         languages = [str(lang) for lang in fixed]
         for lang in set(languages):
             self._setup_language(lang)
-        return languages
+        return languages, probs
 
     def _decode_window(self, features: np.ndarray, window_s: int, language: str | None, *,
                        temperature: float, budget: int | None) -> _Decode:
@@ -271,7 +273,7 @@ class FasterWhisperEngine(SyncAsrEngine):
             padded[i, :, :n] = r.features[:, :n]
         encoded = self._encode(padded)
         t1 = time.perf_counter()
-        langs = self._languages(encoded, requests)
+        langs, lang_probs = self._languages(encoded, requests)
         prompts = [self._prompts[lang] for lang in langs]
         greedy = temperature > 0 or self.settings.beam_size == 1
         model_max = int(getattr(model, "max_length", 448))
@@ -294,7 +296,8 @@ class FasterWhisperEngine(SyncAsrEngine):
         t2 = time.perf_counter()
         decodes: list[_Decode] = []
         encoder_out: np.ndarray | None = None  # per-item encoder output, only for beam search's punct pass
-        for i, (r, result, lang, prompt) in enumerate(zip(requests, results, langs, prompts, strict=True)):
+        for i, (r, result, lang, lang_prob, prompt) in enumerate(
+                zip(requests, results, langs, lang_probs, prompts, strict=True)):
             tok = self._tokenizers[lang]
             tokens = list(result.sequences_ids[0])
             n_tok = len(tokens)
@@ -308,6 +311,7 @@ class FasterWhisperEngine(SyncAsrEngine):
                         temperature=temperature, window_s=float(window_s), truncated=truncated,
                         encode_s=t1 - t0, generate_s=t2 - t1)
             d.extra["language"] = lang
+            d.extra["language_probability"] = lang_prob
             d.extra["batch"] = len(requests)
             if truncated:
                 d.extra["degenerate"] = "token_budget"
@@ -547,6 +551,7 @@ class FasterWhisperEngine(SyncAsrEngine):
             text="" if reason else d.text,
             confidence=float(min(1.0, math.exp(d.avg_logprob))),
             language=d.extra.get("language"),
+            language_probability=d.extra.get("language_probability"),
             no_speech_prob=d.no_speech_prob,
             avg_logprob=d.avg_logprob,
             final_punct_prob=None if reason else d.final_punct_prob,

@@ -37,12 +37,16 @@ class Outgoing:
     seq: int = 0  # assigned by the relay's delivery, increasing per run
     emitted_at_s: float = 0.0  # stream clock when handed to the sink (set by the relay's delivery)
     latency_s: float | None = None  # end of speech -> handed to the sink, when that is a latency (paced source)
+    perception: dict[str, Any] | None = None  # analyzer results by name; None when no analyzer is configured
 
     def record(self) -> dict[str, Any]:
-        return {"event": self.event, "seq": self.seq, "utterance_id": self.utterance_id,
-                "audio_start_s": round(self.audio_start_s, 3), "audio_end_s": round(self.audio_end_s, 3),
-                "emitted_at_s": round(self.emitted_at_s, 3), "asr_text": self.asr_text, "text": self.text,
-                "message": self.message}
+        record = {"event": self.event, "seq": self.seq, "utterance_id": self.utterance_id,
+                  "audio_start_s": round(self.audio_start_s, 3), "audio_end_s": round(self.audio_end_s, 3),
+                  "emitted_at_s": round(self.emitted_at_s, 3), "asr_text": self.asr_text, "text": self.text,
+                  "message": self.message}
+        if self.perception is not None:
+            record["perception"] = self.perception
+        return record
 
 
 class Sink(ABC):

@@ -48,6 +48,7 @@ from pipeline.daily_room import (
     RoomEvent,
     resolve_daily_module,
 )
+from pipeline.logs import bind_log_context
 from pipeline.protocol import ECHO, INTERRUPT
 from pipeline.sink.base import Outgoing, Sink, SinkError
 from pipeline.tavus.provision import ProvisionError, end_conversation, provision
@@ -184,6 +185,8 @@ class DailySink(Sink):
         except ProvisionError as exc:
             raise SinkError(str(exc)) from None
         self.conversation_id = conversation.conversation_id
+        # start() runs in the relay's task before it starts the others: their records carry the id too
+        bind_log_context(conversation_id=conversation.conversation_id or None)
         self.conversation_url = conversation.url
         self.persona_name = conversation.persona_name
         self.created_conversation = conversation.created

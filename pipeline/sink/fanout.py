@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.daily_room import RoomState
-from pipeline.metrics import Metrics
+from pipeline.metrics import Metrics, init_labels
 from pipeline.sink.base import Outgoing, Sink, SinkError
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class FanoutSink(Sink):
             seen[sink.name] = seen.get(sink.name, 0) + 1
             label = sink.name if seen[sink.name] == 1 else f"{sink.name}#{seen[sink.name]}"
             self.secondaries.append(Secondary(sink, label, asyncio.Queue(maxsize=queue_size)))
+        init_labels(self.metrics.secondary_failures, sink=[s.label for s in self.secondaries])
         self._closed = False
 
     # ---------------------------------------------------------------- what the relay reads: the primary's

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 from pipeline.frames import AudioFrame
 
@@ -42,6 +42,15 @@ class Source(ABC):
         """The relay's hint, given when it changes: True while no utterance is open. A live source
         may then hand audio over `idle_blocks()` blocks at a time (fewer wakeups in silence); False
         must take effect from the next block, because the end of speech is timed block by block."""
+
+    # Whether the source can deliver the speaker's camera (`watch_video`); the config refuses video
+    # analyzers on a source without it (pipeline/perception/video.py).
+    has_video: bool = False
+
+    def watch_video(self, callback: Callable[[str, Any, str], None], color_format: str) -> None:  # noqa: B027
+        """Hand the speaker's camera frames to `callback(participant_id, frame, video_source)`, called on the
+        capture thread with daily-python's VideoFrame (buffer, width, height, timestamp_us, color_format).
+        Only sources with `has_video` do anything."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Stop capturing; `frames()` ends after what was already captured."""

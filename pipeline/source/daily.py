@@ -54,6 +54,7 @@ GAP_CHECK_S = 0.1
 
 class DailySource(Source):
     name = "daily"
+    has_video = True
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None, room: RoomConnection | None = None,
                  daily_module: ModuleType | str | None = None) -> None:
@@ -68,6 +69,8 @@ class DailySource(Source):
         self._remembered_name: str | None = None
         self._pid: str | None = None
         self._captured: set[str] = set()
+        self._video: tuple[Callable[[str, Any, str], None], str] | None = None  # watch_video's callback, format
+        self._video_captured: set[str] = set()
         self._queue: asyncio.Queue[AudioFrame | None] = asyncio.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._t0: float | None = None
@@ -192,7 +195,34 @@ class DailySource(Source):
                 log.error("cannot receive audio from %r: %s", participant_name(p), exc)
                 self._pid = None
                 return
+        self._capture_video(p)
         log.info("transcribing participant %r (%s)", participant_name(p), pid)
+
+    def watch_video(self, callback: Callable[[str, Any, str], None], color_format: str) -> None:
+        """The transcribed participant's camera goes to `callback` (SDK thread; frames of anyone else, e.g.
+        a participant transcribed before a switch, are not passed on)."""
+        self._video = callback, color_format
+        conn = self._conn
+        if conn is not None and self._pid is not None:
+            current = conn.participants.get(self._pid)
+            if current is not None:
+                self._capture_video(current)
+
+    def _capture_video(self, p: dict[str, Any]) -> None:
+        conn, pid = self._conn, str(p.get("id"))
+        if self._video is None or conn is None or pid in self._video_captured:
+            return
+        callback, color_format = self._video
+        self._video_captured.add(pid)
+
+        def only_current(participant_id: str, frame: Any, video_source: str) -> None:
+            if participant_id == self._pid:
+                callback(participant_id, frame, video_source)
+
+        try:
+            conn.capture_video(pid, only_current, color_format=color_format)
+        except (RoomError, RuntimeError) as exc:
+            log.error("cannot receive video from %r: %s", participant_name(p), exc)
 
     def _on_room_event(self, event: RoomEvent) -> None:
         if event.kind in ("participant_joined", "participant_updated", "replica_joined", "joined"):

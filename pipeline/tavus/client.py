@@ -5,9 +5,10 @@ docs/tavus.md shows how echo-relay uses them. Summary of the behaviour:
 
 - Auth is the `x-api-key` header, added per request by a small `httpx.Auth` (so the key is not in
   the client's default headers), with `Content-Type: application/json`.
-- Retries: connection errors, timeouts, 429 and 5xx are retried with exponential backoff and full
-  jitter (`delay = uniform(0, min(backoff_max_s, backoff_base_s * 2**attempt))`); a `Retry-After`
-  header (seconds or HTTP-date) on 429/503 is honoured instead, capped at `retry_after_max_s`.
+- Retries: connection errors, timeouts, 429 and 5xx are retried by the shared policy of
+  pipeline/retry.py: exponential backoff and full jitter
+  (`delay = uniform(0, min(backoff_max_s, backoff_base_s * 2**attempt))`); a `Retry-After` header
+  (seconds or HTTP-date) on 429/503 is honoured instead, capped at `retry_after_max_s`.
   Other 4xx answers are never retried.
 - Creating a persona or a conversation is not idempotent: if the request may already have reached
   Tavus (a read timeout, a connection dropped after sending) it is NOT retried, because a retry
@@ -37,13 +38,11 @@ Choices where Tavus's reference is silent or differs from what was observed:
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Generator, Mapping
-from datetime import UTC
 from typing import Any
 from urllib.parse import quote
 
@@ -51,6 +50,7 @@ import httpx
 from pydantic import SecretStr
 
 from pipeline import __version__
+from pipeline.retry import RETRY_AFTER_MAX_S, RetryPolicy, retry_after
 
 log = logging.getLogger(__name__)
 
@@ -116,31 +116,6 @@ def normalize_api_url(api_url: str) -> str:
     return url
 
 
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """`Retry-After` as seconds from now: delta-seconds or an HTTP-date. None when absent or invalid."""
-    if value is None:
-        return None
-    value = value.strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        return max(0.0, seconds) if seconds == seconds else None  # NaN -> None
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    ref = time.time() if now is None else now
-    return max(0.0, when.timestamp() - ref)
-
-
 def _path_id(value: str, what: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{what} must be a non-empty string")
@@ -179,22 +154,19 @@ class TavusClient:
 
     def __init__(self, api_url: str, api_key: str | SecretStr, timeout_s: float = 15.0, retries: int = 3,
                  transport: httpx.AsyncBaseTransport | None = None, *, backoff_base_s: float = 0.5,
-                 backoff_max_s: float = 8.0, retry_after_max_s: float = 30.0,
+                 backoff_max_s: float = 8.0, retry_after_max_s: float = RETRY_AFTER_MAX_S,
                  sleep: Sleep | None = None) -> None:
         key = api_key if isinstance(api_key, SecretStr) else SecretStr(api_key or "")
         if not key.get_secret_value().strip():
             raise ValueError("Tavus API key is empty (set TAVUS_API_KEY)")
         if timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
-        if retries < 0:
-            raise ValueError("retries must be >= 0")
         self.api_url = normalize_api_url(api_url)
         self._key = SecretStr(key.get_secret_value().strip())
         self.timeout_s = float(timeout_s)
         self.retries = int(retries)
-        self.backoff_base_s = float(backoff_base_s)
-        self.backoff_max_s = float(backoff_max_s)
-        self.retry_after_max_s = float(retry_after_max_s)
+        self.retry = RetryPolicy(self.retries, float(backoff_base_s), float(backoff_max_s),
+                                 float(retry_after_max_s))  # ValueError on a negative count or delay
         self._sleep: Sleep = sleep or asyncio.sleep
         self._random = random.Random()
         self._http = httpx.AsyncClient(
@@ -351,21 +323,14 @@ class TavusClient:
                     return resp
                 err = self._error_from(resp)
                 retryable = resp.status_code == 429 or resp.status_code >= 500
-                if resp.status_code in (429, 503):
-                    hint = parse_retry_after(resp.headers.get("retry-after"))
+                hint = retry_after(resp)
             if not retryable or attempt >= self.retries:
                 raise err
-            delay = self._delay(attempt, hint)
+            delay = self.retry.delay(attempt, hint, self._random)
             attempt += 1
             log.warning("Tavus %s %s failed (%s); retry %d/%d in %.2f s",
                         method, path, err, attempt, self.retries, delay)
             await self._sleep(delay)
-
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(retry_after, self.retry_after_max_s)
-        ceiling = min(self.backoff_max_s, self.backoff_base_s * (2 ** attempt))
-        return self._random.uniform(0.0, max(0.0, ceiling))
 
     def _redact(self, text: str) -> str:
         key = self._key.get_secret_value()
@@ -400,7 +365,7 @@ class TavusClient:
             return TavusNotFound(status, message, body=body)
         if status == 429:
             return TavusRateLimited(status, message, body=body,
-                                    retry_after=parse_retry_after(resp.headers.get("retry-after")))
+                                    retry_after=retry_after(resp))
         if status >= 500:
             return TavusServerError(status, message, body=body)
         return TavusError(status, message, body=body)

@@ -35,6 +35,7 @@ Scripted rooms (`FakeRoom`) are shared by every client that joins the same URL (
     replica.leave() / replica.rejoin(delay_s)          # a rejoin gets a new participant id
     speaker = room.add_speaker("alice", pcm16k_int16, speed=1.0)  # 0 = as fast as possible
     speaker.feed(more_pcm) / speaker.wait_played() / speaker.leave() / speaker.rejoin()
+    speaker.show(lambda i: rgba_uint8_hxwx4, fps=10.0)  # its camera: frame i of a synthetic video
     room.drop_network(0.5, send_error=None, call_state_changes=False) / room.restore_network()
     room.fail_sends(n, error="...") / room.clear_send_failures()
     room.completion_delay_s = 0.3      # send completions arrive late (events can overtake them)
@@ -357,6 +358,37 @@ class AudioData:
         return self._frames
 
 
+VIDEO_COLOR_FORMATS = ("RGBA", "BGRA", "ARGB", "ABGR")  # the four-channel ColorFormat values the fake renders
+
+
+class VideoFrame:
+    """What a video renderer callback receives: the pixels in the renderer's color format."""
+
+    def __init__(self, buffer: bytes, width: int, height: int, timestamp_us: int, color_format: str) -> None:
+        self._buffer, self._width, self._height = buffer, width, height
+        self._timestamp_us, self._color_format = timestamp_us, color_format
+
+    @property
+    def buffer(self) -> bytes:
+        return self._buffer
+
+    @property
+    def width(self) -> int:
+        return self._width
+
+    @property
+    def height(self) -> int:
+        return self._height
+
+    @property
+    def timestamp_us(self) -> int:
+        return self._timestamp_us
+
+    @property
+    def color_format(self) -> str:
+        return self._color_format
+
+
 # ----------------------------------------------------------------------------------- EventHandler
 class EventHandler:
     """Base class of event handlers; subclass it and override the `on_*` methods you need.
@@ -526,6 +558,7 @@ class CallClient:
         self._room: FakeRoom | None = None
         self._network_up = True
         self._renderers: dict[tuple[str, str], _Renderer] = {}
+        self._video_renderers: dict[tuple[str, str], tuple[Callable[..., Any], str]] = {}
         self._profiles: dict[str, Any] = {"base": {"camera": "subscribed", "microphone": "subscribed"}}
         self._participant_subs: dict[str, Any] = {}
         self._inputs: dict[str, Any] = {"camera": {"isEnabled": False}, "microphone": {"isEnabled": False}}
@@ -563,12 +596,12 @@ class CallClient:
         p["info"]["isLocal"] = False
         return p
 
-    def _subscribed_to_mic(self, participant_id: str) -> bool:
+    def _subscribed_to(self, participant_id: str, media: str = "microphone") -> bool:
         per = self._participant_subs.get(participant_id, {})
-        state = per.get("media", {}).get("microphone") if isinstance(per, Mapping) else None
+        state = per.get("media", {}).get(media) if isinstance(per, Mapping) else None
         if state is None:
             profile = per.get("profile", "base") if isinstance(per, Mapping) else "base"
-            state = self._profiles.get(profile, {}).get("microphone", "subscribed")
+            state = self._profiles.get(profile, {}).get(media, "subscribed")
         return state == "subscribed"
 
     # ---- lifecycle
@@ -786,7 +819,7 @@ class CallClient:
             return
         with self._lock:
             r = self._renderers.get((participant_id, "microphone"))
-            if r is None or not self._subscribed_to_mic(participant_id):
+            if r is None or not self._subscribed_to(participant_id, "microphone"):
                 return
             if r.sample_rate != SAMPLE_RATE:
                 n_out = round(len(pcm16k) * r.sample_rate / SAMPLE_RATE)
@@ -803,6 +836,33 @@ class CallClient:
             r.buffer, r.buffered = [], 0
         audio = AudioData(data.astype("<i2").tobytes(), r.sample_rate, 1)
         self._dispatcher.post(r.callback, participant_id, audio, r.audio_source)
+
+    # ---- video
+    def set_video_renderer(self, participant_id: str, callback: Callable[[str, VideoFrame, str], None],
+                           video_source: str = "camera", color_format: str = "RGBA",
+                           logging_interval_ms: int = 10000) -> None:
+        self._check()
+        if not _is_uuid(participant_id):  # as set_audio_renderer: the SDK only logs it
+            log.error("setParticipantVideoRenderer: Failed to parse participant ID %r", participant_id)
+            return
+        if color_format not in VIDEO_COLOR_FORMATS:
+            raise ValueError(f"invalid color format {color_format!r}")
+        with self._lock:
+            self._video_renderers[(participant_id, video_source)] = (callback, color_format)
+
+    def _deliver_video(self, participant_id: str, rgba: np.ndarray, timestamp_us: int) -> None:
+        """Called by a speaker's camera thread with one (height, width, 4) RGBA frame."""
+        if self._released or not self._network_up or self._call_state != "joined":
+            return
+        with self._lock:
+            r = self._video_renderers.get((participant_id, "camera"))
+            if r is None or not self._subscribed_to(participant_id, "camera"):
+                return
+        callback, color_format = r
+        order = ["RGBA".index(c) for c in color_format]
+        pixels = np.ascontiguousarray(rgba[:, :, order])
+        frame = VideoFrame(pixels.tobytes(), int(rgba.shape[1]), int(rgba.shape[0]), timestamp_us, color_format)
+        self._dispatcher.post(callback, participant_id, frame, "camera")
 
     # ---- network (driven by FakeRoom)
     def _set_network(self, up: bool, call_state_changes: bool) -> None:
@@ -841,11 +901,11 @@ class CallClient:
         self._complete(completion, None)
 
 
-def _media(mic_on: bool) -> dict[str, Any]:
+def _media(mic_on: bool, camera_on: bool = False) -> dict[str, Any]:
     off = {"offReasons": ["user"], "state": "off", "subscribed": "unsubscribed"}
-    mic = {"state": "playable", "subscribed": "subscribed"} if mic_on else dict(off)
-    return {"camera": dict(off), "microphone": mic, "screenAudio": dict(off), "screenVideo": dict(off),
-            "customAudio": {}, "customVideo": {}}
+    on = {"state": "playable", "subscribed": "subscribed"}
+    return {"camera": dict(on if camera_on else off), "microphone": dict(on if mic_on else off),
+            "screenAudio": dict(off), "screenVideo": dict(off), "customAudio": {}, "customVideo": {}}
 
 
 # -------------------------------------------------------------------------------- scripted members
@@ -859,12 +919,13 @@ class _Scripted:
         self.present = False
         self.joined_at = int(time.time())
         self.mic_on = False
+        self.camera_on = False
 
     def participant(self) -> dict[str, Any]:
         return {"id": self.id,
                 "info": {"isLocal": False, "isOwner": False, "joinedAt": self.joined_at,
                          "userName": self.user_name},
-                "media": _media(self.mic_on)}
+                "media": _media(self.mic_on, self.camera_on)}
 
     def join(self, delay_s: float = 0.0) -> None:
         _after(delay_s, lambda: self.room._add_scripted(self))
@@ -966,6 +1027,33 @@ class FakeSpeaker(_Scripted):
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
+        self._camera: tuple[Callable[[int], np.ndarray], float] | None = None  # show(): frame maker, fps
+        self._camera_thread: threading.Thread | None = None
+        self.frames_shown = 0
+
+    def show(self, frame: Callable[[int], np.ndarray], fps: float = 10.0) -> None:
+        """Turn the camera on: frame i is `frame(i)`, a (height, width, 4) uint8 RGBA array, every 1/fps s
+        while the speaker is present."""
+        self._camera = frame, fps
+        self.camera_on = True
+        self._start_camera()
+
+    def _start_camera(self) -> None:
+        if self._camera is None or not self.present or (self._camera_thread is not None
+                                                         and self._camera_thread.is_alive()):
+            return
+        self._camera_thread = threading.Thread(target=self._film, name=f"fake-camera-{self.user_name}", daemon=True)
+        self._camera_thread.start()
+
+    def _film(self) -> None:
+        assert self._camera is not None
+        make, fps = self._camera
+        t0 = time.monotonic()
+        while not self._stop.is_set():
+            rgba = np.ascontiguousarray(make(self.frames_shown), dtype=np.uint8)
+            self.room._deliver_video(self, rgba, int((time.monotonic() - t0) * 1e6))
+            self.frames_shown += 1
+            self._stop.wait(max(0.0, t0 + self.frames_shown / fps - time.monotonic()))
 
     @staticmethod
     def _as_pcm(pcm: np.ndarray | bytes) -> np.ndarray:
@@ -990,6 +1078,7 @@ class FakeSpeaker(_Scripted):
     def _on_present(self) -> None:
         self._stop.clear()
         self._start_thread()
+        self._start_camera()
 
     def _on_absent(self) -> None:
         self._stop.set()
@@ -1271,3 +1360,7 @@ class FakeRoom:
     def _deliver_audio(self, speaker: FakeSpeaker, piece: np.ndarray) -> None:
         for c in self._clients_snapshot():
             c._deliver_audio(speaker.id, piece)
+
+    def _deliver_video(self, speaker: FakeSpeaker, rgba: np.ndarray, timestamp_us: int) -> None:
+        for c in self._clients_snapshot():
+            c._deliver_video(speaker.id, rgba, timestamp_us)

@@ -63,12 +63,13 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pipeline.config import ConfigError, TransformSettings
 from pipeline.frames import UtteranceMeta
+from pipeline.metrics import init_labels
 from pipeline.plugins import TRANSFORM_GROUP, PluginError, resolve
-from pipeline.transform.base import OptionError, text_problem
+from pipeline.transform.base import OptionError, TextProblem, text_problem
 from pipeline.transform.builtins import BUILTINS
 
 if TYPE_CHECKING:
@@ -207,7 +208,7 @@ class BoundStep:
     """
 
     name: str
-    fn: Callable[[str, UtteranceMeta], Any]
+    fn: Callable[..., Any]  # a step's (text, meta); the perception stage's analyzers run here too
     timeout_s: float = 2.0
     on_error: OnError = "pass"
     index: int = 0
@@ -247,8 +248,9 @@ class BoundStep:
         with self._lock:
             self._pending -= 1
 
-    async def call(self, text: str, meta: UtteranceMeta) -> Any:
-        """Call the step once under its timeout (see the module docstring for where it runs).
+    async def call(self, *args: Any) -> Any:
+        """Call the step once with `args` (a step's text and meta) under its timeout (see the module
+        docstring for where it runs).
 
         Returns what the step returned, or `_Raised` with whatever it raised; raises
         `StepTimeoutError` or `StepBusyError`. Only the cancellation of the calling task propagates.
@@ -256,14 +258,14 @@ class BoundStep:
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         result: Any
         if self.is_async:
-            result = await self._run_task(lambda: self.fn(text, meta), deadline)
+            result = await self._run_task(lambda: self.fn(*args), deadline)
         elif self.inline:
             try:
-                result = self.fn(text, meta)
+                result = self.fn(*args)
             except BaseException as exc:  # synchronous: never the chain's own cancellation
                 result = _Raised(exc)
         else:
-            result = await self._run_thread(text, meta, deadline)
+            result = await self._run_thread(args, deadline)
         if inspect.isawaitable(result):  # e.g. a sync callable returning a coroutine
             awaitable = result
             try:
@@ -317,7 +319,7 @@ class BoundStep:
         self._tasks.discard(task)
         _settled(task)
 
-    async def _run_thread(self, text: str, meta: UtteranceMeta, deadline: float) -> Any:
+    async def _run_thread(self, args: tuple[Any, ...], deadline: float) -> Any:
         # A fresh daemon thread per call (~0.1 ms): a call that times out keeps its thread until it
         # returns, but never delays interpreter exit the way a ThreadPoolExecutor worker would.
         self._reserve()
@@ -333,7 +335,7 @@ class BoundStep:
 
         def work() -> None:
             try:
-                value = ctx.run(self.fn, text, meta)
+                value = ctx.run(self.fn, *args)
             except BaseException as exc:  # any kind: a value for the chain, never raised through asyncio
                 value = _Raised(exc)
             finally:
@@ -408,6 +410,13 @@ class TransformChain:
         self.steps = list(steps)
         self.metrics = metrics
         self.max_text_chars = max_text_chars  # transform.max_text_chars
+        if metrics is not None:  # every drop this chain can count, at 0 from the start
+            input_drops = [f"{reason}:input" for reason in ("empty", *get_args(TextProblem))]
+            init_labels(metrics.dropped, stage=["transform"], reason=[
+                *input_drops, *(f"{reason}:{step}" for step in self.names for reason in get_args(Reason))])
+            init_labels(metrics.dropped, stage=["transform_step"],
+                        reason=[f"{reason}:{step}" for step in self.names for reason in FAILURES])
+            init_labels(metrics.transform_step_latency, step=self.names)
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -424,6 +433,14 @@ class TransformChain:
         problem = text_problem(text, self.max_text_chars)
         if problem is not None:  # no step is to blame: refuse it before they run
             return self._drop(outcome, StepDrop("input", -1, problem[0], f"the chain's input: {problem[1]}"), meta)
+        t0 = time.perf_counter()
+        try:
+            return await self._run_steps(text, meta, outcome)
+        finally:
+            if self.metrics is not None and self.steps:
+                self.metrics.stage_latency.labels(stage="transform").observe(time.perf_counter() - t0)
+
+    async def _run_steps(self, text: str, meta: UtteranceMeta, outcome: TransformOutcome) -> TransformOutcome:
         current = text
         for step in self.steps:
             t0 = time.perf_counter()
@@ -440,7 +457,7 @@ class TransformChain:
                 reason, detail, result = self._judge(step, result)
             dt = time.perf_counter() - t0
             if self.metrics is not None:
-                self.metrics.stage_latency.labels(stage="transform").observe(dt)
+                self.metrics.transform_step_latency.labels(step=step.name).observe(dt)
 
             if reason is not None:  # the step failed: apply its error policy
                 log.warning("transform step %s (#%d) failed on utterance %s: %s: %s; on_error=%s",
@@ -525,11 +542,12 @@ def _signature(obj: Any) -> inspect.Signature | None:
         return None
 
 
-def is_plain_step(obj: Any) -> bool:
+def is_plain_step(obj: Any, arity: int = 2) -> bool:
     """True when `obj` is used as a step itself rather than called as a factory.
 
-    That is: not a class, callable, and its signature has exactly two required positional
-    parameters (`text`, `meta`). Only consulted when the config gives the step no options.
+    That is: not a class, callable, and its signature has exactly `arity` required positional
+    parameters (`text, meta` for a step; `audio, meta` for an analyzer, `frame` for a video analyzer).
+    Only consulted when the config gives the step no options.
     """
     if inspect.isclass(obj) or not callable(obj):
         return False
@@ -537,7 +555,7 @@ def is_plain_step(obj: Any) -> bool:
     if sig is None:
         return False
     required = [p for p in sig.parameters.values() if p.kind in _POSITIONAL and p.default is p.empty]
-    return len(required) == 2
+    return len(required) == arity
 
 
 def _accepted_options(obj: Any) -> list[str]:
@@ -548,16 +566,26 @@ def _accepted_options(obj: Any) -> list[str]:
             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
 
 
-def instantiate_step(obj: Any, options: Mapping[str, Any], name: str, key: str) -> Callable[..., Any]:
-    """Turn a resolved object plus config options into a step callable (`key` = config key prefix)."""
-    if not options and is_plain_step(obj):
+STEP_ARGS = "(text, meta)"
+
+
+def instantiate_step(obj: Any, options: Mapping[str, Any], name: str, key: str, *, noun: str = "step",
+                     args: str = STEP_ARGS, probe: tuple[Any, ...] | None = None) -> Callable[..., Any]:
+    """Turn a resolved object plus config options into a step callable (`key` = config key prefix).
+
+    The perception stage uses it for analyzers too: `noun` names the thing in messages, `args` its call
+    signature, `probe` sample arguments it must accept (default: a text step's `("", meta)`)."""
+    if probe is None:
+        probe = ("", UtteranceMeta(utterance_id="", audio_start_s=0.0, audio_end_s=0.0))
+    kind = f"{noun} {name!r}"
+    if not options and is_plain_step(obj, len(probe)):
         return obj
     if not callable(obj):
-        raise ConfigError(f"{name!r} resolved to a {type(obj).__name__}, not a step, factory or class",
-                          f"{key}.step")
-    if is_plain_step(obj):  # and options were given
+        raise ConfigError(f"{name!r} resolved to a {type(obj).__name__}, not a {noun}, factory or class",
+                          f"{key}.{noun}")
+    if is_plain_step(obj, len(probe)):  # and options were given
         first = next(iter(options))
-        raise ConfigError(f"step {name!r} is a plain (text, meta) step and takes no options (got "
+        raise ConfigError(f"{kind} is a plain {args} {noun} and takes no options (got "
                           f"{sorted(options)}); remove them, or make it a factory that accepts them",
                           f"{key}.{first}")
     sig = _signature(obj)
@@ -569,29 +597,28 @@ def instantiate_step(obj: Any, options: Mapping[str, Any], name: str, key: str) 
             accepted = _accepted_options(obj)
             hint = f"; it accepts: {', '.join(accepted)}" if accepted else "; it takes no options"
             if m and "unexpected keyword" in str(exc):
-                raise ConfigError(f"step {name!r} has no option {m.group(1)!r}{hint}",
+                raise ConfigError(f"{kind} has no option {m.group(1)!r}{hint}",
                                   f"{key}.{m.group(1)}") from None
             if m and "missing" in str(exc):
-                raise ConfigError(f"step {name!r} needs option {m.group(1)!r}{hint}",
+                raise ConfigError(f"{kind} needs option {m.group(1)!r}{hint}",
                                   f"{key}.{m.group(1)}") from None
-            raise ConfigError(f"step {name!r} rejects its options: {exc}{hint}", key) from None
+            raise ConfigError(f"{kind} rejects its options: {exc}{hint}", key) from None
     try:
         step = obj(**options)
     except OptionError as exc:
-        raise ConfigError(f"step {name!r}: {exc}", f"{key}.{exc.option}") from None
+        raise ConfigError(f"{kind}: {exc}", f"{key}.{exc.option}") from None
     except TypeError as exc:
-        raise ConfigError(f"step {name!r} rejects its options: {exc}", key) from None
+        raise ConfigError(f"{kind} rejects its options: {exc}", key) from None
     except Exception as exc:
-        raise ConfigError(f"step {name!r} could not be created: {type(exc).__name__}: {exc}", key) from None
+        raise ConfigError(f"{kind} could not be created: {type(exc).__name__}: {exc}", key) from None
     if not callable(step):
-        raise ConfigError(f"factory {name!r} returned a {type(step).__name__}, not a callable step", key)
+        raise ConfigError(f"factory {name!r} returned a {type(step).__name__}, not a callable {noun}", key)
     step_sig = _signature(step)
     if step_sig is not None:
         try:
-            step_sig.bind("", UtteranceMeta(utterance_id="", audio_start_s=0.0, audio_end_s=0.0))
+            step_sig.bind(*probe)
         except TypeError:
-            raise ConfigError(f"step {name!r} does not accept (text, meta): signature {step_sig}",
-                              key) from None
+            raise ConfigError(f"{kind} does not accept {args}: signature {step_sig}", key) from None
     return step
 
 
