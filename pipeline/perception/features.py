@@ -32,6 +32,7 @@ YIN_WINDOW = 192
 F0_MIN_HZ = 65.0
 F0_MAX_HZ = 500.0
 YIN_THRESHOLD = 0.15  # the paper's range is 0.1-0.2: lower rejects more breathy voice as unvoiced
+YIN_BLOCK_FRAMES = 256  # frames per FFT block (2.56 s of audio)
 VOICED_FLOOR_DB = 35.0  # frames this far below the utterance's loudest are silence, never voiced
 MIN_VOICED_FRAMES = 5  # fewer voiced frames than this (50 ms): no pitch figures at all
 CONTOUR_S = 0.5  # the final contour is the slope over the last half second of voiced frames
@@ -89,15 +90,27 @@ class PitchTrack:
 def pitch_track(audio: npt.NDArray[np.int16], sample_rate: int = SAMPLE_RATE) -> PitchTrack:
     """YIN f0 every HOP_S; frames quieter than VOICED_FLOOR_DB under the loudest frame are unvoiced."""
     x = int16_to_float(resample(audio, sample_rate, PITCH_RATE) if sample_rate != PITCH_RATE else audio)
-    sample_rate = PITCH_RATE
-    hop = round(HOP_S * sample_rate)
-    tau_min = math.floor(sample_rate / F0_MAX_HZ)
-    tau_max = math.ceil(sample_rate / F0_MIN_HZ)
+    hop = round(HOP_S * PITCH_RATE)
+    tau_max = math.ceil(PITCH_RATE / F0_MIN_HZ)
     length = YIN_WINDOW + tau_max
     if len(x) < length:
         return PitchTrack(np.zeros(0), np.zeros(0))
     frames = np.lib.stride_tricks.sliding_window_view(x, length)[::hop]
-    n_fft = 1 << (length + YIN_WINDOW - 1).bit_length()
+    head = frames[:, :YIN_WINDOW]
+    levels = 10.0 * np.log10(np.maximum(np.einsum("ij,ij->i", head, head) / YIN_WINDOW, 1e-12))  # dBFS
+    loud = levels >= levels.max() - VOICED_FLOOR_DB
+    # In blocks of frames: the FFT work is the same, the memory stays a few MB whatever the utterance's length.
+    f0 = np.concatenate([_yin(frames[i:i + YIN_BLOCK_FRAMES], loud[i:i + YIN_BLOCK_FRAMES])
+                         for i in range(0, len(frames), YIN_BLOCK_FRAMES)])
+    times = (np.arange(len(frames)) * hop + YIN_WINDOW / 2) / PITCH_RATE
+    return PitchTrack(f0, times)
+
+
+def _yin(frames: npt.NDArray[np.float32], loud: npt.NDArray[np.bool_]) -> npt.NDArray[np.float64]:
+    """f0 (Hz, NaN = unvoiced) of each frame of YIN_WINDOW + tau_max samples at PITCH_RATE."""
+    tau_min = math.floor(PITCH_RATE / F0_MAX_HZ)
+    tau_max = frames.shape[1] - YIN_WINDOW
+    n_fft = 1 << (frames.shape[1] + YIN_WINDOW - 1).bit_length()
     # c[t, tau] = sum_{j < W} x[j] x[j + tau]: cross-correlation of the first W samples with the frame.
     spec_full = np.fft.rfft(frames, n_fft)
     spec_head = np.fft.rfft(frames[:, :YIN_WINDOW], n_fft)
@@ -113,26 +126,22 @@ def pitch_track(audio: npt.NDArray[np.int16], sample_rate: int = SAMPLE_RATE) ->
     cmnd[:, 1:] = diff[:, 1:] * lags[1:] / np.maximum(cum, 1e-12)
 
     f0 = np.full(len(frames), np.nan)
-    levels = 10.0 * np.log10(np.maximum(energy_head / YIN_WINDOW, 1e-12))  # dBFS of each frame
-    loud = levels >= levels.max() - VOICED_FLOOR_DB
     window = cmnd[:, tau_min:]
     below = window < YIN_THRESHOLD
-    has_dip = below.any(axis=1) & loud
-    for t in np.flatnonzero(has_dip):
+    for t in np.flatnonzero(below.any(axis=1) & loud):
         i = int(np.argmax(below[t]))
         while i + 1 < window.shape[1] and window[t, i + 1] < window[t, i]:  # down to the dip's minimum
             i += 1
         if i == window.shape[1] - 1:  # still falling at the longest lag: low rumble or hum, not a voice
             continue
         tau = float(i + tau_min)
-        if 0 < i < window.shape[1] - 1:  # parabolic interpolation between lags
+        if i > 0:  # parabolic interpolation between lags
             a, b, c = window[t, i - 1], window[t, i], window[t, i + 1]
             denom = a - 2 * b + c
             if denom > 0:
                 tau += 0.5 * (a - c) / denom
-        f0[t] = sample_rate / tau
-    times = (np.arange(len(frames)) * hop + YIN_WINDOW / 2) / sample_rate
-    return PitchTrack(f0, times)
+        f0[t] = PITCH_RATE / tau
+    return f0
 
 
 def semitones(hz: npt.NDArray[np.float64], ref_hz: float) -> npt.NDArray[np.float64]:
