@@ -46,7 +46,7 @@ from pipeline.frames import Pcm, UtteranceMeta
 from pipeline.perception.base import runs_after_asr
 from pipeline.perception.builtins import AUDIO_BUILTINS
 from pipeline.plugins import PERCEPTION_GROUP, PluginError, resolve
-from pipeline.transform.chain import BoundStep, StepBusyError, StepTimeoutError, _Raised, describe, instantiate_step
+from pipeline.transform.chain import BoundStep, Raised, StepBusyError, StepTimeoutError, describe, instantiate_step
 
 if TYPE_CHECKING:
     from pipeline.events import EventBus
@@ -73,7 +73,7 @@ class Verdict:
 def judge(value: Any) -> Verdict:
     """Classify what an analyzer handed back (pure). An ok result is copied through JSON, so the relay keeps
     exactly what will be written, whatever the analyzer does with its dict afterwards."""
-    if isinstance(value, _Raised):
+    if isinstance(value, Raised):
         return Verdict("error", detail=describe(value.exc))
     if value is None:
         return Verdict("none")

@@ -47,7 +47,7 @@ Where steps run:
   an async step's, within what is left of the same timeout.
 
 What a step raises never goes through asyncio as an exception: it is carried as a value
-(`_Raised`), because an asyncio task re-raises SystemExit/KeyboardInterrupt out of the event loop
+(`Raised`), because an asyncio task re-raises SystemExit/KeyboardInterrupt out of the event loop
 (that ended the daemon with exit 3) and a Future refuses StopIteration.
 """
 
@@ -101,7 +101,7 @@ class StepTimeoutError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class _Raised:
+class Raised:
     """What a step raised, carried as a value (see the module docstring for why)."""
 
     exc: BaseException
@@ -252,7 +252,7 @@ class BoundStep:
         """Call the step once with `args` (a step's text and meta) under its timeout (see the module
         docstring for where it runs).
 
-        Returns what the step returned, or `_Raised` with whatever it raised; raises
+        Returns what the step returned, or `Raised` with whatever it raised; raises
         `StepTimeoutError` or `StepBusyError`. Only the cancellation of the calling task propagates.
         """
         deadline = asyncio.get_running_loop().time() + self.timeout_s
@@ -263,7 +263,7 @@ class BoundStep:
             try:
                 result = self.fn(*args)
             except BaseException as exc:  # synchronous: never the chain's own cancellation
-                result = _Raised(exc)
+                result = Raised(exc)
         else:
             result = await self._run_thread(args, deadline)
         if inspect.isawaitable(result):  # e.g. a sync callable returning a coroutine
@@ -276,7 +276,7 @@ class BoundStep:
         return result
 
     async def _guarded(self, start: Callable[[], Any]) -> Any:
-        """The body of a step's task: `start()`, awaited, with whatever it raises returned as `_Raised`."""
+        """The body of a step's task: `start()`, awaited, with whatever it raises returned as `Raised`."""
         try:
             value = start()
             if inspect.isawaitable(value):
@@ -286,9 +286,9 @@ class BoundStep:
             task = asyncio.current_task()
             if task is not None and task.cancelling():  # the chain cancelled it (timeout, shutdown)
                 raise
-            return _Raised(exc)  # the step raised it itself
+            return Raised(exc)  # the step raised it itself
         except BaseException as exc:  # SystemExit, KeyboardInterrupt, GeneratorExit, ...: the step's failure
-            return _Raised(exc)
+            return Raised(exc)
 
     async def _run_task(self, start: Callable[[], Any], deadline: float) -> Any:
         """Run `start()` (and await it) as its own task until `deadline`; abandon it if it will not end."""
@@ -311,9 +311,9 @@ class BoundStep:
             await asyncio.wait({task}, timeout=CANCEL_GRACE_S)  # a step that ignores it is abandoned
             raise StepTimeoutError
         if task.cancelled():  # the step cancelled its own task (asyncio.current_task().cancel())
-            return _Raised(asyncio.CancelledError())
+            return Raised(asyncio.CancelledError())
         exc = task.exception()
-        return _Raised(exc) if exc is not None else task.result()
+        return Raised(exc) if exc is not None else task.result()
 
     def _task_ended(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -337,7 +337,7 @@ class BoundStep:
             try:
                 value = ctx.run(self.fn, *args)
             except BaseException as exc:  # any kind: a value for the chain, never raised through asyncio
-                value = _Raised(exc)
+                value = Raised(exc)
             finally:
                 self._release()
             try:
@@ -396,7 +396,7 @@ class BoundStep:
             log.warning("closing transform step %s: no end within %g s; abandoned", self.name, self.timeout_s)
             return
         result = None if task.cancelled() or task.exception() is not None else task.result()
-        if isinstance(result, _Raised):
+        if isinstance(result, Raised):
             log.warning("closing transform step %s failed: %s", self.name, describe(result.exc))
             log.debug("closing transform step %s raised", self.name, exc_info=result.exc)
 
@@ -485,7 +485,7 @@ class TransformChain:
 
     def _judge(self, step: BoundStep, result: Any) -> tuple[Reason | None, str, Any]:
         """(failure reason or None, detail, the result as exact `str` / None) of what a step handed back."""
-        if isinstance(result, _Raised):
+        if isinstance(result, Raised):
             log.debug("transform step %s raised", step.name, exc_info=result.exc)
             return "error", describe(result.exc), None
         if result is None:
