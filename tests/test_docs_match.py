@@ -23,6 +23,7 @@ import pytest
 from pipeline import cli
 from pipeline.asr import models
 from pipeline.testing.fake_tavus import FakeTavusServer
+from tests.conftest import logging_restored
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -140,7 +141,8 @@ def test_models_list_without_models_says_how_to_install_from_a_checkout(monkeypa
     monkeypatch.setattr(models, "list_models", lambda *a, **k: [])
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("logging:\n  level: warning\n", encoding="utf-8")
-    assert cli.main(["models", "list", "-c", str(cfg)]) == 0
+    with logging_restored():  # cli.main sets the process's logging up, as the command does
+        assert cli.main(["models", "list", "-c", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "pip install '.[models]'" in out and "echo-relay[models]" not in out, out
     assert "echo-relay models pull NAME" in out

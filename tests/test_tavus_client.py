@@ -423,6 +423,7 @@ def test_empty_key_rejected() -> None:
 async def test_api_key_never_in_logs_errors_or_repr(fake: FakeTavusServer,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)  # root: httpx, httpcore and ours
+    caplog.set_level(logging.DEBUG, logger="httpx")  # whatever set-up an earlier test in this process left
     errors: list[TavusError] = []
     pid = fake.add_persona()["persona_id"]
     # An error body that echoes the key back must not carry it into our messages.
