@@ -213,6 +213,22 @@ async def test_a_late_analyzer_is_not_waited_for_and_its_result_comes_as_an_even
     assert calls(metrics, "slowish", "late") == 1 and calls(metrics, "slowish", "ok") == 0
 
 
+async def test_a_delivery_cancelled_while_it_waits_still_accounts_the_calls() -> None:
+    """The drain deadline cancels the delivery task inside collect(): the item's abandon() then counts what the
+    calls bring (`unused`), so no call goes unaccounted."""
+    perception, metrics, _ = build({"analyzer": "tests.perception_analyzers:slowish"}, budget_ms=5000)
+    audio = sawtooth(150, 0.5)
+    run = perception.start(audio, whole(audio))
+    waiting = asyncio.ensure_future(run.collect())
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    run.abandon()
+    await perception.aclose()
+    assert calls(metrics, "slowish", "unused") == 1 and calls(metrics, "slowish", "ok") == 0
+
+
 @pytest.mark.parametrize(("path", "outcome"), [("boom", "error"), ("not_a_dict", "bad_type"),
                                                ("not_json", "bad_value"), ("slow", "timeout")])
 async def test_a_failing_analyzer_is_counted_and_its_policy_decides(path: str, outcome: str) -> None:

@@ -190,7 +190,7 @@ class Perception:
 
 
 class PerceptionRun:
-    """The analyzers' calls on one utterance, from its close to its echo."""
+    """The analyzers' calls on one utterance, from a pause (or its close) to its echo."""
 
     def __init__(self, perception: Perception, audio: Pcm, meta: UtteranceMeta) -> None:
         self.perception = perception
@@ -214,7 +214,6 @@ class PerceptionRun:
         within the budget, and file the results in `meta.perception`. Returns the drop when an `on_error: drop`
         analyzer failed. Calls still running go on; what they bring is counted and sent as a late event."""
         p = self.perception
-        self._settled = True
         if meta is not None:
             self.meta = meta  # after_asr analyzers, the results, and the events are the closed utterance's
         for a in p.analyzers:
@@ -230,6 +229,8 @@ class PerceptionRun:
         rest = [t for t in self._calls.values() if not t.done()]
         if rest and deadline > loop.time():
             await asyncio.wait(rest, timeout=deadline - loop.time())
+        # From here on this method accounts every call (until now, a cancelled delivery's abandon() would).
+        self._settled = True
         drop: PerceptionDrop | None = None
         failed: dict[str, str] = {}
         late: list[str] = []
