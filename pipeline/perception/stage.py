@@ -123,6 +123,27 @@ async def call_analyzer(step: BoundStep, *args: Any) -> tuple[Verdict, float]:
     return verdict, time.perf_counter() - t0
 
 
+TIMED: frozenset[Outcome] = frozenset({"ok", "none", "late"})  # outcomes whose duration is the analyzer's own
+
+
+def count_call(metrics: Metrics, outcomes: dict[str, dict[str, int]], name: str, verdict: Verdict,
+               seconds: float) -> int:
+    """Account one call (audio or video analyzer): the metrics and the /status counts. Returns how many calls of
+    this analyzer have had this outcome so far."""
+    metrics.perception_calls.labels(analyzer=name, outcome=verdict.outcome).inc()
+    if verdict.outcome in TIMED:
+        metrics.perception_latency.labels(analyzer=name).observe(seconds)
+    counts = outcomes[name]
+    counts[verdict.outcome] = counts.get(verdict.outcome, 0) + 1
+    return counts[verdict.outcome]
+
+
+def analyzer_status(a: BoundAnalyzer, outcomes: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """One analyzer as /status shows it."""
+    return {"name": a.name, "timeout_s": a.step.timeout_s, "on_error": a.step.on_error,
+            "outcomes": dict(outcomes[a.name])}
+
+
 def ended(task: asyncio.Task[tuple[Verdict, float]]) -> tuple[Verdict, float]:
     """The verdict of a finished call; `cancelled` when the relay was torn down under it."""
     return (Verdict("cancelled"), 0.0) if task.cancelled() else task.result()
@@ -165,15 +186,10 @@ class Perception:
         return PerceptionRun(self, audio, meta)
 
     def record(self, name: str, verdict: Verdict, seconds: float) -> None:
-        self.metrics.perception_calls.labels(analyzer=name, outcome=verdict.outcome).inc()
-        if verdict.outcome in ("ok", "none", "late"):
-            self.metrics.perception_latency.labels(analyzer=name).observe(seconds)
-        counts = self.outcomes[name]
-        counts[verdict.outcome] = counts.get(verdict.outcome, 0) + 1
+        count_call(self.metrics, self.outcomes, name, verdict, seconds)
 
     def status(self) -> dict[str, Any]:
-        return {"analyzers": [{"name": a.name, "after_asr": a.after_asr, "timeout_s": a.step.timeout_s,
-                               "on_error": a.step.on_error, "outcomes": dict(self.outcomes[a.name])}
+        return {"analyzers": [{**analyzer_status(a, self.outcomes), "after_asr": a.after_asr}
                               for a in self.analyzers],
                 "budget_ms": round(self.budget_s * 1000),
                 "video": None if self.video is None else self.video.status()}

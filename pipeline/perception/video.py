@@ -28,7 +28,15 @@ from pipeline.frames import UtteranceMeta
 from pipeline.metrics import VIDEO_FRAME_OUTCOMES
 from pipeline.perception.base import VideoFrame
 from pipeline.perception.builtins import VIDEO_BUILTINS
-from pipeline.perception.stage import FAILURES, BoundAnalyzer, Verdict, build_analyzers, call_analyzer
+from pipeline.perception.stage import (
+    FAILURES,
+    BoundAnalyzer,
+    Verdict,
+    analyzer_status,
+    build_analyzers,
+    call_analyzer,
+    count_call,
+)
 
 if TYPE_CHECKING:
     from pipeline.events import EventBus
@@ -113,14 +121,10 @@ class VideoPerception:
             frame, self._pending = self._pending, None
 
     def _record(self, a: BoundAnalyzer, verdict: Verdict, seconds: float) -> None:
-        self.metrics.perception_calls.labels(analyzer=a.name, outcome=verdict.outcome).inc()
-        if verdict.outcome in ("ok", "none"):
-            self.metrics.perception_latency.labels(analyzer=a.name).observe(seconds)
-        counts = self.outcomes[a.name]
-        counts[verdict.outcome] = counts.get(verdict.outcome, 0) + 1
-        if verdict.outcome in FAILURES and counts[verdict.outcome] in (1, 10, 100):  # a failing camera repeats
+        times = count_call(self.metrics, self.outcomes, a.name, verdict, seconds)
+        if verdict.outcome in FAILURES and times in (1, 10, 100):  # a failing camera repeats: log a few
             log.warning("video analyzer %s failed: %s%s (%d time(s) so far); on_error=%s", a.name, verdict.outcome,
-                        f": {verdict.detail}" if verdict.detail else "", counts[verdict.outcome], a.step.on_error)
+                        f": {verdict.detail}" if verdict.detail else "", times, a.step.on_error)
 
     def _count_frame(self, outcome: str) -> None:
         self.frames[outcome] += 1
@@ -133,8 +137,7 @@ class VideoPerception:
 
     def status(self) -> dict[str, Any]:
         return {"fps": self.settings.fps, "color_format": self.color_format, "frames": dict(self.frames),
-                "analyzers": [{"name": a.name, "timeout_s": a.step.timeout_s, "on_error": a.step.on_error,
-                               "outcomes": dict(self.outcomes[a.name])} for a in self.analyzers],
+                "analyzers": [analyzer_status(a, self.outcomes) for a in self.analyzers],
                 "latest": {name: dict(result) for name, result in self.latest.items()}}
 
     async def aclose(self) -> None:
