@@ -279,6 +279,9 @@ class EndpointSettings(_Section):
     likely_prob: float = _num(0.5, ge=0, le=1, description="final . ? ! at least this probable ...")
     likely_pause_ms: int = _num(600, ge=0, le=MAX_SHORT_MS, description="... finishes it after this much; else "
                                                                         "vad.hangover_ms")
+    commit_min_ms: int = _num(8000, ge=0, le=30_000, description="speech resumed after a pause whose decode "
+                              "covers at least this much new audio: that decode becomes the utterance's committed "
+                              "beginning, and later decodes start after it (0 = off)")
 
     @model_validator(mode="after")
     def _ordered(self) -> EndpointSettings:

@@ -128,6 +128,9 @@ class UtteranceMeta:
     # Transforms may set this to ask the sink to send audio instead of text (audio echo).
     modality: Literal["text", "audio"] = "text"
     decode: DecodeKind = "final"  # for ASR engines and the shared scheduler
+    # Text already transcribed of this utterance, before the audio the engine gets (its committed beginning,
+    # pipeline/speculation.py); engines may condition on it (Whisper's previous-text prompt).
+    context: str = ""
     # What the perception analyzers found (pipeline/perception/), by analyzer name; filled before the transforms.
     perception: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)

@@ -53,7 +53,7 @@ DROP_REASONS: dict[str, tuple[str, ...]] = {
     "delivery": ("unsettled", "interrupted"),  # pipeline/delivery.py (`INTERRUPTED`)
 }
 STAGES = ("asr", "transform", "sink")  # echo_relay_stage_latency_seconds{stage}
-SPECULATIVE_OUTCOMES = ("early", "reused", "discarded")  # pipeline/speculation.py
+SPECULATIVE_OUTCOMES = ("early", "reused", "committed", "discarded")  # pipeline/speculation.py
 ECHO_SOURCES = ("speech", "api")  # pipeline/delivery.py `Origin`
 QUEUES = ("source", "delivery")
 ASR_OUTCOMES = ("decoded", "failed", "cancelled", "discarded")  # pipeline/asr/scheduler.py

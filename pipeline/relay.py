@@ -47,7 +47,7 @@ from pipeline.metrics import Metrics
 from pipeline.perception import Perception, PerceptionRun
 from pipeline.sink.base import Sink
 from pipeline.source.base import Source
-from pipeline.speculation import Speculator
+from pipeline.speculation import Speculator, crop, join
 from pipeline.transform.chain import TransformChain
 from pipeline.vad import (
     Discarded,
@@ -250,7 +250,7 @@ class Relay:
             self.speculator.start(event.snapshot)
             self._speculate_perception(event.snapshot)
         elif isinstance(event, SpeechResumed):
-            self.speculator.discard("resumed")
+            self.speculator.resumed()
             self._speculate_perception(None)
         elif isinstance(event, UtteranceEnded):
             await self._utterance_closed(event.utterance)
@@ -282,9 +282,19 @@ class Relay:
                 await self._utterance_closed(utt)
 
     def _transcribe(self, utt: Utterance, kind: DecodeKind) -> asyncio.Future[Transcript]:
+        return asyncio.ensure_future(self._decode(utt, kind))
+
+    async def _decode(self, utt: Utterance, kind: DecodeKind) -> Transcript:
+        """Decode the utterance after its committed beginning, if it has one (pipeline/speculation.py), with
+        that beginning's text as context, and join the two."""
+        prefix = await self.speculator.settled_prefix(utt)
+        rest = crop(utt, prefix)
         meta = self._meta(utt)
         meta.decode = kind
-        return asyncio.ensure_future(self.asr.transcribe(utt.audio, meta))
+        if rest is utt or prefix is None:
+            return await self.asr.transcribe(utt.audio, meta)
+        meta.context = prefix.transcript.text
+        return join(prefix.transcript, await self.asr.transcribe(rest.audio, meta))
 
     def _maybe_partial(self, pos: int) -> None:
         """An interim decode for watchers (never sent to the room). It takes the ASR engine and CPU, so it is
@@ -317,11 +327,10 @@ class Relay:
         self.events.emit("speech_ended", utterance_id=utt.id, start_s=round(utt.audio_start_s, 3),
                          end_s=round(utt.audio_end_s, 3), reason=utt.reason)
         self._barge_pending = None
-        transcript = self.speculator.take(utt)
-        if transcript is not None:
-            self.asr.promote(utt.id)  # if still waiting for the engine, it is this utterance's final decode now
-        else:
-            transcript = self._transcribe(utt, "final")
+        transcript = self.speculator.take(utt) or self._transcribe(utt, "final")
+        # A speculative decode still waiting for the engine is now what this utterance's final decode
+        # waits for: the one taken as final, or the candidate beginning the new final decode starts after.
+        self.asr.promote(utt.id)
         meta = self._meta(utt)
         perception = self._perception_for(utt, meta)
         # Backpressure: a full queue pauses capture here (docs/reliability.md).

@@ -8,6 +8,19 @@ utterances, asks `should_finish()` on every frame and whenever the decode comple
 and when the utterance does close, `take()` hands the decode over for reuse if it covers the same
 audio.
 
+**Committed beginnings** (`endpoint.commit_min_ms`). When speech resumes after a pause whose decode
+covers at least that much new audio, the decode is not thrown away: once it completes (and the gate
+kept it), it becomes a committed beginning of the utterance (`Prefix`), and every later decode of the
+utterance (speculative, interim, final) decodes only the audio after the latest one that leaves it at
+least `commit_min_ms` of audio (a few words alone, with no audio before them, decode worse), with its
+text as context (`UtteranceMeta.context`), and is joined to it (`join`). So a long utterance is decoded
+piece by piece while the person speaks: its end costs one short window instead of the whole utterance
+again (a 30 s window encodes ~6 times slower than a 10 s one, pipeline/asr/whisper.py), and a pause's
+decode is work kept, not repeated. At most one such candidate is in flight; a decode that would start
+after it waits for it. One the gate dropped, or that goes no further than the last committed
+beginning, is discarded. 8 s (the default) left the WER of every clip and noisy mix tried unchanged,
+where 4 s cost words at some piece boundaries (BENCHMARKS.md, session 7).
+
 One speculation at a time; nothing here touches the queue or the sink. Off when `endpoint.enabled` is
 false, or when the ASR engine takes one request per utterance (`AsrEngine.speculative` false: an
 openai-http server unless `asr.openai_http.speculative`).
@@ -18,12 +31,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pipeline.config import Settings
 from pipeline.delivery import retrieve
 from pipeline.endpoint import required_silence_ms
-from pipeline.frames import Transcript, Utterance, ms_to_samples
+from pipeline.frames import Transcript, Utterance, ms_to_samples, samples_to_s
 from pipeline.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -31,11 +44,57 @@ log = logging.getLogger(__name__)
 Transcribe = Callable[[Utterance], Awaitable[Transcript]]
 
 
+@dataclass(frozen=True, slots=True)
+class Prefix:
+    """An utterance's committed beginning: its audio up to stream position `end` is `transcript`."""
+
+    utterance_id: str
+    end: int
+    transcript: Transcript
+
+
+def crop(utt: Utterance, prefix: Prefix | None) -> Utterance:
+    """The part of `utt` after its committed beginning (all of it when there is none)."""
+    if prefix is None or prefix.utterance_id != utt.id or not utt.start < prefix.end < utt.end:
+        return utt
+    return Utterance(id=utt.id, audio=utt.audio[prefix.end - utt.start:], start=prefix.end,
+                     speech_start=max(utt.speech_start, prefix.end), speech_end=utt.speech_end, reason=utt.reason)
+
+
+def join(prefix: Transcript, rest: Transcript) -> Transcript:
+    """The whole utterance's transcript from its committed beginning and the decode of the rest. The rest
+    decides how the utterance ends (final punctuation); when the gate dropped it (a breath, a cough after
+    the last words), the beginning stands alone."""
+    if rest.dropped_reason or not rest.text.strip():
+        return replace(prefix, decode_s=rest.decode_s, extra={**prefix.extra, "rest_dropped": rest.dropped_reason
+                                                                 or "empty"})
+    head, tail = prefix.text.rstrip(), rest.text.lstrip()
+    if head.endswith(".") and not head.endswith("..") and tail[:1].islower():
+        # Decoded alone, the beginning ended its last sentence where the speaker only paused; the rest,
+        # decoded with it as context, goes on in lower case: one sentence ("slaveholders, doomed to ...").
+        head = head[:-1] + ","
+    n1, n2 = len(head.split()), len(tail.split())
+    weight = n1 / (n1 + n2) if n1 + n2 else 0.5
+    return Transcript(
+        text=f"{head} {tail}",
+        confidence=weight * prefix.confidence + (1 - weight) * rest.confidence,
+        language=prefix.language or rest.language,
+        language_probability=prefix.language_probability,
+        no_speech_prob=min(prefix.no_speech_prob, rest.no_speech_prob),
+        avg_logprob=weight * prefix.avg_logprob + (1 - weight) * rest.avg_logprob,
+        final_punct_prob=rest.final_punct_prob,
+        decode_s=rest.decode_s,
+        extra={**rest.extra, "committed_words": n1},
+    )
+
+
 @dataclass(slots=True)
 class _Speculation:
     utterance_id: str
     speech_end: int
     task: asyncio.Future[Transcript]
+    end: int = 0  # stream position of the end of the decoded audio
+    base: int = 0  # where the decoded audio starts: the committed beginning's end, or the utterance's start
     finish_after: int | None = None  # silence (samples) that finishes the utterance, once judged
     judged: bool = False
 
@@ -46,18 +105,77 @@ class Speculator:
         self._transcribe = transcribe
         self._allowed = allowed  # the engine takes speculative decodes (AsrEngine.speculative)
         self._spec: _Speculation | None = None
+        self._candidate: _Speculation | None = None  # a resumed pause's decode that may become the prefix
+        self._prefixes: list[Prefix] = []  # committed beginnings of the open utterance, oldest first
 
     @property
     def enabled(self) -> bool:
         return self.settings.endpoint.enabled and self._allowed
+
+    def prefix(self, utt: Utterance) -> Prefix | None:
+        """The committed beginning a decode of `utt` starts after: the latest that leaves it at least
+        `endpoint.commit_min_ms` of audio (a few words alone decode worse than with the audio before them)."""
+        for p in reversed(self._prefixes):
+            if p.utterance_id == utt.id and self._leaves_room(p.end, utt):
+                return p
+        return None
+
+    def _leaves_room(self, end: int, utt: Utterance) -> bool:
+        return utt.end - end >= ms_to_samples(self.settings.endpoint.commit_min_ms)
+
+    def _candidate_for(self, utt: Utterance) -> _Speculation | None:
+        """The candidate in flight, if a decode of `utt` would start after it."""
+        cand = self._candidate
+        return cand if cand is not None and cand.utterance_id == utt.id and self._leaves_room(cand.end, utt) else None
+
+    async def settled_prefix(self, utt: Utterance) -> Prefix | None:
+        """`prefix(utt)` once the candidate it would start after (if one is in flight) has settled: a decode
+        requested meanwhile does not decode that audio a second time."""
+        cand = self._candidate_for(utt)
+        if cand is not None:
+            await asyncio.wait([cand.task])  # not cancelled with the waiting decode: the candidate goes on
+            await asyncio.sleep(0)  # its done-callback (`_commit`) runs first
+        return self.prefix(utt)
 
     def start(self, snapshot: Utterance) -> None:
         """Decode `snapshot` (the utterance as if it ended now) in the background."""
         if not self.enabled:
             return
         self.discard("superseded")
+        anchor = self._candidate_for(snapshot) or self.prefix(snapshot)
         task = asyncio.ensure_future(self._transcribe(snapshot))
-        self._spec = _Speculation(snapshot.id, snapshot.speech_end, task)
+        self._spec = _Speculation(snapshot.id, snapshot.speech_end, task, end=snapshot.end,
+                                  base=anchor.end if anchor is not None else snapshot.start)
+
+    def resumed(self) -> None:
+        """Speech came back after the pause: keep the pause's decode as a candidate beginning when it covers
+        `endpoint.commit_min_ms` of audio past the last committed beginning and no other candidate is in
+        flight; else discard it."""
+        spec = self._spec
+        room = ms_to_samples(self.settings.endpoint.commit_min_ms)
+        last = self._prefixes[-1].end if self._prefixes and spec is not None \
+            and self._prefixes[-1].utterance_id == spec.utterance_id else 0
+        if spec is None or not room or self._candidate is not None or spec.end - max(spec.base, last) < room:
+            self.discard("resumed")
+            return
+        self._spec, self._candidate = None, spec
+        spec.task.add_done_callback(lambda _: self._commit(spec))
+
+    def _commit(self, spec: _Speculation) -> None:
+        """A candidate settled: it becomes the newest committed beginning if the gate kept it and it goes
+        further than the others."""
+        if self._candidate is spec:
+            self._candidate = None
+        task = spec.task
+        tr = task.result() if not task.cancelled() and task.exception() is None else None
+        mine = [p for p in self._prefixes if p.utterance_id == spec.utterance_id]
+        if (tr is None or tr.dropped_reason or not tr.text.strip() or "rest_dropped" in tr.extra
+                or (mine and spec.end <= mine[-1].end)):
+            self.metrics.speculative.labels(outcome="discarded").inc()
+            return
+        self._prefixes = [*mine, Prefix(spec.utterance_id, spec.end, tr)]  # an earlier utterance's are done
+        self.metrics.speculative.labels(outcome="committed").inc()
+        log.debug("%s: committed up to %.2f s: …%r", spec.utterance_id, samples_to_s(spec.end), tr.text[-60:])
 
     def discard(self, why: str) -> None:
         spec, self._spec = self._spec, None

@@ -252,9 +252,17 @@ def write_overrides(path: Path, overrides: list[str]) -> None:
     path.write_text(yaml.safe_dump(tree))
 
 
-def cpu_during_silence(overrides: list[str], workdir: Path, seconds: float = 30.0) -> float:
+def cpu_during_silence(overrides: list[str], workdir: Path, seconds: float = 30.0,
+                       noise_dbfs: float | None = None) -> float:
+    """Process CPU (% of one core) over `seconds` of digital silence, or of white noise at `noise_dbfs`
+    (a room's noise floor: the VAD classifies every frame of it)."""
     silence = workdir / "silence.wav"
-    write_wav(silence, np.zeros(int((seconds + 15) * SR), np.int16))
+    n = int((seconds + 15) * SR)
+    if noise_dbfs is None:
+        write_wav(silence, np.zeros(n, np.int16))
+    else:
+        noise = np.random.default_rng(0).standard_normal(n) * 32768 * 10 ** (noise_dbfs / 20)
+        write_wav(silence, np.clip(noise, -32768, 32767).astype(np.int16))
     cfg = workdir / "silence.yaml"
     write_overrides(cfg, overrides)
     import psutil

@@ -83,6 +83,22 @@ async def test_posts_a_valid_wav_and_reads_text(server: FakeTranscriptionServer,
     assert np.array_equal(wav["samples"], speech)
 
 
+async def test_an_utterances_committed_beginning_follows_the_initial_prompt(server: FakeTranscriptionServer,
+                                                                          speech: np.ndarray) -> None:
+    """A decode after an utterance's committed beginning (pipeline/speculation.py) sends that text as the
+    preceding text, after asr.initial_prompt; a decode without one sends the initial prompt alone."""
+    engine = OpenAIHttpEngine(_settings(server.url))
+    meta = _meta("utt-2")
+    meta.context = "And so, my fellow Americans,"
+    try:
+        await engine.transcribe(speech, meta)
+        await engine.transcribe(speech, _meta("utt-3"))
+    finally:
+        await engine.close()
+    assert [r["fields"]["prompt"] for r in server.requests] == [
+        "Tavus echo relay. And so, my fellow Americans,", "Tavus echo relay."]
+
+
 async def test_no_authorization_header_without_key(server: FakeTranscriptionServer,
                                                    speech: np.ndarray) -> None:
     engine = OpenAIHttpEngine(AsrSettings.model_validate(

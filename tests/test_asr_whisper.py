@@ -245,3 +245,23 @@ def test_short_utterance_doubted_in_the_short_window_gets_a_full_window_decode()
     assert tr.dropped_reason is None
     assert "ask not" in tr.text.lower()
     assert tr.extra["window_s"] == 30.0 and tr.extra["attempts"] >= 2
+
+
+def test_context_continues_the_sentence_and_batches_with_other_prompt_lengths() -> None:
+    """`UtteranceMeta.context` (an utterance's committed beginning, pipeline/speculation.py) is Whisper's
+    previous text: the rest of jfk's sentence after "And so, my fellow Americans," comes out as its
+    continuation, punctuated as one sentence. CTranslate2 batches only prompts of one length, so decodes
+    with and without context, asked together, are decoded apart and each gets its own text."""
+    pcm = load_clip("whisper.cpp/jfk.wav")
+    cut = int(3.5 * SAMPLE_RATE)  # in the pause after "Americans"
+    rest, head = pcm[cut:], pcm[:cut]
+    with_context = meta_for(rest, "rest")
+    with_context.context = "And so, my fellow Americans,"
+    results = shared_engine().transcribe_batch_sync([(rest, with_context), (rest, meta_for(rest, "alone")),
+                                                     (head, meta_for(head, "head"))])
+    texts = [r.text if isinstance(r, Transcript) else repr(r) for r in results]
+    assert texts[0].startswith("ask not") and texts[0].endswith(".") and "." not in texts[0][:-1], texts
+    assert wer("ask not what your country can do for you ask what you can do for your country", texts[0]) <= 0.1
+    assert wer("ask not what your country can do for you ask what you can do for your country", texts[1]) <= 0.1
+    assert texts[1] != texts[0]  # without the context Whisper punctuates it otherwise: the prompt was used
+    assert wer("and so my fellow americans", texts[2]) == 0.0, texts

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -29,7 +30,8 @@ SETTLE_STEPS = 5  # loop turns for a finished decode's callbacks (speculation bo
 
 
 class CountingAsr(AsrEngine):
-    """Delegates to `inner` and knows when no decode is in flight."""
+    """Delegates to `inner`, knows when no decode is in flight, and remembers what it was asked:
+    (utterance id, decode kind, seconds of audio, context)."""
 
     def __init__(self, inner: AsrEngine) -> None:
         self.inner = inner
@@ -38,11 +40,13 @@ class CountingAsr(AsrEngine):
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        self.asked: list[tuple[str, str, float, str]] = []
 
     async def load(self) -> None:
         await self.inner.load()
 
     async def transcribe(self, audio: Pcm, meta: UtteranceMeta) -> Transcript:
+        self.asked.append((meta.utterance_id, meta.decode, len(audio) / SAMPLE_RATE, meta.context))
         self.in_flight += 1
         self.idle.clear()
         try:
@@ -108,3 +112,37 @@ async def test_monologue_is_ended_at_its_sentence_pauses_not_only_after_the_hang
     fillers = {"um", "uh", "yknow"}
     ref = " ".join(w for w in normalize(reference(MONOLOGUE)).split() if w not in fillers)
     assert wer(ref, " ".join(texts)) <= 0.35, texts
+
+
+LONG_SENTENCE = "clapclap/librispeech_dev_clean/2902-9006-0017.flac"  # 23.8 s; one sentence of 18.5 s with pauses
+
+
+async def test_a_long_sentence_is_decoded_piece_by_piece_and_echoed_whole() -> None:
+    """Each pause of the long sentence that leaves `endpoint.commit_min_ms` of new audio commits what was
+    decoded so far: the final decode covers only the rest (with the committed words as context) and the
+    echo is the whole sentence, each word once."""
+    path = clip(LONG_SENTENCE)
+    metrics = Metrics()
+    sink = RecordingSink()
+    settings = relay_settings(f"file:{path}")
+    asr = CountingAsr(FaultyAsr(real_engine(), metrics=metrics))
+    relay = await run_relay(settings, sink=sink, source=LockstepSource(FileSource(path, settings.source), asr),
+                            asr=asr, metrics=metrics, timeout_s=120)
+    check_invariants(relay, sink.sent)
+    assert metrics.value("echo_relay_speculative_decodes_total", {"outcome": "committed"}) >= 1
+    first = sink.sent[0]
+    length = first.audio_end_s - first.audio_start_s
+    assert length > 12, sink.sent  # the long utterance, not pieces of it
+    final = [a for a in asr.asked if a[0] == first.utterance_id and a[1] == "final"]
+    last_spec = [a for a in asr.asked if a[0] == first.utterance_id and a[1] == "speculative"][-1]
+    ending = final[-1] if final else last_spec  # the decode whose transcript was echoed
+    committed_s = asr.asked[0][2]  # the first pause's decode: at least commit_min_ms of audio, kept
+    assert committed_s >= settings.endpoint.commit_min_ms / 1000, asr.asked
+    # the rest only: the utterance's audio (speech + 0.3 s pre-roll + at most 0.15 s pad) minus the committed part
+    assert ending[3] and ending[2] <= length + 0.45 - committed_s, asr.asked
+    assert normalize(ending[3]).split()[:3] == normalize(reference(LONG_SENTENCE)).split()[:3]
+    words = normalize(" ".join(o.text for o in sink.sent)).split()
+    assert wer(reference(LONG_SENTENCE), " ".join(words)) <= 0.08, [o.text for o in sink.sent]
+    ref_pairs = Counter(itertools.pairwise(normalize(reference(LONG_SENTENCE)).split()))
+    doubled = Counter(itertools.pairwise(words)) - ref_pairs
+    assert not [pair for pair, n in doubled.items() if ref_pairs[pair]], doubled  # nothing twice at a join

@@ -290,7 +290,8 @@ def test_stage_gaps() -> None:
     assert u.speech_start == 7680 and u.speech_end == 24000
     np.testing.assert_array_equal(u.audio[16100 - u.start:24000 - u.start], audio[16100:24000])
     np.testing.assert_array_equal(u.audio[16000 - u.start:16100 - u.start], 0)
-    assert vad.gaps == 2 and isinstance(vad.engine, EnergyVad) and vad.engine.resets == 2  # gap + flush
+    # gap + flush + two stretches of digital silence with no utterance open (before the burst, after the jump)
+    assert vad.gaps == 2 and isinstance(vad.engine, EnergyVad) and vad.engine.resets == 4
     vad.process(AudioFrame(audio[:320], 1000))  # after flush a new stream may start anywhere
     with pytest.raises(ValueError, match="goes back"):
         vad.process(AudioFrame(audio[:320], 0))
@@ -359,3 +360,37 @@ def test_stage_rejects_mismatched_frame_sizes() -> None:
     with pytest.raises(ValueError, match="differs"):
         VadStage(EnergyVad(480), SegmenterParams(frame_samples=512))
 
+
+
+class CountingVad(EnergyVad):
+    """EnergyVad that counts the frames it was asked about."""
+
+    def __init__(self, frame_samples: int = 480) -> None:
+        super().__init__(frame_samples)
+        self.asked = 0
+
+    def speech_prob(self, frame: Pcm) -> float:
+        self.asked += 1
+        return super().speech_prob(frame)
+
+
+def test_digital_silence_outside_utterances_is_not_classified_and_resets_the_engine_once() -> None:
+    """Frames of exact zeros with no utterance open skip the engine (the CPU in silence) and reset it once
+    per stretch; inside an utterance every frame is classified, so endpointing is unchanged; the
+    utterances are the same as with an engine asked about every frame."""
+    audio = bursts([(0.5, 1.5), (4.0, 5.0)], 7.0)
+    audio[int(1.5 * SAMPLE_RATE):int(1.6 * SAMPLE_RATE)] = 0  # zeros inside the first utterance's hangover
+    low = (np.random.default_rng(0).standard_normal(len(audio)) * 3).astype(np.int16)  # ~-80 dBFS: not digital
+    engine = CountingVad()
+    params = SegmenterParams.from_settings(VadSettings(), 480)
+    vad = VadStage(engine, params)
+    events = run(vad, audio)
+    n = len(audio) // 480
+    assert vad.frames == n and 0 < engine.asked < n and vad.zero_frames == n - engine.asked
+    # Three stretches of zeros outside utterances (before, between, after), one reset each; then the flush.
+    assert engine.resets == 3 + 1
+    noisy = CountingVad()
+    reference = run(VadStage(noisy, params), audio + low)  # the same scene above a faint noise floor
+    assert noisy.asked == n and noisy.resets == 1
+    spans = [(u.speech_start, u.speech_end) for u in utterances(events)]
+    assert spans == [(u.speech_start, u.speech_end) for u in utterances(reference)] and len(spans) == 2

@@ -2,8 +2,9 @@
 
 Posts each utterance to ``asr.openai_http.url`` (``/v1/audio/transcriptions`` of OpenAI,
 faster-whisper-server/speaches, whisper.cpp's server, vLLM, ...) as a 16 kHz mono 16-bit WAV in a
-multipart form, with ``model``, ``language``, ``prompt`` (`asr.initial_prompt`) and
-``response_format`` fields, and ``Authorization: Bearer`` when an API key is set.
+multipart form, with ``model``, ``language``, ``prompt`` (`asr.initial_prompt`, then the
+utterance's committed beginning, `UtteranceMeta.context`, as OpenAI's docs describe the prompt: the
+preceding text) and ``response_format`` fields, and ``Authorization: Bearer`` when an API key is set.
 
 - Start (`load`): the server is probed (``GET {base}/models``, see `probe_url`), retried as below.
   Any HTTP answer means it is reachable (whisper.cpp's server answers 404 there); no answer, or a
@@ -237,8 +238,9 @@ class OpenAIHttpEngine(AsrEngine):
         data: dict[str, str] = {"model": self.http.model, "response_format": self.response_format}
         if self.settings.language:
             data["language"] = self.settings.language
-        if self.settings.initial_prompt:
-            data["prompt"] = self.settings.initial_prompt
+        prompt = " ".join(t for t in (self.settings.initial_prompt, meta.context) if t)
+        if prompt:
+            data["prompt"] = prompt
         files = {"file": (f"{meta.utterance_id or 'utterance'}.wav", wav, "audio/wav")}
         deadline = time.monotonic() + self.settings.deadline_s
         attempt = 0  # retries so far (waiting for an unreachable server is not one)

@@ -18,8 +18,10 @@ CTranslate2 directly instead of `WhisperModel.transcribe`:
   (the result with the best average log-probability among non-repetitive ones wins). Audio longer
   than 30 s goes through `WhisperModel.transcribe` (several windows).
 - **Decode options for speed**: beam size from config (1 = greedy), no timestamps, no conditioning
-  on previous text (each utterance stands alone), no VAD filter (ours already segmented),
-  `initial_prompt`, `hotwords` and `language` from config.
+  on earlier utterances (each stands alone), no VAD filter (ours already segmented),
+  `initial_prompt`, `hotwords` and `language` from config. The one previous text is the utterance's
+  own committed beginning (`UtteranceMeta.context`, pipeline/speculation.py): its last
+  `CONTEXT_TOKENS` tokens go in the prompt, so the rest continues the sentence it started.
 - **final_punct_prob**: with greedy decoding CTranslate2 returns the logits of every step
   (`return_logits_vocab=True`, no measurable cost); the softmax at the step that produced the
   final ``.``/``?``/``!`` is the model's confidence that the sentence ended. With beam search the
@@ -75,6 +77,9 @@ TEMPERATURE_FALLBACK = (0.2, 0.4)  # tried only when greedy decoding loops even 
 MIN_SAMPLES = SAMPLE_RATE // 10  # shorter audio is zero-padded to 0.1 s (the STFT needs some samples)
 WARMUP_S = 1.0
 ENCODE_MAX_FRAMES = FULL_WINDOW_S * 100  # feature frames per encoder pass: one full window, or 3 x 10 s
+# Tokens of an utterance's committed beginning given as previous text (read speech: ~3 tokens/s, so the
+# last ~10 s). CTranslate2 batches only prompts of one length, so the context length is part of a batch key.
+CONTEXT_TOKENS = 32
 
 
 @dataclass(slots=True)
@@ -109,11 +114,12 @@ class _Request:
     temperature: float
     budget: int | None  # token budget (None: the model's maximum)
     language: str | None = None  # None: asr.language, else detected
+    context: tuple[int, ...] = ()  # previous-text tokens (the utterance's committed beginning)
 
     @property
-    def key(self) -> tuple[int, float]:
+    def key(self) -> tuple[int, float, int]:
         """Requests with the same key can be decoded in one batch."""
-        return self.window_s, self.temperature
+        return self.window_s, self.temperature, len(self.context)
 
     @property
     def cost(self) -> float:
@@ -154,6 +160,7 @@ class FasterWhisperEngine(SyncAsrEngine):
         self._model: WhisperModel | None = None
         self._tokenizers: dict[str, Any] = {}
         self._prompts: dict[str, list[int]] = {}
+        self._previous: dict[str, list[int]] = {}  # asr.initial_prompt's tokens, by language
         self._suppress: dict[str, list[int]] = {}
         self._fixed_language: str | None = None
 
@@ -205,6 +212,7 @@ class FasterWhisperEngine(SyncAsrEngine):
         if self.settings.initial_prompt:
             previous = tok.encode(" " + self.settings.initial_prompt.strip())
         self._tokenizers[language] = tok
+        self._previous[language] = previous
         self._prompts[language] = model.get_prompt(tok, previous, without_timestamps=True,
                                                    hotwords=self.settings.hotwords or None)
         self._suppress[language] = list(get_suppressed_tokens(tok, [-1]))
@@ -274,7 +282,7 @@ class FasterWhisperEngine(SyncAsrEngine):
         encoded = self._encode(padded)
         t1 = time.perf_counter()
         langs, lang_probs = self._languages(encoded, requests)
-        prompts = [self._prompts[lang] for lang in langs]
+        prompts = [self._prompt(lang, r.context) for lang, r in zip(langs, requests, strict=True)]
         greedy = temperature > 0 or self.settings.beam_size == 1
         model_max = int(getattr(model, "max_length", 448))
         # CTranslate2 counts the prompt (and, in 4.8, more) against max_length: give it room and
@@ -333,6 +341,24 @@ class FasterWhisperEngine(SyncAsrEngine):
             decodes.append(d)
         return decodes
 
+    def _prompt(self, language: str, context: tuple[int, ...]) -> list[int]:
+        if not context:
+            return self._prompts[language]
+        return self._require_model().get_prompt(
+            self._tokenizers[language], self._previous[language] + list(context), without_timestamps=True,
+            hotwords=self.settings.hotwords or None)
+
+    def _context_tokens(self, text: str) -> tuple[int, ...]:
+        """The last CONTEXT_TOKENS tokens of an utterance's committed beginning (text tokens are the same for
+        every language of a model)."""
+        if not text.strip():
+            return ()
+        tok = next(iter(self._tokenizers.values()), None)
+        if tok is None:
+            self._setup_language(self._fixed_language or "en")
+            tok = self._tokenizers[self._fixed_language or "en"]
+        return tuple(tok.encode(" " + text.strip())[-CONTEXT_TOKENS:])
+
     def _encode(self, features: np.ndarray) -> Any:
         """Encoder output of a batch of padded features. Encoded a few windows at a time: on CPU the
         encoder gains nothing from larger batches (8 windows take 8-9 times one), while its attention
@@ -374,8 +400,8 @@ class FasterWhisperEngine(SyncAsrEngine):
         prob = float(p[tokens[idx]] / p.sum())
         return min(1.0, max(prob, 1e-9))
 
-    def _decode_plan(self, features: np.ndarray, duration: float, full_window: bool = False
-                     ) -> Generator[_Request, _Decode, _Decode]:
+    def _decode_plan(self, features: np.ndarray, duration: float, full_window: bool = False,
+                     context: tuple[int, ...] = ()) -> Generator[_Request, _Decode, _Decode]:
         """Decode one utterance: yields each window it needs decoded and receives the decode (the
         caller batches the requests of several utterances)."""
         short = self.settings.short_window and not full_window and duration <= SHORT_WINDOW_MAX_S
@@ -387,7 +413,7 @@ class FasterWhisperEngine(SyncAsrEngine):
         plan += [(FULL_WINDOW_S, t, None) for t in TEMPERATURE_FALLBACK]
         tried: list[_Decode] = []
         for window, temperature, budget in plan:
-            d = yield _Request(features, window, temperature, budget)
+            d = yield _Request(features, window, temperature, budget, context=context)
             tried.append(d)
             if not d.degenerate_reason:
                 break
@@ -508,11 +534,12 @@ class FasterWhisperEngine(SyncAsrEngine):
         samples = self._to_float(audio)
         duration = len(samples) / SAMPLE_RATE
         features: np.ndarray | None = None
+        context = self._context_tokens(meta.context)
         if len(samples) > FULL_WINDOW_S * SAMPLE_RATE:
             d = self._decode_long(samples)  # several windows, by faster-whisper itself (not batched)
         else:
             features = self._features(samples)
-            d = yield from self._decode_plan(features, duration)
+            d = yield from self._decode_plan(features, duration, context=context)
 
         def verdict(d: _Decode) -> str | None:
             return gate(d.text, no_speech_prob=d.no_speech_prob, avg_logprob=d.avg_logprob, audio_dbfs=dbfs,
@@ -526,7 +553,7 @@ class FasterWhisperEngine(SyncAsrEngine):
             # with 10 s; "Ask not!", avg_logprob -0.67 with 30 s). Before dropping or mangling speech the
             # VAD found, ask the full window once: Whisper's trained window decides, both ways (0.3 s of
             # crowd noise: "Oh, my God." doubtful in 10 s, no_speech 0.74 with 30 s).
-            full = yield from self._decode_plan(features, duration, full_window=True)
+            full = yield from self._decode_plan(features, duration, full_window=True, context=context)
             full.encode_s += d.encode_s
             full.generate_s += d.generate_s
             full.extra["attempts"] = d.extra.get("attempts", 1) + full.extra.get("attempts", 1)

@@ -139,6 +139,8 @@ class VadStage:
         self.frames = 0  # frames classified
         self.gaps = 0  # forward jumps in positions seen
         self.dropped_tail_samples = 0  # partial frames left at flush (less than one frame each)
+        self.zero_frames = 0  # frames of digital silence the engine was not asked about
+        self._in_zeros = False
 
     def process(self, frame: AudioFrame) -> list[Event]:
         """Classify and segment one block (any length); returns the events in stream order."""
@@ -172,7 +174,19 @@ class VadStage:
         return events
 
     def _classify(self, chunk: Pcm, start: int, events: list[Event]) -> None:
-        prob = self.engine.speech_prob(chunk)
+        if self.segmenter.utterance_id is None and not chunk.any():
+            # Digital silence (a muted Daily participant, a file's gaps) with no utterance open: there is
+            # nothing to hear, so the engine is not asked (most of the CPU in silence). Its state is reset
+            # once, as `vad.state_reset_ms` would in quiet: what follows starts fresh, which hears a quiet
+            # speaker after silence best (BENCHMARKS.md, "VAD state").
+            if not self._in_zeros:
+                self._in_zeros = True
+                self.engine.reset()
+            prob = 0.0
+            self.zero_frames += 1
+        else:
+            self._in_zeros = False
+            prob = self.engine.speech_prob(chunk)
         self.frames += 1
         events.extend(self.segmenter.push(chunk, start, prob))
 

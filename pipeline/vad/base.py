@@ -21,5 +21,5 @@ class VadEngine(ABC):
         """Probability in [0, 1] that `frame` (exactly `frame_samples` int16 samples) is speech."""
 
     def reset(self) -> None:  # noqa: B027 - optional hook, stateless engines need nothing
-        """Forget recurrent state (called after stream gaps and at the end of the stream; not between
-        utterances, where Silero needs its context to catch the next phrase's onset)."""
+        """Forget recurrent state (called after stream gaps, when digital silence begins and at the end of
+        the stream; not between utterances, where Silero needs its context to catch the next phrase's onset)."""
