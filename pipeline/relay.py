@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from pipeline import protocol
@@ -282,19 +282,20 @@ class Relay:
                 await self._utterance_closed(utt)
 
     def _transcribe(self, utt: Utterance, kind: DecodeKind) -> asyncio.Future[Transcript]:
-        return asyncio.ensure_future(self._decode(utt, kind))
-
-    async def _decode(self, utt: Utterance, kind: DecodeKind) -> Transcript:
         """Decode the utterance after its committed beginning, if it has one (pipeline/speculation.py), with
-        that beginning's text as context, and join the two."""
-        prefix = await self.speculator.settled_prefix(utt)
-        rest = crop(utt, prefix)
+        that beginning's text as context; the result is the two joined."""
         meta = self._meta(utt)
         meta.decode = kind
+        prefix = self.speculator.prefix(utt)
+        rest = crop(utt, prefix)
         if rest is utt or prefix is None:
-            return await self.asr.transcribe(utt.audio, meta)
+            return asyncio.ensure_future(self.asr.transcribe(utt.audio, meta))
         meta.context = prefix.transcript.text
-        return join(prefix.transcript, await self.asr.transcribe(rest.audio, meta))
+        return asyncio.ensure_future(self._joined(prefix.transcript, self.asr.transcribe(rest.audio, meta)))
+
+    @staticmethod
+    async def _joined(prefix: Transcript, rest: Awaitable[Transcript]) -> Transcript:
+        return join(prefix, await rest)
 
     def _maybe_partial(self, pos: int) -> None:
         """An interim decode for watchers (never sent to the room). It takes the ASR engine and CPU, so it is
@@ -327,10 +328,11 @@ class Relay:
         self.events.emit("speech_ended", utterance_id=utt.id, start_s=round(utt.audio_start_s, 3),
                          end_s=round(utt.audio_end_s, 3), reason=utt.reason)
         self._barge_pending = None
-        transcript = self.speculator.take(utt) or self._transcribe(utt, "final")
-        # A speculative decode still waiting for the engine is now what this utterance's final decode
-        # waits for: the one taken as final, or the candidate beginning the new final decode starts after.
-        self.asr.promote(utt.id)
+        transcript = self.speculator.take(utt)
+        if transcript is not None:
+            self.asr.promote(utt.id)  # if still waiting for the engine, it is this utterance's final decode now
+        else:
+            transcript = self._transcribe(utt, "final")
         meta = self._meta(utt)
         perception = self._perception_for(utt, meta)
         # Backpressure: a full queue pauses capture here (docs/reliability.md).

@@ -16,9 +16,11 @@ least `commit_min_ms` of audio (a few words alone, with no audio before them, de
 text as context (`UtteranceMeta.context`), and is joined to it (`join`). So a long utterance is decoded
 piece by piece while the person speaks: its end costs one short window instead of the whole utterance
 again (a 30 s window encodes ~6 times slower than a 10 s one, pipeline/asr/whisper.py), and a pause's
-decode is work kept, not repeated. At most one such candidate is in flight; a decode that would start
-after it waits for it. One the gate dropped, or that goes no further than the last committed
-beginning, is discarded. 8 s (the default) left the WER of every clip and noisy mix tried unchanged,
+decode is work kept, not repeated. At most one such candidate is in flight. Nothing waits for it: a
+decode asked for meanwhile starts after the last settled beginning (a candidate on music can take
+seconds of fallbacks, and the final decode waiting for it once missed `asr.deadline_s`); when the
+utterance closes first, the candidate is cancelled. One the gate dropped, or that goes no further than
+the last committed beginning, is discarded. 8 s (the default) left the WER of every clip and noisy mix tried unchanged,
 where 4 s cost words at some piece boundaries (BENCHMARKS.md, session 7).
 
 One speculation at a time; nothing here touches the queue or the sink. Off when `endpoint.enabled` is
@@ -123,26 +125,12 @@ class Speculator:
     def _leaves_room(self, end: int, utt: Utterance) -> bool:
         return utt.end - end >= ms_to_samples(self.settings.endpoint.commit_min_ms)
 
-    def _candidate_for(self, utt: Utterance) -> _Speculation | None:
-        """The candidate in flight, if a decode of `utt` would start after it."""
-        cand = self._candidate
-        return cand if cand is not None and cand.utterance_id == utt.id and self._leaves_room(cand.end, utt) else None
-
-    async def settled_prefix(self, utt: Utterance) -> Prefix | None:
-        """`prefix(utt)` once the candidate it would start after (if one is in flight) has settled: a decode
-        requested meanwhile does not decode that audio a second time."""
-        cand = self._candidate_for(utt)
-        if cand is not None:
-            await asyncio.wait([cand.task])  # not cancelled with the waiting decode: the candidate goes on
-            await asyncio.sleep(0)  # its done-callback (`_commit`) runs first
-        return self.prefix(utt)
-
     def start(self, snapshot: Utterance) -> None:
         """Decode `snapshot` (the utterance as if it ended now) in the background."""
         if not self.enabled:
             return
         self.discard("superseded")
-        anchor = self._candidate_for(snapshot) or self.prefix(snapshot)
+        anchor = self.prefix(snapshot)
         task = asyncio.ensure_future(self._transcribe(snapshot))
         self._spec = _Speculation(snapshot.id, snapshot.speech_end, task, end=snapshot.end,
                                   base=anchor.end if anchor is not None else snapshot.start)
@@ -217,6 +205,9 @@ class Speculator:
     def take(self, utt: Utterance) -> asyncio.Future[Transcript] | None:
         """The utterance closed: its speculative decode if it covers the same audio, else None (and
         any other speculation is discarded)."""
+        cand = self._candidate
+        if cand is not None and cand.utterance_id == utt.id:
+            cand.task.cancel()  # too late to shorten this utterance's decodes (counted by `_commit`)
         spec, self._spec = self._spec, None
         if spec is not None and spec.utterance_id == utt.id and spec.speech_end == utt.speech_end:
             self.metrics.speculative.labels(outcome="early" if utt.reason == "sentence_end" else "reused").inc()

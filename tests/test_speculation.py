@@ -134,7 +134,7 @@ async def test_short_pause_decodes_and_dropped_ones_are_discarded_not_committed(
     assert count(metrics, "discarded") == 2 and count(metrics, "committed") == 0
 
 
-async def test_one_candidate_at_a_time_and_a_decode_waits_for_it() -> None:
+async def test_one_candidate_at_a_time_and_nothing_waits_for_it() -> None:
     spec, script, metrics = speculator()
     spec.start(utt(6.0))
     await settle()
@@ -145,29 +145,23 @@ async def test_one_candidate_at_a_time_and_a_decode_waits_for_it() -> None:
     spec.resumed()
     await settle()
     assert script.futures[1].cancelled()  # a second candidate is not kept
-    assert await asyncio.wait_for(spec.settled_prefix(utt(9.0)), 1) is None  # 3 s after it: no wait, no prefix
-    waiting = asyncio.ensure_future(spec.settled_prefix(utt(14.0)))
-    await settle()
-    assert not waiting.done()  # the final decode of this utterance waits for the candidate ...
+    assert spec.prefix(utt(14.0)) is None  # a decode asked for now does not wait: it starts at the beginning
     script.futures[0].set_result(Transcript("the first five seconds,"))
-    p = await asyncio.wait_for(waiting, 1)
-    assert p is not None and p.end == 6 * S  # ... and starts after it
+    await settle()
+    p = spec.prefix(utt(14.0))
+    assert p is not None and p.end == 6 * S  # once settled, later decodes start after it
     assert count(metrics, "committed") == 1 and count(metrics, "discarded") == 1
 
 
-async def test_cancelling_a_decode_that_waits_leaves_the_candidate_running() -> None:
-    spec, script, _ = speculator()
+async def test_a_candidate_still_in_flight_when_its_utterance_closes_is_cancelled() -> None:
+    spec, script, metrics = speculator()
     spec.start(utt(6.0))
     await settle()
     spec.resumed()
-    waiting = asyncio.ensure_future(spec.settled_prefix(utt(14.0)))
+    assert spec.take(utt(9.0)) is None  # closed before the candidate settled
     await settle()
-    waiting.cancel()
-    await settle()
-    assert not script.futures[0].done()
-    script.futures[0].set_result(Transcript("the first five seconds,"))
-    await settle()
-    assert spec.prefix(utt(14.0)) is not None
+    assert script.futures[0].cancelled() and spec.prefix(utt(20.0)) is None
+    assert count(metrics, "discarded") == 1 and count(metrics, "committed") == 0
 
 
 async def test_beginnings_belong_to_their_utterance_and_off_means_never() -> None:

@@ -26,8 +26,7 @@ Which requests go first::
 - A speculative decode that the relay takes as its utterance's final decode is promoted
   (`ScheduledAsr.promote`). One the relay discards before it is dispatched is never decoded.
 - `asr.batch.workers`: batches decoded at once (faster-whisper runs that many CTranslate2 calls in
-  parallel), so a short decode need not wait for a long one; each batch is picked as above, and
-  free workers share the ready requests (8 ready, 2 workers free: two batches of 4).
+  parallel), so a short decode need not wait for a long one; each batch is picked as above.
 - `asr.batch.gather_ms`: with several relays, an idle engine waits this long after the first
   request for others to join its batch (relays whose utterances end together).
 - A failure of one item (its exception) is that item's; a failure of the whole batch call is each
@@ -41,7 +40,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Generator, Hashable, Sequence
@@ -268,11 +266,7 @@ class AsrScheduler:
                 if s.gather_ms > 0 and not self._running and len(self._clients) > 1 and len(ready) < s.max_size:
                     await asyncio.sleep(s.gather_ms / 1000)  # let utterances ending together share the batch
                     ready = [r for r in self._waiting if not r.running]
-                # Free workers share what is ready: on CPU a batch's encoder costs the sum of its windows
-                # (pipeline/asr/whisper.py `_encode`), so 8 utterances as 4 + 4 on two workers end sooner
-                # than 8 on one while the other idles.
-                size = min(s.max_size, math.ceil(len(ready) / (slots - len(self._running))))
-                batch = pick(ready, size, s.max_wait_ms / 1000, time.monotonic())
+                batch = pick(ready, s.max_size, s.max_wait_ms / 1000, time.monotonic())
                 if not batch:
                     break
                 for r in batch:

@@ -136,7 +136,7 @@ class VadStage:
         self._rem = np.zeros(0, dtype=np.int16)  # samples waiting for a full frame
         self._rem_start = 0  # stream position of _rem[0]
         self._next: int | None = None  # expected start of the next block
-        self.frames = 0  # frames classified
+        self.frames = 0  # frames segmented (classified, or digital silence)
         self.gaps = 0  # forward jumps in positions seen
         self.dropped_tail_samples = 0  # partial frames left at flush (less than one frame each)
         self.zero_frames = 0  # frames of digital silence the engine was not asked about
