@@ -96,7 +96,7 @@ class _Speculation:
     speech_end: int
     task: asyncio.Future[Transcript]
     end: int = 0  # stream position of the end of the decoded audio
-    base: int = 0  # where the decoded audio starts: the committed beginning's end, or the utterance's start
+    start: int = 0  # stream position of the utterance's audio start
     finish_after: int | None = None  # silence (samples) that finishes the utterance, once judged
     judged: bool = False
 
@@ -130,10 +130,8 @@ class Speculator:
         if not self.enabled:
             return
         self.discard("superseded")
-        anchor = self.prefix(snapshot)
         task = asyncio.ensure_future(self._transcribe(snapshot))
-        self._spec = _Speculation(snapshot.id, snapshot.speech_end, task, end=snapshot.end,
-                                  base=anchor.end if anchor is not None else snapshot.start)
+        self._spec = _Speculation(snapshot.id, snapshot.speech_end, task, end=snapshot.end, start=snapshot.start)
 
     def resumed(self) -> None:
         """Speech came back after the pause: keep the pause's decode as a candidate beginning when it covers
@@ -143,7 +141,7 @@ class Speculator:
         room = ms_to_samples(self.settings.endpoint.commit_min_ms)
         last = self._prefixes[-1].end if self._prefixes and spec is not None \
             and self._prefixes[-1].utterance_id == spec.utterance_id else 0
-        if spec is None or not room or self._candidate is not None or spec.end - max(spec.base, last) < room:
+        if spec is None or not room or self._candidate is not None or spec.end - max(spec.start, last) < room:
             self.discard("resumed")
             return
         self._spec, self._candidate = None, spec

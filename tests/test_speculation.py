@@ -103,11 +103,16 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-async def test_a_long_pause_decode_becomes_the_committed_beginning_when_speech_resumes() -> None:
-    spec, script, metrics = speculator()
-    spec.start(utt(6.0))  # 5 s of audio: more than commit_min_ms
+async def pause_then_resume(spec: Speculator, end_s: float = 6.0) -> None:
+    """A pause at `end_s` starts a speculative decode; then speech resumes."""
+    spec.start(utt(end_s))
     await settle()
     spec.resumed()
+
+
+async def test_a_long_pause_decode_becomes_the_committed_beginning_when_speech_resumes() -> None:
+    spec, script, metrics = speculator()
+    await pause_then_resume(spec)  # 5 s of audio: more than commit_min_ms
     script.futures[0].set_result(Transcript("the first five seconds,"))
     await settle()
     later = utt(9.0)
@@ -136,9 +141,7 @@ async def test_short_pause_decodes_and_dropped_ones_are_discarded_not_committed(
 
 async def test_one_candidate_at_a_time_and_nothing_waits_for_it() -> None:
     spec, script, metrics = speculator()
-    spec.start(utt(6.0))
-    await settle()
-    spec.resumed()  # candidate in flight
+    await pause_then_resume(spec)  # candidate in flight
     spec.start(utt(11.0))  # the next pause: decoded from the utterance's start (nothing committed yet)
     await settle()
     assert script.asked[1].end == utt(11.0).end
@@ -155,9 +158,7 @@ async def test_one_candidate_at_a_time_and_nothing_waits_for_it() -> None:
 
 async def test_a_candidate_still_in_flight_when_its_utterance_closes_is_cancelled() -> None:
     spec, script, metrics = speculator()
-    spec.start(utt(6.0))
-    await settle()
-    spec.resumed()
+    await pause_then_resume(spec)
     assert spec.take(utt(9.0)) is None  # closed before the candidate settled
     await settle()
     assert script.futures[0].cancelled() and spec.prefix(utt(20.0)) is None
@@ -166,9 +167,7 @@ async def test_a_candidate_still_in_flight_when_its_utterance_closes_is_cancelle
 
 async def test_beginnings_belong_to_their_utterance_and_off_means_never() -> None:
     spec, script, _ = speculator()
-    spec.start(utt(6.0))
-    await settle()
-    spec.resumed()
+    await pause_then_resume(spec)
     script.futures[0].set_result(Transcript("the first five seconds,"))
     await settle()
     assert spec.prefix(utt(14.0, uid="u2")) is None

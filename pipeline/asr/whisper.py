@@ -353,11 +353,9 @@ class FasterWhisperEngine(SyncAsrEngine):
         every language of a model)."""
         if not text.strip():
             return ()
-        tok = next(iter(self._tokenizers.values()), None)
-        if tok is None:
-            self._setup_language(self._fixed_language or "en")
-            tok = self._tokenizers[self._fixed_language or "en"]
-        return tuple(tok.encode(" " + text.strip())[-CONTEXT_TOKENS:])
+        language = self._fixed_language or "en"
+        self._setup_language(language)  # at once when it is set up already
+        return tuple(self._tokenizers[language].encode(" " + text.strip())[-CONTEXT_TOKENS:])
 
     def _encode(self, features: np.ndarray) -> Any:
         """Encoder output of a batch of padded features. Encoded a few windows at a time: on CPU the
