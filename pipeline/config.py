@@ -261,6 +261,10 @@ class VadSettings(_Section):
     state_reset_max_dbfs: float = _num(-40.0, ge=MIN_DBFS, le=0, description="... in a frame quieter than this (a "
                                        "loud background such as music stays adapted: a fresh state hears singing "
                                        "as speech)")
+    relisten_drop_db: float = _num(20.0, ge=0, le=-MIN_DBFS, description="Silero: when 256 ms of frames fall this "
+                                   "far below the loud audio before them (a loud speaker or background stopped), "
+                                   "a fresh state listens beside the carried one for 2 s and takes over if it hears "
+                                   "speech the carried one misses; 0 = never")
     unheard_threshold: float = _num(0.35, gt=0, lt=1, description="speech-like frames (probability >= this) that "
                                     "never become part of an utterance are counted as unheard speech")
     unheard_min_ms: int = _num(150, ge=0, le=MAX_SHORT_MS, description="shorter speech-like runs are not counted as "

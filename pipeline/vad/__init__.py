@@ -66,7 +66,8 @@ def _silero(settings: VadSettings) -> VadEngine:
 
     return SileroVad(threshold=settings.threshold, state_reset_ms=settings.state_reset_ms,
                      state_reset_below=settings.state_reset_below,
-                     state_reset_max_dbfs=settings.state_reset_max_dbfs)
+                     state_reset_max_dbfs=settings.state_reset_max_dbfs,
+                     relisten_drop_db=settings.relisten_drop_db)
 
 
 BUILTIN_ENGINES: dict[str, Callable[[VadSettings], VadEngine]] = {"webrtc": _webrtc, "silero": _silero}
