@@ -139,9 +139,11 @@ class Speculator:
         flight; else discard it."""
         spec = self._spec
         room = ms_to_samples(self.settings.endpoint.commit_min_ms)
-        last = self._prefixes[-1].end if self._prefixes and spec is not None \
-            and self._prefixes[-1].utterance_id == spec.utterance_id else 0
-        if spec is None or not room or self._candidate is not None or spec.end - max(spec.start, last) < room:
+        if spec is None or not room or self._candidate is not None:
+            self.discard("resumed")
+            return
+        last = max((p.end for p in self._prefixes if p.utterance_id == spec.utterance_id), default=0)
+        if spec.end - max(spec.start, last) < room:
             self.discard("resumed")
             return
         self._spec, self._candidate = None, spec
