@@ -15,7 +15,7 @@ utterance (speculative, interim, final) decodes only the audio after the latest 
 least `commit_min_ms` of audio (a few words alone, with no audio before them, decode worse), with its
 text as context (`UtteranceMeta.context`), and is joined to it (`join`). So a long utterance is decoded
 piece by piece while the person speaks: its end costs one short window instead of the whole utterance
-again (a 30 s window encodes ~6 times slower than a 10 s one, pipeline/asr/whisper.py), and a pause's
+again (a 30 s window encodes ~6 times slower than a 10 s one, pipeline/asr/whisper/window.py), and a pause's
 decode is work kept, not repeated. At most one such candidate is in flight. Nothing waits for it: a
 decode asked for meanwhile starts after the last settled beginning (a candidate on music can take
 seconds of fallbacks, and the final decode waiting for it once missed `asr.deadline_s`); when the

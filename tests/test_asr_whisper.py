@@ -104,14 +104,15 @@ def test_long_audio_uses_several_windows() -> None:
 # ------------------------------------------------------------------------------------ fallback
 def test_degenerate_short_window_falls_back_to_30_s(monkeypatch: pytest.MonkeyPatch) -> None:
     """With a too-short window the decoder loops; the engine notices and decodes the full window."""
-    import pipeline.asr.whisper as w
+    import pipeline.asr.whisper.window as w
 
     engine = shared_engine()
     monkeypatch.setattr(w, "MIN_WINDOW_S", 1)  # 2 s clip -> 3 s window: known to loop on tiny.en
     clip = "deepspeech-examples/2830-3980-0043.wav"
     pcm = load_clip(clip)
-    d = engine._decode_window(engine._features(engine._to_float(pcm)), 3, "en", temperature=0.0,
-                              budget=engine._budget(len(pcm) / 16000))
+    dec = engine.decoder
+    d = dec.decode_one(dec.features(w.to_float(pcm)), 3, "en", temperature=0.0,
+                       budget=w.token_budget(len(pcm) / 16000))
     assert d.degenerate_reason is not None, d.text  # the premise: a 3 s window loops
     tr = engine.transcribe_sync(pcm, meta_for(pcm))
     assert tr.extra["attempts"] == 2
@@ -147,25 +148,26 @@ def test_final_punct_prob_matches_the_decoding_distribution() -> None:
     So the softmax at the final-punctuation step is the model's own sentence-end probability."""
     import ctranslate2
 
-    engine = shared_engine()
-    model = engine._model
-    assert model is not None
+    from pipeline.asr.whisper.window import to_float
+
+    dec = shared_engine().decoder
+    model, prompts = dec.model, dec.prompts
     pcm = load_clip("deepspeech-examples/2830-3980-0043.wav")
-    feats = engine._features(engine._to_float(pcm))
+    feats = dec.features(to_float(pcm))
     padded = np.zeros((1, feats.shape[0], 1000), np.float32)
     padded[0, :, : feats.shape[1]] = feats
     enc = model.model.encode(ctranslate2.StorageView.from_array(padded))
-    res = model.model.generate(enc, [engine._prompts["en"]], beam_size=1, return_scores=True,
-                               return_logits_vocab=True, suppress_tokens=engine._suppress["en"])[0]
+    res = model.model.generate(enc, [prompts.prompt("en")], beam_size=1, return_scores=True,
+                               return_logits_vocab=True, suppress_tokens=prompts.suppressed("en"))[0]
     tokens = res.sequences_ids[0]
-    eot = engine._tokenizers["en"].eot
+    eot = prompts.tokenizer("en").eot
     log_p = 0.0
     for step, tok in enumerate([*tokens, eot]):
         x = np.asarray(res.logits[0][step], dtype=np.float64)
         x -= x.max()
         log_p += x[tok] - np.log(np.exp(x).sum())
     assert log_p == pytest.approx(res.scores[0] * len(tokens), abs=1e-3)
-    d = engine._decode_window(feats, 10, "en", temperature=0.0, budget=64)
+    d = dec.decode_one(feats, 10, "en", temperature=0.0, budget=64)
     assert d.text == "Experience proves this."
     x = np.asarray(res.logits[0][len(tokens) - 1], dtype=np.float64)
     expected = np.exp(x[tokens[-1]] - x.max()) / np.exp(x - x.max()).sum()
@@ -208,7 +210,8 @@ def test_initial_prompt_hotwords_and_beam_search() -> None:
     engine.load_sync()
     tr = engine.transcribe_sync(pcm, meta_for(pcm))
     assert wer(reference(clip), tr.text) <= 0.15, tr.text
-    assert engine._prompts["en"][0] == engine._tokenizers["en"].sot_prev  # prompt carries the context
+    prompts = engine.decoder.prompts
+    assert prompts.prompt("en")[0] == prompts.tokenizer("en").sot_prev  # prompt carries the context
     # Beam search returns no per-step logits: the forced-prefix pass still gives the probability.
     assert tr.text.endswith(".") and tr.final_punct_prob is not None and 0 < tr.final_punct_prob <= 1
 

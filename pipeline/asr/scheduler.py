@@ -5,7 +5,7 @@ relay and its own scheduler; `serve` shares one scheduler between all its relays
 in the scheduler until the engine is free; then one dispatch takes up to `asr.batch.max_size`
 waiting requests and decodes them together.
 
-Engines with the round API (`RoundEngine`: faster-whisper, pipeline/asr/whisper.py) are driven one
+Engines with the round API (`RoundEngine`: faster-whisper, pipeline/asr/whisper/engine.py) are driven one
 decode round at a time: an utterance's decode is a plan of windows (short window, then fallbacks
 and second opinions when needed), and one round decodes, in one batch, the next window of the
 utterances that need the same window, at most `asr.batch.round_window_s` seconds of windows. An
@@ -70,7 +70,7 @@ class RoundRequest(Protocol):
 
 @runtime_checkable
 class RoundEngine(Protocol):
-    """An engine decoded round by round (pipeline/asr/whisper.py). `plan` and `decode_round` are called
+    """An engine decoded round by round (pipeline/asr/whisper/plan.py). `plan` and `decode_round` are called
     through `run_sync`, in the engine's own thread."""
 
     def plan(self, audio: Pcm, meta: UtteranceMeta) -> Generator[Any, Any, Transcript]: ...

@@ -1,0 +1,212 @@
+"""The CTranslate2 calls: encode a batch of windows, detect languages, generate, and Whisper's sentence-end
+probability. Calls CTranslate2 directly instead of `WhisperModel.transcribe` (whose 30 s padding the short
+window avoids, window.py); audio longer than one window goes through `WhisperModel.transcribe` (`decode_long`).
+
+- **Decode options for speed**: beam size from config (1 = greedy), no timestamps, no conditioning on earlier
+  utterances (each stands alone, except its own committed beginning: prompts.py), no VAD filter (ours already
+  segmented).
+- **final_punct_prob**: with greedy decoding CTranslate2 returns the logits of every step
+  (`return_logits_vocab=True`, no measurable cost); the softmax at the step that produced the final sentence end
+  is the model's confidence that the sentence ended. With beam search the per-step logits are not returned, so
+  one extra forced-prefix pass computes it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import ctranslate2
+import numpy as np
+
+from pipeline.asr.gate import compression_ratio, has_repetition, is_doubled
+from pipeline.asr.whisper.prompts import PromptBook
+from pipeline.asr.whisper.window import (
+    ENCODE_MAX_FRAMES,
+    FULL_WINDOW_S,
+    Decode,
+    Request,
+    pad_features,
+)
+from pipeline.config import AsrSettings
+from pipeline.text import SENTENCE_END
+
+if TYPE_CHECKING:
+    from faster_whisper import WhisperModel
+
+TEMPERATURE_FALLBACK = (0.2, 0.4)  # tried only when greedy decoding loops even on the full window
+FORCED_PASS_MAX_LENGTH = 448  # Whisper's decoder context (the forced-prefix pass stays inside it)
+
+
+def degenerate_reason(text: str, *, truncated: bool, compression: float, window_s: int,
+                      max_compression_ratio: float) -> str | None:
+    """Why a decode looks like a loop (None: it does not): worth another window or temperature."""
+    if truncated:
+        return "token_budget"
+    if compression > max_compression_ratio:
+        return "compression_ratio"
+    words = text.split()
+    if has_repetition(words):
+        return "repeated_ngram"
+    if window_s < FULL_WINDOW_S and is_doubled(words):
+        return "doubled_phrase"
+    return None
+
+
+def sentence_end_prob(logits: Any, token: int) -> float:
+    """The softmax probability of `token` in one step's logits (clamped to (0, 1])."""
+    x = np.asarray(logits, dtype=np.float32).astype(np.float64).ravel()
+    x = x - x.max()
+    p = np.exp(x)
+    return min(1.0, max(float(p[token] / p.sum()), 1e-9))
+
+
+class WindowDecoder:
+    """Decodes batches of windows with one loaded model. `fixed_language` is asr.language (or "en" for an
+    English-only model); None lets the model detect each window's language."""
+
+    def __init__(self, model: WhisperModel, prompts: PromptBook, settings: AsrSettings,
+                 fixed_language: str | None) -> None:
+        self.model = model
+        self.prompts = prompts
+        self.settings = settings
+        self.fixed_language = fixed_language
+
+    def features(self, audio: np.ndarray) -> np.ndarray:
+        feats: np.ndarray = self.model.feature_extractor(audio)
+        return feats[:, : feats.shape[-1] - 1]  # as faster-whisper: the last frame is padding
+
+    def decode_one(self, features: np.ndarray, window_s: int, language: str | None, *, temperature: float,
+                   budget: int | None) -> Decode:
+        """One window of one utterance (a batch of one)."""
+        return self.decode([Request(features, window_s, temperature, budget, language)])[0]
+
+    def decode(self, requests: list[Request]) -> list[Decode]:
+        """Decode several utterances' windows in one CTranslate2 call: one encoder pass over the batch, one
+        batched generation. All requests share a `key`; each keeps its own token budget (checked on its own
+        output: the batch generates up to the largest budget)."""
+        window_s, temperature = requests[0].window_s, requests[0].temperature
+        t0 = time.perf_counter()
+        encoded = self._encode(pad_features([r.features for r in requests], window_s))
+        t1 = time.perf_counter()
+        langs, lang_probs = self._languages(encoded, requests)
+        prompts = [self.prompts.prompt(lang, r.context) for lang, r in zip(langs, requests, strict=True)]
+        greedy = temperature > 0 or self.settings.beam_size == 1
+        model_max = int(getattr(self.model, "max_length", FORCED_PASS_MAX_LENGTH))
+        # CTranslate2 counts the prompt (and, in 4.8, more) against max_length: give it room and
+        # enforce the budget ourselves by checking the generated length.
+        budgets = [r.budget for r in requests]
+        longest = max(len(p) for p in prompts)
+        max_length = model_max if None in budgets else min(model_max, 2 * (max(b or 0 for b in budgets) + longest))
+        kwargs: dict[str, Any]
+        if temperature > 0:
+            kwargs = {"beam_size": 1, "num_hypotheses": 1, "sampling_topk": 0,
+                      "sampling_temperature": temperature}
+        else:
+            kwargs = {"beam_size": self.settings.beam_size, "patience": 1.0}
+        results = self.model.model.generate(
+            encoded, prompts, max_length=max_length, return_scores=True, return_no_speech_prob=True,
+            return_logits_vocab=greedy, suppress_blank=True, suppress_tokens=self.prompts.suppressed(langs[0]),
+            length_penalty=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, **kwargs)
+        t2 = time.perf_counter()
+        decodes: list[Decode] = []
+        encoder_out: np.ndarray | None = None  # per-item encoder output, only for beam search's punct pass
+        for i, (r, result, lang, lang_prob, prompt) in enumerate(
+                zip(requests, results, langs, lang_probs, prompts, strict=True)):
+            tok = self.prompts.tokenizer(lang)
+            tokens = list(result.sequences_ids[0])
+            n_tok = len(tokens)
+            # faster-whisper's average log-probability (the score includes the end-of-text token).
+            avg_logprob = float(result.scores[0]) * n_tok / (n_tok + 1) if result.scores else 0.0
+            text = tok.decode(tokens).strip()
+            cr = compression_ratio(text)
+            truncated = (r.budget is not None and n_tok >= r.budget) or n_tok >= max_length - len(prompt) - 1
+            d = Decode(tokens=tokens, text=text, avg_logprob=avg_logprob,
+                       no_speech_prob=float(result.no_speech_prob), compression_ratio=cr,
+                       temperature=temperature, window_s=float(window_s), truncated=truncated,
+                       encode_s=t1 - t0, generate_s=t2 - t1)
+            d.extra["language"] = lang
+            d.extra["language_probability"] = lang_prob
+            d.extra["batch"] = len(requests)
+            reason = degenerate_reason(text, truncated=truncated, compression=cr, window_s=window_s,
+                                       max_compression_ratio=self.settings.gate.max_compression_ratio)
+            if reason:
+                d.extra["degenerate"] = reason
+            if text and text[-1] in SENTENCE_END:
+                t3 = time.perf_counter()
+                item_encoded = encoded
+                if not greedy and len(requests) > 1:  # the forced pass decodes this item alone
+                    if encoder_out is None:
+                        encoder_out = np.array(encoded)
+                    item_encoded = ctranslate2.StorageView.from_array(np.ascontiguousarray(encoder_out[i:i + 1]))
+                d.final_punct_prob = self._final_punct_prob(result, tokens, tok, item_encoded, prompt, lang, greedy)
+                d.extra["punct_s"] = time.perf_counter() - t3
+            decodes.append(d)
+        return decodes
+
+    def _languages(self, encoded: Any, requests: list[Request]) -> tuple[list[str], list[float | None]]:
+        """Each request's language: its own, else asr.language, else what the model detects; and the
+        probability of a detected one (None for a fixed language)."""
+        fixed = [r.language or self.fixed_language for r in requests]
+        probs: list[float | None] = [None] * len(requests)
+        if None in fixed:
+            for i, candidates in enumerate(self.model.model.detect_language(encoded)):
+                if fixed[i] is None:
+                    token, prob = candidates[0]
+                    fixed[i], probs[i] = str(token)[2:-2], float(prob)
+        return [str(lang) for lang in fixed], probs
+
+    def _encode(self, features: np.ndarray) -> Any:
+        """Encoder output of a batch of padded features. Encoded a few windows at a time: on CPU the
+        encoder gains nothing from larger batches (8 windows take 8-9 times one), while its attention
+        memory grows with batch x window^2 (8 x 30 s windows: ~430 MB of scores)."""
+        per_pass = max(1, ENCODE_MAX_FRAMES // features.shape[-1])
+        if len(features) <= per_pass:
+            return self.model.model.encode(ctranslate2.StorageView.from_array(features))
+        parts = [np.array(self.model.model.encode(ctranslate2.StorageView.from_array(features[i:i + per_pass])))
+                 for i in range(0, len(features), per_pass)]
+        return ctranslate2.StorageView.from_array(np.ascontiguousarray(np.concatenate(parts)))
+
+    def _final_punct_prob(self, result: Any, tokens: list[int], tok: Any, encoded: Any, prompt: list[int],
+                          lang: str, greedy: bool) -> float | None:
+        # The token that produced the final character (normally the last one).
+        idx = len(tokens) - 1
+        while idx >= 0 and not tok.decode([tokens[idx]]).strip():
+            idx -= 1
+        if idx < 0 or tok.decode([tokens[idx]]).strip()[-1:] not in tuple(SENTENCE_END):
+            return None
+        logits = None
+        if greedy and result.logits and len(result.logits[0]) > idx:
+            logits = result.logits[0][idx]
+        else:
+            # Beam search returns no per-step logits: one forced-prefix pass gives that step's
+            # distribution (suppress_blank off, otherwise the first free step would drop EOT).
+            forced = self.model.model.generate(
+                encoded, [prompt + tokens[:idx]], beam_size=1,
+                max_length=min(FORCED_PASS_MAX_LENGTH, 2 * (len(prompt) + idx + 2)), return_logits_vocab=True,
+                suppress_blank=False, suppress_tokens=self.prompts.suppressed(lang))[0]
+            if forced.logits and len(forced.logits[0]) > idx:
+                logits = forced.logits[0][idx]
+        if logits is None:
+            return None
+        return sentence_end_prob(logits, tokens[idx])
+
+    def decode_long(self, audio: np.ndarray) -> Decode:
+        """Audio longer than one window: faster-whisper's own multi-window loop."""
+        s = self.settings
+        t0 = time.perf_counter()
+        segments, info = self.model.transcribe(
+            audio, language=self.fixed_language, beam_size=s.beam_size, without_timestamps=True,
+            condition_on_previous_text=False, vad_filter=False, initial_prompt=s.initial_prompt,
+            hotwords=s.hotwords, temperature=(0.0, *TEMPERATURE_FALLBACK),
+            compression_ratio_threshold=s.gate.max_compression_ratio, no_speech_threshold=None)
+        segs = list(segments)
+        text = " ".join(seg.text.strip() for seg in segs if seg.text.strip())
+        avg = float(np.mean([seg.avg_logprob for seg in segs])) if segs else 0.0
+        nsp = float(np.mean([seg.no_speech_prob for seg in segs])) if segs else 0.0
+        d = Decode(tokens=[t for seg in segs for t in seg.tokens], text=text, avg_logprob=avg,
+                   no_speech_prob=nsp, compression_ratio=compression_ratio(text), temperature=0.0,
+                   window_s=float(FULL_WINDOW_S), truncated=False, generate_s=time.perf_counter() - t0)
+        d.extra["language"] = info.language
+        d.extra["attempts"] = 1
+        return d
