@@ -262,7 +262,11 @@ def _cmd_models(args: argparse.Namespace) -> int:
             print(f"No models found. The offline tiny.en: {BUNDLED_HINT}; or `echo-relay models pull NAME` "
                   "downloads one.")
         for row in rows:
-            print(f"{row['name']:<24} {row['source']:<9} {row.get('size', '')!s:>10}  {row['path']}")
+            if row.get("error"):
+                print(f"{row['name']:<24} {'broken':<9} {'':>10}  {row['error']}")
+                continue
+            origin = f"  (from {row['origin']})" if row.get("source") == "packaged" else ""
+            print(f"{row['name']:<24} {row['source']:<9} {row.get('size', '')!s:>10}  {row['path']}{origin}")
         return 0
     if args.models_command == "pull":
         try:

