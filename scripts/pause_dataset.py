@@ -50,6 +50,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from smart_turn import SmartTurn, load_smart_turn  # noqa: E402
 
 from pipeline.asr import make_asr_engine  # noqa: E402
 from pipeline.asr.models import resolve_model  # noqa: E402
@@ -60,7 +63,6 @@ from pipeline.frames import AudioFrame, Transcript, UtteranceMeta, ms_to_samples
 from pipeline.metrics import Metrics  # noqa: E402
 from pipeline.source.file import decode_file  # noqa: E402
 from pipeline.turn.prosody import prosody  # noqa: E402
-from pipeline.turn.smart_turn import SmartTurn, load_smart_turn  # noqa: E402
 from pipeline.turn.words import ends_unfinished  # noqa: E402
 from pipeline.vad import SpeechPaused, SpeechResumed, SpeechStarted, UtteranceEnded, make_vad_stage  # noqa: E402
 

@@ -1,9 +1,10 @@
-"""Smart Turn v3.2 (pipecat's audio end-of-turn model, BSD-2), run on the audio up to a pause.
+"""Smart Turn v3.2 (pipecat's audio end-of-turn model, BSD-2), run on the audio up to a pause, for
+scripts/pause_dataset.py. The relay does not use it (docs/turn-end.md says why).
 
 The model ships inside the pipecat-ai 1.14 wheel (`pip install 'echo-relay[turn]'`, or
-`scripts/install.sh --turn`, which installs that one wheel without its dependencies; see
-docs/turn-end.md). Nothing is downloaded at run time: when the package is not installed, the model is
-`None` and the endpointer does without it.
+`scripts/install.sh --turn`, which installs that one wheel without its dependencies). Nothing is
+downloaded: when the package is not installed, `load_smart_turn()` is None and the dataset's Smart Turn
+columns are null.
 
 The file is found through the installed distribution's file list (`importlib.metadata`), not by
 importing `pipecat`: importing it logs a banner through loguru and, on Python 3.11, replaces
