@@ -35,6 +35,8 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.config import EndpointSettings  # noqa: E402
 from pipeline.endpoint import required_silence_ms  # noqa: E402
+from pipeline.turn.prosody import Prosody  # noqa: E402
+from pipeline.turn.rule import decide  # noqa: E402
 
 NEGATIVE = ("clause", "mid_phrase")
 HANGOVER_MS = 700  # vad.hangover_ms of config.yaml
@@ -135,13 +137,44 @@ def replay(rows: list[dict], scores: list[float], threshold: float, turn_ms: int
     return mid, sent, waits
 
 
+def shipped(rows: list[dict]) -> None:  # type: ignore[type-arg]
+    """The rule as the relay runs it (pipeline.turn.rule.decide with config.yaml's endpoint defaults, vetoes and
+    fallbacks included) against the graded policy alone, per set of clips."""
+    on, off = EndpointSettings(), EndpointSettings(turn_rule=False)
+    print("\nThe shipped rule (endpoint defaults) against the graded policy alone, by set:")
+    print("| set | clips | graded: mid-sentence splits | rule: mid-sentence splits | rule: turn ends finished early "
+          "| turn-end wait median, graded -> rule | decided by |\n|---|---|---|---|---|---|---|")
+    groups = {"all": rows, **{s: [r for r in rows if r["set"] == s] for s in sorted({r["set"] for r in rows})},
+              "bench clips (librispeech dev-clean)": [r for r in rows if "librispeech_dev_clean" in r["clip"]]}
+    for name, group in groups.items():
+        out = {}
+        for label, ep in (("graded", off), ("rule", on)):
+            mid, waits, why = 0, [], []
+            for r in group:
+                d = decide(r["text"], r["final_punct_prob"], r["language"], Prosody(**r["prosody"]), ep, HANGOVER_MS)
+                need = max(d.silence_ms, 150)
+                if r["label"] == "turn_end":
+                    waits.append(need / 1000)
+                elif r["label"] in NEGATIVE and need <= r["length_s"] * 1000 < HANGOVER_MS:
+                    mid += 1
+                why.append(d.why.split(" ")[0])
+            out[label] = (mid, waits, why)
+        early = sum(1 for w, g in zip(out["rule"][1], out["graded"][1], strict=True) if w < g)
+        counts = {k: out["rule"][2].count(k) for k in ("turn", "unfinished", "graded")}
+        print(f"| {name} | {len({r['clip'] for r in group})} | {out['graded'][0]} | {out['rule'][0]} "
+              f"| {early}/{len(out['rule'][1])} "
+              f"| {np.median(out['graded'][1]):.2f} -> {np.median(out['rule'][1]):.2f} s "
+              f"| {counts} |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO / "out" / "pauses.json")
     ap.add_argument("--features", default="punct,lengthening,energy_decay",
                     help=f"signals combined (of {', '.join(SIGNALS)})")
     ap.add_argument("--l2", type=float, default=1.0, help="L2 penalty of the fit")
-    ap.add_argument("--turn-ms", type=int, default=200, help="silence a pause scoring over the threshold waits")
+    ap.add_argument("--turn-ms", type=int, default=EndpointSettings().turn_pause_ms,
+                    help="silence a pause scoring over the threshold waits (default: endpoint.turn_pause_ms)")
     args = ap.parse_args()
     rows = json.loads(args.data.read_text())
     names = [n for n in args.features.split(",") if n]
@@ -187,6 +220,7 @@ def main() -> int:
             fast = sum(1 for r, s in zip(rows, sc, strict=True) if r["label"] == "turn_end" and s >= t)
             print(f"| {t} | {label} | {mid} | {sent} | {fast}/{count['turn_end']} "
                   f"| {np.median(waits):.2f} / {np.percentile(waits, 95):.2f} s |")
+    shipped(rows)
     print("\nPer pause (combined score in-sample / leave-one-clip-out):")
     for r, a, b in zip(rows, inside, loco, strict=True):
         print(f"  {Path(r['clip']).stem[:18]:<18} {r['start_s']:6.2f} {r['length_s']:4.2f} {r['label']:<12} "

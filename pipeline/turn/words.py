@@ -7,8 +7,9 @@ then does without this signal (pipeline/turn/rule.py). Add a language by adding 
 words are compared in lower case, stripped of the punctuation Whisper attaches.
 
 Deliberately left out: words that often end a turn too ("in", "on", "up", "out", "to" in "I want to",
-"so", "that", "this", "who", the modals and "do" in "yes, I can", "I did"): a false "unfinished"
-holds that turn back to the full hangover, so a word that ends many turns costs more than it saves.
+"so", "that", "this", "who", "her" in "a gift to her", the modals and "do" in "yes, I can", "I did"): a
+false "unfinished" holds that turn back to the full hangover, so a word that ends many turns costs more
+than it saves.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ of for from with at by into onto upon about than toward towards between among th
 within across against along beneath under
 and or but nor because although though unless whereas if whose
 is am are was were be being has have had
-my your his her its our their
+my your his its our their
 """
 ENGLISH = frozenset(_ENGLISH_WORDS.split())
 
