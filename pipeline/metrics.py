@@ -54,7 +54,7 @@ DROP_REASONS: dict[str, tuple[str, ...]] = {
 }
 STAGES = ("asr", "transform", "sink")  # echo_relay_stage_latency_seconds{stage}
 SPECULATIVE_OUTCOMES = ("early", "reused", "committed", "discarded")  # pipeline/speculation.py
-TURN_RULES = ("turn", "unfinished", "graded")  # pipeline/turn/rule.py: what decided a pause's wait
+TURN_RULES = ("turn", "unfinished", "graded")  # pipeline/turn/rule.py's `Rule`: what decided a pause's wait
 ECHO_SOURCES = ("speech", "api")  # pipeline/delivery.py `Origin`
 QUEUES = ("source", "delivery")
 ASR_OUTCOMES = ("decoded", "failed", "cancelled", "discarded")  # pipeline/asr/scheduler.py

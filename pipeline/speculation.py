@@ -215,10 +215,11 @@ class Speculator:
         spoken = cues.result() if cues is not None and not cues.cancelled() and cues.exception() is None else None
         decision = decide(tr.text, tr.final_punct_prob, tr.language, spoken, self.settings.endpoint, hangover_ms)
         need_ms = decision.silence_ms
-        self.metrics.turn_decisions.labels(rule=decision.why.split(" ")[0]).inc()
-        log.debug("speculative %s: …%r p=%s turn p=%s (%s) -> finish after %d ms of silence", spec.utterance_id,
+        self.metrics.turn_decisions.labels(rule=decision.rule).inc()
+        log.debug("speculative %s: …%r p=%s turn p=%s (%s%s) -> finish after %d ms of silence", spec.utterance_id,
                   tr.text[-30:], None if tr.final_punct_prob is None else round(tr.final_punct_prob, 2),
-                  None if decision.turn_prob is None else round(decision.turn_prob, 2), decision.why, need_ms)
+                  None if decision.turn_prob is None else round(decision.turn_prob, 2), decision.rule,
+                  f": {decision.why}" if decision.why else "", need_ms)
         # At the full hangover the segmenter closes the utterance by itself.
         return ms_to_samples(need_ms) if need_ms < hangover_ms else None
 

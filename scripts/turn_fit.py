@@ -157,7 +157,7 @@ def shipped(rows: list[dict]) -> None:  # type: ignore[type-arg]
                     waits.append(need / 1000)
                 elif r["label"] in NEGATIVE and need <= r["length_s"] * 1000 < HANGOVER_MS:
                     mid += 1
-                why.append(d.why.split(" ")[0])
+                why.append(d.rule)
             out[label] = (mid, waits, why)
         early = sum(1 for w, g in zip(out["rule"][1], out["graded"][1], strict=True) if w < g)
         counts = {k: out["rule"][2].count(k) for k in ("turn", "unfinished", "graded")}

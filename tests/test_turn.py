@@ -76,7 +76,7 @@ async def test_clause_pauses_are_not_finished_and_the_turn_end_is(name: str) -> 
     assert any(p.transcript.text.rstrip().endswith(".") and p.length_s * 1000 >= EP.turn_pause_ms for p in inside)
     decision = decide(last.transcript.text, last.transcript.final_punct_prob, last.transcript.language,
                       last.prosody, EP, HANG)
-    assert decision.why == "turn", decision
+    assert decision.rule == "turn", decision
     assert decision.silence_ms == EP.turn_pause_ms
     # the graded policy alone waits 600 ms for this turn end
     graded = required_silence_ms(last.transcript.text, last.transcript.final_punct_prob, EP, HANG)
@@ -104,26 +104,26 @@ def test_the_combination_finishes_a_likely_turn_end_early() -> None:
 
 
 @pytest.mark.parametrize(("p", "language", "cues", "why"), [
-    (None, "en", TURN_END, "graded (no punctuation probability)"),  # openai-http: no token probabilities
-    (0.85, "xx", TURN_END, "graded (no function-word list for 'xx')"),
-    (0.85, None, TURN_END, "graded (no function-word list for None)"),
-    (0.85, "en", None, "graded (no prosody)"),
-    (0.85, "en", NO_PROSODY, "graded (no prosody)"),  # too little voicing (a whisper)
+    (None, "en", TURN_END, "no punctuation probability"),  # openai-http: no token probabilities
+    (0.85, "xx", TURN_END, "no function-word list for 'xx'"),
+    (0.85, None, TURN_END, "no function-word list for None"),
+    (0.85, "en", None, "no prosody"),
+    (0.85, "en", NO_PROSODY, "no prosody"),  # too little voicing (a whisper)
 ])
 def test_a_missing_signal_falls_back_to_the_graded_policy(p: float | None, language: str | None,
                                                           cues: Prosody | None, why: str) -> None:
     d = decide("I handed it to him.", p, language, cues, EP, HANG)
-    assert d.why == why
+    assert (d.rule, d.why) == ("graded", why)
     assert d.silence_ms == required_silence_ms("I handed it to him.", p, EP, HANG)
 
 
 def test_a_language_with_a_list_uses_the_rule_and_its_regional_tag_too() -> None:
-    assert decide("I handed it to him.", 0.85, "en-GB", TURN_END, EP, HANG).why == "turn"
+    assert decide("I handed it to him.", 0.85, "en-GB", TURN_END, EP, HANG).rule == "turn"
 
 
 def test_a_trailing_function_word_waits_the_hangover_even_when_whisper_is_sure() -> None:
     d = decide("and partly by the.", 0.99, "en", TURN_END, EP, HANG)
-    assert (d.why, d.silence_ms) == ("unfinished", HANG)
+    assert (d.rule, d.silence_ms) == ("unfinished", HANG)
     assert required_silence_ms("and partly by the.", 0.99, EP, HANG) < HANG  # the graded policy alone would not
 
 
@@ -131,7 +131,7 @@ def test_a_weak_combination_leaves_the_graded_wait() -> None:
     drawn_out = replace(TURN_END, lengthening=3.0, decay_db_per_s=-10.0)  # a held syllable, level not falling
     d = decide("within small compass.", 0.93, "en", drawn_out, EP, HANG)
     assert d.turn_prob is not None and d.turn_prob < EP.turn_prob
-    assert (d.why, d.silence_ms) == ("graded", EP.likely_pause_ms)
+    assert (d.rule, d.silence_ms) == ("graded", EP.likely_pause_ms)
 
 
 @pytest.mark.parametrize(("text", "language", "expected"), [

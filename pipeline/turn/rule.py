@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from pipeline.config import EndpointSettings
 from pipeline.endpoint import required_silence_ms
@@ -31,11 +32,14 @@ from pipeline.text import ends_sentence
 from pipeline.turn.prosody import Prosody
 from pipeline.turn.words import ends_unfinished
 
+Rule = Literal["turn", "unfinished", "graded"]  # what decided (echo_relay_turn_decisions_total{rule})
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     silence_ms: int  # silence after the speech end that finishes the utterance
-    why: str  # "turn" | "unfinished" | "graded" | "graded (no <signal>)": for the log
+    rule: Rule
+    why: str = ""  # for the log: which signal was missing when the graded policy decided
     turn_prob: float | None = None  # the combination's probability, when it was computed
 
 
@@ -55,17 +59,17 @@ def decide(text: str, final_punct_prob: float | None, language: str | None, pros
     """Silence (ms after the speech end) after which an utterance with this transcript and prosody is finished."""
     graded = required_silence_ms(text, final_punct_prob, settings, hangover_ms)
     if not settings.turn_rule:
-        return Decision(graded, "graded")
+        return Decision(graded, "graded", "turn rule off")
     unfinished = ends_unfinished(text, language)
     if unfinished:
-        return Decision(hangover_ms, "unfinished")
+        return Decision(hangover_ms, "unfinished", "ends in a function word")
     if unfinished is None:
-        return Decision(graded, f"graded (no function-word list for {language!r})")
+        return Decision(graded, "graded", f"no function-word list for {language!r}")
     if final_punct_prob is None:
-        return Decision(graded, "graded (no punctuation probability)")
+        return Decision(graded, "graded", "no punctuation probability")
     prob = None if prosody is None else turn_probability(text, final_punct_prob, prosody, settings)
     if prob is None:
-        return Decision(graded, "graded (no prosody)")
+        return Decision(graded, "graded", "no prosody")
     if prob >= settings.turn_prob:
-        return Decision(min(graded, settings.turn_pause_ms, hangover_ms), "turn", prob)
-    return Decision(graded, "graded", prob)
+        return Decision(min(graded, settings.turn_pause_ms, hangover_ms), "turn", "", prob)
+    return Decision(graded, "graded", "", prob)
