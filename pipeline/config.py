@@ -283,6 +283,21 @@ class EndpointSettings(_Section):
     likely_prob: float = _num(0.5, ge=0, le=1, description="final . ? ! at least this probable ...")
     likely_pause_ms: int = _num(600, ge=0, le=MAX_SHORT_MS, description="... finishes it after this much; else "
                                                                         "vad.hangover_ms")
+    # The turn-end rule (pipeline/turn/rule.py), fitted on the pauses of the shared clips by scripts/turn_fit.py
+    # (docs/turn-end.md): logit = bias + w_punct * p(final . ? !) + w_lengthening * (last voiced stretch / median)
+    # + w_energy_decay * (level slope into the pause, dB/s). At or over turn_prob the pause finishes after
+    # turn_pause_ms; below it, or when a signal is missing, the graded policy above decides.
+    turn_rule: bool = Field(True, description="false = the graded policy alone (confident/likely tiers)")
+    turn_prob: float = _num(0.75, ge=0, le=1, description="combined turn-end probability at least this ...")
+    turn_pause_ms: int = _num(250, ge=0, le=MAX_SHORT_MS, description="... finishes the utterance after this much "
+                                                                      "silence")
+    turn_bias: float = _num(-1.557, ge=-100, le=100, description="the rule's intercept (logit)")
+    turn_w_punct: float = _num(2.611, ge=-100, le=100, description="weight of Whisper's final . ? ! probability "
+                                                                    "(0 when the text does not end a sentence)")
+    turn_w_lengthening: float = _num(-1.131, ge=-100, le=100, description="weight of the last voiced stretch over "
+                                                                          "the median one")
+    turn_w_energy_decay: float = _num(-0.01073, ge=-100, le=100, description="weight of the level's slope over "
+                                                                              "the last 200 ms of speech, dB/s")
     commit_min_ms: int = _num(8000, ge=0, le=30_000, description="speech resumed after a pause whose decode "
                               "covers at least this much new audio: that decode becomes the utterance's committed "
                               "beginning, and later decodes start after it (0 = off)")
