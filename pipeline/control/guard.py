@@ -333,7 +333,7 @@ class Guard:
             await error_response(400, "Content-Length: not a number", field="Content-Length",
                                  headers={"Connection": "close"})(scope, receive, send)
             return
-        head_bytes = len(scope.get("raw_path") or b"") + sum(len(k) + len(v) + 4 for k, v in scope.get("headers") or [])
+        head_bytes = request_head_bytes(scope)
         if head_bytes > MAX_HEAD_BYTES:  # h11 only limits a head still arriving; one read may bring more
             await self._refuse(scope, receive, send, declared, error_response(
                 431, f"headers: request line and headers are {head_bytes} bytes, over {MAX_HEAD_BYTES}",
@@ -487,6 +487,16 @@ class Guard:
     def _count(self, path: str, status: int) -> None:
         endpoint = endpoint_of(path)
         count_request(self.metrics, endpoint if endpoint in KNOWN_PATHS else "other", str(status))
+
+
+def request_head_bytes(scope: Scope) -> int:
+    """The size of the request line and headers as they came in: `METHOD SP target SP HTTP/x.y CRLF`, where
+    the target is the path *with* its query string (a 100 KB query was served when only the path counted,
+    issue 27), each `name: value CRLF`, and the blank line."""
+    query = scope.get("query_string") or b""
+    target = len(scope.get("raw_path") or scope.get("path", "").encode("utf-8")) + (1 + len(query) if query else 0)
+    line = len(str(scope.get("method", ""))) + 1 + target + 1 + len(f"HTTP/{scope.get('http_version', '1.1')}") + 2
+    return line + sum(len(k) + len(v) + 4 for k, v in scope.get("headers") or []) + 2
 
 
 def endpoint_of(path: str) -> str:
