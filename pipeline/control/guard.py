@@ -588,7 +588,7 @@ class ConnectionLimits:
             log.debug("control API connection: %s", what)
 
 
-def _raw_error(status: int, error: str, field: str | None, headers: dict[str, str] | None = None) -> bytes:
+def raw_error(status: int, error: str, field: str | None, headers: dict[str, str] | None = None) -> bytes:
     """A complete HTTP/1.1 error response, for connections that never reached h11's request cycle."""
     body = json_bytes(error_body(error, field, [{"field": field, "message": error.removeprefix(f"{field}: "),
                                                  "type": HTTPStatus(status).name.lower()}] if field else None))
@@ -615,7 +615,7 @@ class GuardedH11Protocol(H11Protocol):
         self.idle_since = time.monotonic()
         self._head_timer: asyncio.TimerHandle | None = None
         if not self.limits.admit(self):
-            transport.write(_raw_error(
+            transport.write(raw_error(
                 503, f"server busy: control.max_connections ({self.limits.max_connections}) connections all "
                      "have a request in progress; retry later", None, {"retry-after": "1"}))
             transport.close()
@@ -648,7 +648,7 @@ class GuardedH11Protocol(H11Protocol):
         count_request(self.limits.metrics, CONNECTION_ENDPOINT, "400")
         error = (f"request: {msg.rstrip('.').lower()} (malformed, or request line and headers over "
                  f"{MAX_HEAD_BYTES} bytes)")
-        self.transport.write(_raw_error(400, error, "request"))
+        self.transport.write(raw_error(400, error, "request"))
         self.transport.close()
 
     def close_quietly(self) -> None:
@@ -672,7 +672,7 @@ class GuardedH11Protocol(H11Protocol):
             return
         if self.conn.trailing_data[0]:  # part of a request head is waiting in h11's buffer
             self.limits.note("408", "closed a connection whose request head did not arrive in time")
-            self.transport.write(_raw_error(
+            self.transport.write(raw_error(
                 408, f"request: request line and headers not received within control.header_timeout_s "
                      f"({self.limits.header_timeout_s:g} s)", "request"))
         with contextlib.suppress(h11.LocalProtocolError):
