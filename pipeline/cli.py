@@ -29,6 +29,8 @@ from pipeline.config import (
     validate_tree,
 )
 from pipeline.logs import redact, register_secret, setup_logging
+from pipeline.loop import run as run_guarded
+from pipeline.signals import release_early
 
 EPILOG = """\
 exit status:
@@ -170,7 +172,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.view import want_view
     view = want_view(args.view, settings)
     try:
-        return asyncio.run(run_daemon(settings, view=view))
+        return run_guarded(run_daemon(settings, view=view))
     except StartupError as exc:
         return _fail(str(exc), exc.status)
 
@@ -182,7 +184,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = validate_tree(tree, used)
     _start_logging(args, settings)
     try:
-        return asyncio.run(run_serve(settings, tree, used))
+        return run_guarded(run_serve(settings, tree, used))
     except StartupError as exc:
         return _fail(str(exc), exc.status)
 
@@ -280,6 +282,7 @@ def _cmd_tavus(args: argparse.Namespace) -> int:
     return run_tavus(args, _settings(args))
 
 
+DAEMONS = frozenset({"run", "serve"})  # commands that drain on a stop signal (pipeline/app.py)
 COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "transcribe": _cmd_transcribe, "devices": _cmd_devices,
             "config": _cmd_config, "models": _cmd_models, "tavus": _cmd_tavus}
 
@@ -287,6 +290,8 @@ COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "transcribe": _cmd_transcribe,
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command not in DAEMONS:  # their stop signals act as usual again (pipeline/signals.py)
+        release_early()
     if args.command is None:
         parser.print_help()
         return 2
