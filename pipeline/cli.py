@@ -31,6 +31,7 @@ from pipeline.config import (
 from pipeline.logs import redact, register_secret, setup_logging
 from pipeline.loop import run as run_guarded
 from pipeline.signals import release_early
+from pipeline.specs import path_problem
 
 EPILOG = """\
 exit status:
@@ -196,6 +197,10 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
     from pipeline.source.base import SourceError
     settings = _settings(args, {"asr.model": args.model})
     problems = check_stages(settings, checks=("asr", "vad"))
+    for i, path in enumerate(args.files):  # before the model loads: no file can have such a name
+        problem = path_problem(str(path))
+        if problem is not None:
+            problems.append(ConfigError(f"the path {problem}", f"files[{i}]"))
     if problems:
         raise ConfigError.combine(problems)
     try:

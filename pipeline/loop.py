@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections import deque
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STOPPED_EARLY = "Event loop stopped before Future completed."  # asyncio's RuntimeError text (3.7 .. 3.13)
+SEEN_EXCEPTIONS = 16  # contained exceptions remembered, see RelayEventLoop._seen
 _OWN_STOP = "_run_until_complete_cb"  # asyncio.base_events: stops the loop once the awaited future is done
 
 
@@ -39,6 +41,9 @@ class RelayEventLoop(asyncio.SelectorEventLoop):
     def __init__(self) -> None:
         super().__init__()
         self.contained = 0
+        # Base exceptions contained so far (the last few): the task that raised one still holds it, and
+        # asyncio would report it again, with a traceback, as "Task exception was never retrieved".
+        self._seen: deque[BaseException] = deque(maxlen=SEEN_EXCEPTIONS)
 
     def stop(self) -> None:
         caller = sys._getframe(1)
@@ -46,9 +51,16 @@ class RelayEventLoop(asyncio.SelectorEventLoop):
             super().stop()
             return
         self.contained += 1
-        log.warning("user code tried to stop the event loop (%s:%d in %s); ignored: the relay stops only on its "
-                    "own shutdown (a signal, the end of the source)", caller.f_code.co_filename, caller.f_lineno,
-                    caller.f_code.co_name)
+        where = (f"{caller.f_code.co_filename}:{caller.f_lineno} in {caller.f_code.co_name}"
+                 if caller.f_code.co_filename != asyncio.events.__file__ else "a callback (call_soon, call_later)")
+        log.warning("user code tried to stop the event loop (%s); ignored: the relay stops only on its own "
+                    "shutdown (a signal, the end of the source)", where)
+
+    def call_exception_handler(self, context: dict[str, Any]) -> None:
+        if any(context.get("exception") is seen for seen in self._seen):
+            log.debug("%s (contained above)", context.get("message"))
+            return
+        super().call_exception_handler(context)
 
     def run_until_complete(self, future: Any) -> Any:
         main = asyncio.ensure_future(future, loop=self)
@@ -59,6 +71,7 @@ class RelayEventLoop(asyncio.SelectorEventLoop):
                 if main.done():
                     raise
                 self.contained += 1
+                self._seen.append(exc)
                 log.error("%s raised outside the relay's own code (a step's or plug-in's task or callback); "
                           "ignored: the relay carries on", type(exc).__name__ if not str(exc)
                           else f"{type(exc).__name__}({exc})")

@@ -29,6 +29,7 @@ import csv
 import functools
 import random
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -429,6 +430,43 @@ class CancelIgnoringStep:
                 return text
             except caught:
                 self.swallowed += 1
+
+
+async def _raise_later(exc: BaseException) -> None:
+    await asyncio.sleep(0)
+    raise exc
+
+
+# How a step can try to stop the machinery it runs on (issue 27, pipeline/loop.py): each returns the step's
+# input unchanged, so every utterance should still be delivered.
+MACHINERY_ACTIONS: dict[str, Callable[[asyncio.AbstractEventLoop, set[Any]], None]] = {
+    "stop": lambda loop, keep: loop.stop(),
+    "stop_soon": lambda loop, keep: keep.add(loop.call_soon(loop.stop)),
+
+    "exit_task": lambda loop, keep: keep.add(loop.create_task(_raise_later(SystemExit(4)))),
+    "interrupt_task": lambda loop, keep: keep.add(loop.create_task(_raise_later(KeyboardInterrupt()))),
+    "exit_callback": lambda loop, keep: keep.add(loop.call_soon(sys.exit, 5)),
+}
+
+
+class MachineryStep:
+    """An async step that tries to stop the event loop it runs on (`action`, one of MACHINERY_ACTIONS) on the
+    `utterances` given (all when empty), then returns its input. `fired` counts the attempts."""
+
+    def __init__(self, action: str = "stop", utterances: list[str] | None = None) -> None:
+        if action not in MACHINERY_ACTIONS:
+            raise ValueError(f"action must be one of {sorted(MACHINERY_ACTIONS)}")
+        self.action = action
+        self.utterances = set(utterances or ())
+        self.fired = 0
+        self._keep: set[Any] = set()  # tasks and handles it made (a task must not be garbage-collected)
+
+    async def __call__(self, text: str, meta: UtteranceMeta) -> str:
+        if not self.utterances or meta.utterance_id in self.utterances:
+            self.fired += 1
+            MACHINERY_ACTIONS[self.action](asyncio.get_running_loop(), self._keep)
+        await asyncio.sleep(0)
+        return text
 
 
 # ---------------------------------------------------------------------------------------- sinks

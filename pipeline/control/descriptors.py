@@ -138,6 +138,11 @@ class GuardedListener(socket.socket):
 
     metrics: ControlMetrics | None
     _answer: bytes
+    _reserve: int | None  # a descriptor on /dev/null, given up to accept a connection when none is left
+    _burst: int  # connections answered 503 or not accepted in the current burst
+    _burst_started: float
+    _logged_at: float
+    _paused_until: float  # accept() raises BlockingIOError until then (asyncio retries after ACCEPT_PAUSE_S)
 
     @classmethod
     def wrap(cls, sock: socket.socket, metrics: ControlMetrics | None) -> GuardedListener:
@@ -148,7 +153,7 @@ class GuardedListener(socket.socket):
         listener._answer = raw_error(503, "server busy: out of file descriptors (the open-file limit, ulimit -n, "
                                           "is reached); retry later", None, {"retry-after": "1"})
         listener._reserve = listener._open_reserve()
-        listener._burst = 0  # connections answered 503 or not accepted in the current burst
+        listener._burst = 0
         listener._burst_started = 0.0
         listener._logged_at = -math.inf
         listener._paused_until = 0.0
@@ -220,8 +225,9 @@ class GuardedListener(socket.socket):
         self._logged_at = -math.inf
 
     def close(self) -> None:
-        if getattr(self, "_reserve", None) is not None:
+        reserve = getattr(self, "_reserve", None)
+        if reserve is not None:
             with contextlib.suppress(OSError):
-                os.close(self._reserve)
+                os.close(reserve)
             self._reserve = None
         super().close()

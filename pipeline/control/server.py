@@ -672,8 +672,8 @@ async def start_control_server(handle: RelayHandle | None, metrics: ControlMetri
                      max_in_flight=ctl.max_connections - HEALTH_RESERVED_CONNECTIONS)
     try:  # issue 27: the connections must fit under the open-file limit (pipeline/control/descriptors.py)
         max_connections = fit_connections(ctl.max_connections).max_connections
-    except DescriptorLimitError as exc:
-        raise ControlServerError(str(exc)) from None
+    except DescriptorLimitError as too_few:
+        raise ControlServerError(str(too_few)) from None
     guarded.max_in_flight = max_connections - HEALTH_RESERVED_CONNECTIONS
     limits = ConnectionLimits(max_connections, ctl.header_timeout_s, metrics)
     sock = GuardedListener.wrap(_bind(ctl.host, ctl.port), metrics)
