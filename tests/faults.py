@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import csv
 import functools
+import os
 import random
 import re
 import sys
@@ -279,6 +280,21 @@ class ReferenceAsr(AsrEngine):
                           dropped_reason=None if text else "no_reference")
 
 
+class NumberedAsr(AsrEngine):
+    """`asr.engine: tests.faults:NumberedAsr` for CLI runs that test the machinery, not the recognition: no model
+    to load, each utterance's transcript is "utterance N" (its position in the run)."""
+
+    name = "numbered"
+    model_name = "numbered"
+
+    def __init__(self, settings: Any = None) -> None:
+        self.count = 0
+
+    async def transcribe(self, audio: Pcm, meta: UtteranceMeta) -> Transcript:
+        self.count += 1
+        return Transcript(text=f"utterance {self.count}", final_punct_prob=None, decode_s=0.0)
+
+
 # ---------------------------------------------------------------------------------- transforms
 class InjectedStepError(RuntimeError):
     pass
@@ -466,6 +482,22 @@ class MachineryStep:
             self.fired += 1
             MACHINERY_ACTIONS[self.action](asyncio.get_running_loop(), self._keep)
         await asyncio.sleep(0)
+        return text
+
+
+class ThreadExitStep:
+    """A sync step whose call on the chosen `utterances` starts a thread calling os._exit(code): what no event
+    loop can contain (docs/reliability.md). Other utterances pass unchanged."""
+
+    def __init__(self, code: int = 9, utterances: list[str] | None = None) -> None:
+        self.code = code
+        self.utterances = set(utterances or ())
+
+    def __call__(self, text: str, meta: UtteranceMeta) -> str:
+        if meta.utterance_id in self.utterances:
+            thread = threading.Thread(target=os._exit, args=(self.code,), daemon=True)
+            thread.start()
+            thread.join()
         return text
 
 
