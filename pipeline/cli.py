@@ -47,6 +47,8 @@ environment:
   ECHO_RELAY_CONFIG   config file used when --config is not given (else ./config.yaml if present)
   TAVUS_API_KEY       Tavus API key (never put it in the config file)
   TAVUS_API_URL       Tavus API base URL (default https://tavusapi.com)
+  ECHO_RELAY_TOKEN    control.token, the control API's bearer token (also with no config file)
+  OPENAI_API_KEY      asr.openai_http.api_key (also with no config file)
 """
 
 
