@@ -217,10 +217,13 @@ class Delivery:
             if task.done() or not await self._put(None):
                 raise TimeoutError
             await asyncio.wait_for(asyncio.shield(task), max(0.0, self._deadline - time.monotonic()))
-        except (TimeoutError, asyncio.CancelledError):
-            me = asyncio.current_task()
-            if not task.done() and me is not None and me.cancelling():
-                raise  # this relay is being cancelled itself, not its delivery task
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and not task.done():
+                # The relay itself is being cancelled (not its delivery task): account what is queued, let the
+                # task account its active item, and go on being cancelled.
+                self._abandon_queued(CANCELLED_REASON)
+                task.cancel()
+                raise
             cut_short = task.done()  # the task ended before the deadline: someone else cancelled it
             failure = task.exception() if cut_short and not task.cancelled() else None
             reason = (self._drain_reason() if not cut_short else CANCELLED_REASON if failure is None
@@ -230,12 +233,15 @@ class Delivery:
             task.cancel()  # the active item is accounted by run()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            while not self._queue.empty():
-                item = self._queue.get_nowait()
-                if item is not None and item.stage is Stage.QUEUED:
-                    self._undeliverable(item, reason)
+            self._abandon_queued(reason)
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+    def _abandon_queued(self, reason: str) -> None:
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None and item.stage is Stage.QUEUED:
+                self._undeliverable(item, reason)
 
     def _drain_reason(self) -> str:
         waiting = self.sink.blocked_reason()

@@ -368,6 +368,32 @@ def catches(pid: int, sig: int) -> bool:
 NO_MODEL = ["--config", str(TESTS / "data" / "no_model.yaml")]  # tests.faults:NumberedAsr: nothing to load
 
 
+def test_cancelling_the_relay_accounts_every_message_with_its_reason(track: Track) -> None:
+    """User code cancelling the task that runs the relay (here: mid-run, while a slow step holds u1): the
+    message in hand and the queued ones are undeliverable because delivery was cancelled; nothing in flight."""
+    seen: list[Any] = []
+
+    async def keep(relay: Any) -> None:
+        seen.append(relay)
+
+    async def main() -> None:
+        settings = relay_settings(f"file:{track.path}", transform__steps=[
+            {"step": "tests.faults:SlowStep", "seconds": 1.0, "timeout_s": 5.0}])
+        runner = asyncio.ensure_future(run_relay(settings, sink=RecordingSink(), asr=ReferenceAsr(track),
+                                                 metrics=Metrics(), during=keep, timeout_s=WAIT_S))
+        while not seen or seen[0].ledger.closed < 3:
+            await asyncio.sleep(0.01)
+        runner.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await runner
+
+    asyncio.run(main())
+    ledger = seen[0].ledger
+    assert ledger.closed == 3 and ledger.closed == ledger.settled, ledger.as_dict()
+    statuses = [r["status"] for r in seen[0].delivery.recent]
+    assert statuses == [f"undeliverable: {CANCELLED_REASON}"] * 3, statuses
+
+
 def run_cli(tmp_path: Path, *args: str, before: float | None = None, then: float | None = None,
             sig: int = signal.SIGTERM) -> tuple[int, str]:
     """`python -m pipeline ARGS`; `before`: send `sig` this long after the process can catch it (its first
