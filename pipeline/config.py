@@ -357,13 +357,14 @@ class OpenAIHttpSettings(_Section):
                                                  "ones (event-stream watchers): earlier replies, but more than one "
                                                  "request per utterance")
 
-    @model_validator(mode="after")
-    def _one_credential(self) -> OpenAIHttpSettings:
+    @field_validator("api_key")
+    @classmethod
+    def _one_credential(cls, v: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         # httpx turns URL user info into `Authorization: Basic`, replacing the Bearer key (issue 27).
-        if self.api_key is not None and _has_userinfo(self.url):
-            raise ValueError("asr.openai_http.url has user info (user:password@) and asr.openai_http.api_key is "
-                             "set: two credentials for one request, and the URL's would replace the key; keep one")
-        return self
+        if v is not None and _has_userinfo(str(info.data.get("url", ""))):
+            raise ValueError("set while asr.openai_http.url has user info (user:password@): two credentials for "
+                             "one request, and the URL's would replace the key; keep one")
+        return v
 
 
 class AsrBatchSettings(_Section):

@@ -349,7 +349,8 @@ def test_config_check_refuses_it_with_exit_2(tmp_path: Path) -> None:
 def test_openai_http_url_with_user_info_and_an_api_key_is_refused(url: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(None, {"asr.openai_http.url": url}, env={"OPENAI_API_KEY": "sk-env-123456"})
-    assert info.value.problems[0].key == "asr.openai_http" and "user info" in info.value.problems[0].message
+    assert info.value.problems[0].key == "asr.openai_http.api_key" and "user info" in info.value.problems[0].message
+    assert "sk-env-123456" not in str(info.value)
     load_settings(None, {"asr.openai_http.url": url}, env={})  # user info alone is one credential: fine
 
 
