@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 # Descriptors kept for everything but the control API's connections: the ASR model's files and threads, the
 # source, the sinks (a JSONL file, the Daily client's sockets), webhook and Tavus clients, log files. A
-# `run` with a Daily sink holds about 30; twice that plus margin.
+# soak run (docs/reliability.md, "Soak": the whole relay with the Daily stand-in) holds 14; 64 leaves room
+# for more sinks, steps and `serve`'s several relays.
 FD_HEADROOM = 64
 # The listen backlog, which is also how many connections asyncio accepts per readiness of the listener (uvicorn's
 # default is 2048). New connections make room by closing idle ones (ConnectionLimits), but those close a loop
