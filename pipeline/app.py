@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import threading
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pipeline.metrics import Metrics
 from pipeline.perception.stage import build_perception, perception_problems
 from pipeline.plugins import ASR_GROUP, TRANSFORM_GROUP, VAD_GROUP, PluginError, resolve
 from pipeline.relay import Relay
+from pipeline.signals import EXIT_INTERRUPTED, STOP_SIGNALS, take_early
 from pipeline.sink import Sink, SinkError, make_sink
 from pipeline.sink.base import SinkOutputError
 from pipeline.source import make_source
@@ -46,14 +46,10 @@ EXIT_MODEL = 4  # ASR model missing or corrupt, ASR server unreachable at start
 EXIT_PORT = 5  # control API cannot listen (port in use, refused public bind)
 EXIT_REMOTE = 6  # Tavus/Daily refused at start: key rejected, invalid room URL, join failed
 EXIT_OUTPUT = 7  # the local output cannot be written at start (jsonl path unwritable): not Tavus/Daily's doing
-EXIT_INTERRUPTED = 130  # second Ctrl-C: exit at once
 # Ledger drop reasons of speech the ASR never recognised (pipeline/delivery.py): counted apart in the run's
 # summary, and a run where every utterance ended so exits 1.
 ASR_FAILURES = ("asr_error", "asr_deadline")
 END_ON_EXIT_S = 3.0  # second Ctrl-C: time allowed to end the Tavus conversation this process created
-# Each stops the relay gracefully (drain, exit 0/1); a second one exits at once. SIGHUP too: a closed
-# terminal or systemd's hangup must not lose the utterance in progress (reloading config is not supported).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class StartupError(Exception):
@@ -242,6 +238,8 @@ async def run_daemon(settings: Settings, relay: Relay | None = None, *, view: bo
     for sig in STOP_SIGNALS:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal, sig.name)
+    for name in take_early():  # came while starting up (pipeline/signals.py)
+        on_signal(name)
     try:
         try:
             if settings.control.enabled:
@@ -339,6 +337,8 @@ async def run_serve(settings: Settings, tree: Mapping[str, Any], used: EnvUse | 
     for sig in STOP_SIGNALS:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal, sig.name)
+    for name in take_early():  # came while starting up (pipeline/signals.py)
+        on_signal(name)
     control = None
     try:
         try:

@@ -679,6 +679,7 @@ def test_config_check_prints_no_secret(tmp_path: Path) -> None:
     path.write_text(
         "transform:\n  steps:\n    - step: webhook\n"
         f"      url: https://user:{url_pw}@hook.example/x?token={query}\n"
+        "    - step: webhook\n      url: https://hook.example/y\n"  # user info and a header: one step each (issue 27)
         "      headers: {Authorization: 'Bearer ${HOOK_TOKEN}'}\n"
         "control:\n  token: ${ECHO_RELAY_TOKEN}\n"
         f"tavus:\n  conversation_url: https://x.daily.co/room?t={query}\n", encoding="utf-8")
