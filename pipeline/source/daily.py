@@ -1,7 +1,7 @@
 """Daily source: one remote participant's microphone from the Daily room, as 16 kHz mono int16 frames.
 
 - The room: the `room` given to the constructor, else the one `room_from()` returns when the source
-  starts (the wiring in `pipeline.app.build_relay` points it at the Daily sink's `connection`), else
+  starts (the wiring in `pipeline.wiring.build_relay` points it at the Daily sink's `connection`), else
   our own join of `tavus.conversation_url` (+ `tavus.meeting_token`). A shared room is reference-
   counted: closing the source does not leave it while the sink still uses it.
 - The participant: `source.daily.participant` (a user name or a participant id), else the first remote
