@@ -37,7 +37,7 @@ from pipeline.frames import SAMPLE_RATE, UtteranceMeta
 from pipeline.metrics import Metrics
 from pipeline.perception import builtins, features
 from pipeline.perception.base import VideoFrame
-from pipeline.perception.stage import MAX_RESULT_BYTES, judge
+from pipeline.perception.calls import MAX_RESULT_BYTES, judge
 from pipeline.perception.stage import build_perception as _build_perception
 from pipeline.plugins import PERCEPTION_GROUP
 from pipeline.relay import Relay
