@@ -84,17 +84,17 @@ async def test_callbacks_reach_subscribers_on_the_loop_thread() -> None:
     room = FakeRoom.create()
     conn = RoomConnection(fake_daily, user_name="relay", replica_name="Persona")
     seen: list[tuple[str, str]] = []
-    conn.subscribe(lambda ev: seen.append((ev.kind, threading.current_thread().name)))
+    conn.tracker.subscribe(lambda ev: seen.append((ev.kind, threading.current_thread().name)))
     await conn.join(room.url, timeout_s=2)
     replica = room.add_replica("Persona")
-    assert await conn.wait_until(lambda: conn.ready, 2)
+    assert await conn.tracker.wait_until(lambda: conn.tracker.ready, 2)
     replica.started_speaking("x")
-    assert await conn.wait_until(lambda: conn.state.replica_speaking, 2)
+    assert await conn.tracker.wait_until(lambda: conn.tracker.state.replica_speaking, 2)
     main = threading.current_thread().name
     assert {t for _, t in seen} == {main}
     kinds = [k for k, _ in seen]
     assert "joined" in kinds and kinds.index("joined") < kinds.index("replica_joined")
-    assert conn.replica_id == replica.id
+    assert conn.tracker.replica_id == replica.id
     assert await conn.send({"hello": 1}) is None
     assert room.replica_inbox == [{"hello": 1}]
     with pytest.raises(daily_room.InvalidAppMessage):
@@ -122,12 +122,12 @@ async def test_replica_name_arriving_in_an_update_is_recognised() -> None:
     joined = threading.Event()
     other.join(room.url, completion=lambda data, err: joined.set())
     assert joined.wait(2)
-    assert await conn.wait_until(lambda: len(conn.participants) == 1, 2)
-    assert not conn.ready
+    assert await conn.tracker.wait_until(lambda: len(conn.tracker.participants) == 1, 2)
+    assert not conn.tracker.ready
     other.set_user_name("Persona")
-    assert await conn.wait_until(lambda: conn.ready, 2)
+    assert await conn.tracker.wait_until(lambda: conn.tracker.ready, 2)
     other.release()
-    assert await conn.wait_until(lambda: not conn.ready, 2)
+    assert await conn.tracker.wait_until(lambda: not conn.tracker.ready, 2)
     await conn.close()
 
 
