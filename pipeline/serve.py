@@ -54,7 +54,7 @@ from pipeline.source.base import SourceError
 from pipeline.specs import SpecError, parse_sink_spec, parse_source_spec
 from pipeline.transform import BUILTINS as TRANSFORM_BUILTINS
 from pipeline.vad import BUILTIN_ENGINES as VAD_BUILTINS
-from pipeline.wiring import PREFLIGHT_RUN, build_relay, check_stages, register_settings_secrets
+from pipeline.wiring import PREFLIGHT_SERVE, build_relay, check_stages, register_settings_secrets
 
 log = logging.getLogger(__name__)
 
@@ -317,8 +317,7 @@ class RelayPool:
         """The relay's stages, checked as `run` checks them before it starts (nothing is opened yet)."""
         settings = self.settings_for(request)
         register_settings_secrets(settings)  # a request's own Tavus key or token is scrubbed from logs too
-        checks = tuple(c for c in (*PREFLIGHT_RUN, "transform", "source_file", "sink_file") if c != "asr")
-        problems = check_stages(settings, checks=checks)
+        problems = check_stages(settings, checks=PREFLIGHT_SERVE)
         if problems:
             raise RelayRequestError(self._field(problems[0].key, request), problems[0].message)
         relay_id = uuid.uuid4().hex[:12]

@@ -44,6 +44,9 @@ def register_settings_secrets(settings: Settings) -> None:
 # status, 3 or 7, when the stage opens it).
 STAGE_CHECKS = ("transform", "perception", "asr", "vad", "source_file", "sink_file", "tavus")
 PREFLIGHT_RUN = ("asr", "vad", "tavus")
+# A relay of `serve`, before it is built: run's checks but the ASR (the process loaded it once), and the chain
+# and the files too, so that a request's mistake is a 422 naming its field rather than a relay that fails.
+PREFLIGHT_SERVE = tuple(c for c in (*PREFLIGHT_RUN, "transform", "source_file", "sink_file") if c != "asr")
 # The checks that need each section: a section that failed validation is not checked further.
 _SECTION_CHECKS = {"transform": ("transform",), "perception": ("perception",), "asr": ("asr",), "vad": ("vad",),
                    "source": ("source_file",),
