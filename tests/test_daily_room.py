@@ -324,15 +324,41 @@ def test_the_event_handler_hands_every_callback_to_a_tracker_method_of_that_name
     assert len(posted) == len(daily_room.EVENT_HANDLERS_USED)
 
 
-async def test_deinit_waits_for_every_client_to_be_released() -> None:
-    daily_room.ensure_daily_initialized(fake_daily)
+async def test_every_client_is_counted_until_released_and_deinit_waits_for_them() -> None:
+    alive = daily_room.sdk.live_clients(fake_daily)  # other tests' connections may still be open
     conn = RoomConnection(fake_daily)
     await conn.join(FakeRoom.create().url, timeout_s=2)
     try:
+        assert daily_room.sdk.live_clients(fake_daily) == alive + 1
         assert daily_room.deinit_daily(fake_daily) is False  # a live CallClient: deinit would crash it
     finally:
         await conn.close()
-    assert daily_room.deinit_daily(fake_daily) is True
-    assert fake_daily.sdk_state()["initialized"] is False
-    daily_room.ensure_daily_initialized(fake_daily)  # allowed again after deinit
-    assert fake_daily.sdk_state()["initialized"] is True
+    assert daily_room.sdk.live_clients(fake_daily) == alive
+
+
+def test_deinit_runs_once_the_last_client_is_released() -> None:
+    """In a fresh process (no other test's client alive): join, close, deinit, init again."""
+    script = textwrap.dedent("""
+        import asyncio, json
+        from pipeline import daily_room
+        from pipeline.testing import fake_daily
+        from pipeline.testing.fake_daily import FakeRoom
+
+        async def main():
+            conn = daily_room.RoomConnection(fake_daily)
+            await conn.join(FakeRoom.create().url, timeout_s=2)
+            out = {"while_joined": daily_room.deinit_daily(fake_daily)}
+            await conn.close()
+            out["after_close"] = daily_room.deinit_daily(fake_daily)
+            out["state"] = fake_daily.sdk_state()
+            daily_room.ensure_daily_initialized(fake_daily)
+            out["again"] = fake_daily.sdk_state()["initialized"]
+            print(json.dumps(out))
+
+        asyncio.run(main())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["while_joined"] is False and out["after_close"] is True
+    assert out["state"]["initialized"] is False and out["state"]["deinit_calls"] == 1 and out["again"] is True

@@ -131,6 +131,11 @@ def client_released(module: ModuleType) -> None:
     _live_clients[module.__name__] -= 1
 
 
+def live_clients(module: ModuleType) -> int:
+    """CallClients of `module` created and not released yet (by every connection of the process)."""
+    return _live_clients[module.__name__]
+
+
 # --------------------------------------------------------------------------------- the handler
 _handler_classes: dict[str, type] = {}
 
