@@ -193,10 +193,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_transcribe(args: argparse.Namespace) -> int:
-    from pipeline.app import EXIT_INPUT, EXIT_MODEL, check_stages, transcribe_files
+    from pipeline.app import EXIT_INPUT, EXIT_MODEL, transcribe_files
     from pipeline.asr.base import AsrError
     from pipeline.plugins import PluginError
     from pipeline.source.base import SourceError
+    from pipeline.wiring import check_stages
     settings = _settings(args, {"asr.model": args.model})
     problems = check_stages(settings, checks=("asr", "vad"))
     for i, path in enumerate(args.files):  # before the model loads: no file can have such a name
@@ -240,9 +241,9 @@ def _cmd_config(args: argparse.Namespace) -> int:
     if args.config_command != "check":
         build_parser().parse_args(["config", "--help"])
         return 2
-    from pipeline.app import check_stages
+    from pipeline.wiring import check_stages
     # Everything `run` checks before it opens a device or loads a model, every problem at once: the
-    # sections that validate are checked further even when others did not (pipeline/app.py check_stages).
+    # sections that validate are checked further even when others did not (pipeline/wiring.py check_stages).
     tree, used = load_tree(getattr(args, "config", None) or default_config_path())
     problems: list[ConfigError] = []
     try:

@@ -121,8 +121,8 @@ class Metrics:
                                        registry=r)
         self.model_loaded = Gauge(p + "model_loaded", "1 once the ASR model is loaded and warm", registry=r)
 
-        # pipeline/perception/stage.py: one outcome per analyzer call (`OUTCOMES` there; analyzer = its configured
-        # name), and what became of the camera frames the video analyzers were offered.
+        # pipeline/perception/stage.py: one outcome per analyzer call (`OUTCOMES`, pipeline/perception/calls.py;
+        # analyzer = its configured name), and what became of the camera frames the video analyzers were offered.
         self.perception_calls = Counter(p + "perception_calls", "analyzer calls by analyzer and outcome",
                                         ["analyzer", "outcome"], registry=r)
         self.perception_latency = Histogram(p + "perception_latency_seconds", "analyzer call duration (ok, none "

@@ -719,9 +719,9 @@ def relay_settings(source_spec: str, **dotted: Any) -> Any:
 
 async def run_relay(settings: Any, *, sink: Sink, asr: AsrEngine, metrics: Metrics, source: Source | None = None,
                     timeout_s: float = 60.0, during: Callable[[Any], Any] | None = None) -> Any:
-    """Build (pipeline.app.build_relay), start and run a relay to the end of its source; returns it.
+    """Build (pipeline.wiring.build_relay), start and run a relay to the end of its source; returns it.
     `during(relay)` (a coroutine function) runs alongside, e.g. to stop it or inject room faults."""
-    from pipeline.app import build_relay
+    from pipeline.wiring import build_relay
 
     relay = build_relay(settings, metrics=metrics, source=source, sink=sink, asr=asr)
     await relay.start()

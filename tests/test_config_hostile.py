@@ -29,7 +29,6 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from pipeline import config as cfg
-from pipeline.app import check_stages
 from pipeline.config import (
     MAX_CONFIG_BYTES,
     MAX_YAML_ALIASES,
@@ -42,6 +41,7 @@ from pipeline.config import (
     redacted_dump,
     secret_values,
 )
+from pipeline.wiring import check_stages
 from tests.conftest import REPO
 
 HANG_GUARD_S = 120  # a subprocess that has not finished by then hangs: a generous guard, not a timing claim

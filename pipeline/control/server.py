@@ -45,7 +45,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 
 from pipeline.config import Settings
-from pipeline.control.api import QueueFull, RelayHandle
+from pipeline.control.api import QueueFull, RelayHandle, RelayPoolHandle, RelayRequest, RelayRequestError
 from pipeline.control.descriptors import ACCEPT_BACKLOG, DescriptorLimitError, GuardedListener, fit_connections
 from pipeline.control.errors import FieldError, error_response, validation_items
 from pipeline.control.guard import (
@@ -80,7 +80,6 @@ from pipeline.control.models import (
 )
 from pipeline.events import MAX_SUBSCRIBERS, Event, Subscription, TooManySubscribers
 from pipeline.metrics import ControlMetrics, Metrics
-from pipeline.serve import RelayPhase, RelayPool, RelayRequest, RelayRequestError
 
 log = logging.getLogger(__name__)
 
@@ -486,7 +485,7 @@ def create_app(handle: RelayHandle, metrics: Metrics, settings: Settings) -> Fas
     return app
 
 
-def create_serve_app(pool: RelayPool, settings: Settings) -> FastAPI:
+def create_serve_app(pool: RelayPoolHandle, settings: Settings) -> FastAPI:
     """`serve`'s application: relays created, listed and deleted under /v1/relays, each with the
     endpoints of `run` under /v1/relays/{relay_id}/."""
     app = _new_app(settings, "Control API of `echo-relay serve`: many relays in one process, one ASR model. "
@@ -501,7 +500,7 @@ def create_serve_app(pool: RelayPool, settings: Settings) -> FastAPI:
 
     def live_relay_of(relay_id: str = relay_id_param) -> RelayHandle:
         managed = pool.get(relay_id)
-        if managed.phase not in (RelayPhase.STARTING, RelayPhase.RUNNING):
+        if not managed.phase.takes_messages:
             raise FieldError("relay_id", f"relay {relay_id} is {managed.phase.value}: it takes no more messages",
                              status_code=409, type_="relay_" + managed.phase.value)
         return managed.relay
