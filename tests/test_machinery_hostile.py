@@ -378,7 +378,7 @@ def test_cancelling_the_relay_accounts_every_message_with_its_reason(track: Trac
 
     async def main() -> None:
         settings = relay_settings(f"file:{track.path}", transform__steps=[
-            {"step": "tests.faults:SlowStep", "seconds": 1.0, "timeout_s": 5.0}])
+            {"step": "tests.faults:SlowStep", "seconds": 4.0, "timeout_s": 8.0}])  # u1 held past the cancel
         runner = asyncio.ensure_future(run_relay(settings, sink=RecordingSink(), asr=ReferenceAsr(track),
                                                  metrics=Metrics(), during=keep, timeout_s=WAIT_S))
         while not seen or seen[0].ledger.closed < 3:
