@@ -199,12 +199,12 @@ def raw_decode_times(audios: list[np.ndarray], settings_overrides: list[str]) ->
     """Seconds plain faster-whisper (its defaults: beam 5, 30 s window) takes on each audio."""
     from faster_whisper import WhisperModel
 
-    from pipeline.asr.models import resolve_model
+    from pipeline.asr.models import load_files, resolve_model
 
     asr_settings = offline_asr_settings(settings_overrides)
-    model_dir = resolve_model(asr_settings.model, asr_settings.models_dir).path
-    raw = WhisperModel(str(model_dir), device="cpu", compute_type=asr_settings.compute_type,
-                       cpu_threads=asr_settings.cpu_threads)
+    location = resolve_model(asr_settings.model, asr_settings.models_dir)
+    raw = WhisperModel(str(location.path), device="cpu", compute_type=asr_settings.compute_type,
+                       cpu_threads=asr_settings.cpu_threads, files=load_files(location))  # a packaged model's parts
     list(raw.transcribe(np.zeros(SR, np.float32))[0])  # warm-up
     times = []
     for audio in audios:
