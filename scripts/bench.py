@@ -607,7 +607,8 @@ def main() -> int:
         if ml is None:
             return 1
         ml_results = ml
-    ladder = ladder_section(results, hard_results, dict(variants), norm) if len(variants) > 1 else []
+    ladder = ladder_section(results, hard_results, dict(variants), norm) \
+        if len(variants) > 1 and (results or hard_results) else []
     targets = issue23_targets(results, hard_results, ml_results, dict(variants), args.speed)
     if results:
         print(table(results, len(clips)))
@@ -858,6 +859,8 @@ def multilingual_section(ml_results: list[multilingual_audio.MlResult], args: ar
            "analyzer's result in the record, for a relay that does not write the field).\n"]
     if args.speed != 1.0:
         out.append(f"Replayed at speed {args.speed}, not in real time: latencies are meaningless.\n")
+    out.append("Latencies on these clips are indicative (some end at their last word, some with a breath after it: "
+               "scripts/multilingual_audio.py); the latency target is on the clean stream.\n")
     out += [mla.single_table(ml_results), ""]
     for r in ml_results:
         if r.stream.mixed:

@@ -18,7 +18,10 @@ Figures:
   GIVEN (`asr.language: <the clip's>`): what the model writes when it is told the language.
   Target: per language, the mean over its clips of the streamed error at most the offline mean + 2 points.
 - Latency: the clip's last echo's emitted_at_s minus its true speech end (pipeline.dsp.speech_bounds), as in
-  bench.py.
+  bench.py. Indicative only on these clips, which were not cut for it: several end at their last word (the
+  relay hears the end in the silence that follows), and a breath after the last word moves the envelope's end
+  (19demarzo_0008: 0.9 s after the last loud region), so a latency can come out negative. The latency target
+  of issue 23 is on the clean stream.
 - The language of an utterance: the JSONL record's top-level `language` (the relay's echo format from issue 23),
   or, from a relay that does not write it yet, the `language` perception analyzer's result in the record
   (`perception.language.language`, what Whisper detected for that utterance; bench.py turns the analyzer on

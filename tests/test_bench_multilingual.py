@@ -23,6 +23,10 @@ def test_scoring_is_cer_for_japanese_and_chinese_and_normalised_wer_otherwise() 
     assert ml_error("es", es, es.upper().replace(",", "").replace(".", "")) == 0.0
     assert abs(ml_error("es", es, " ".join(words[1:])) - 1 / len(words)) < 1e-9
     assert ml_error("de", "", "") == 0.0 and ml_error("de", "", "hallo") == 1.0
+    # Devanagari words stay whole (vowel signs are marks): one wrong word of the reference's 10 is 1/10
+    hi = ml_row("multilingual/IndicWav2Vec/3029_008.wav")["reference_transcript"]
+    assert len(hi.split()) == 10
+    assert abs(ml_error("hi", hi, hi.replace("रोटियाँ", "रोटी")) - 1 / 10) < 1e-9
 
 
 def echo(uid: str, start: float, end: float, emitted: float, text: str, **extra: Any) -> dict[str, Any]:
