@@ -797,7 +797,7 @@ def ladder_section(results: list[Result], hard_results: list[hard_audio.HardResu
         out += ["| run (hard stream) | streamed WER, mean of items | offline WER, mean of items "
                 "| streamed WER, by words | offline WER, by words | "
                 + " | ".join(f"echoes in {c}" for c in NO_ECHO_CATEGORIES) + " | other hallucinated echoes "
-                "| p50 | p95 | peak RSS |", "|" + "---|" * (10 + len(NO_ECHO_CATEGORIES))]
+                "| p50 | p95 | peak RSS |", "|" + "---|" * (9 + len(NO_ECHO_CATEGORIES))]
         for h in hard_results:
             cells = hard_audio.summary_cells(h.items, len(h.hallucinations))
             per_cat = [sum(c == cat for c, _ in h.hallucinations) for cat in NO_ECHO_CATEGORIES]
