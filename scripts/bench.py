@@ -6,7 +6,7 @@
     .venv/bin/python scripts/bench.py --variant plain=endpoint.enabled=false --write BENCHMARKS.md
     .venv/bin/python scripts/bench.py --stream hard             # noise, music, whisper, level jumps (~25 min)
     .venv/bin/python scripts/bench.py --stream both --long-minutes 0 --speed 0   # quick functional check
-    .venv/bin/python scripts/bench.py --stream multilingual     # base, auto language, 11 languages + mixed (~9 min)
+    .venv/bin/python scripts/bench.py --stream multilingual     # base, auto language, 11 languages + mixed (~10 min)
     .venv/bin/python scripts/bench.py --stream all --cpu --models base:en,base:auto   # all of issue 23
 
 How it measures (nothing here trusts the relay's own VAD):
