@@ -864,7 +864,8 @@ def multilingual_section(ml_results: list[multilingual_audio.MlResult], args: ar
     out += [mla.single_table(ml_results), ""]
     for r in ml_results:
         if r.stream.mixed:
-            out += [f"## {r.stream.label}\n", mla.mixed_table(r), "", mla.events_table(r), ""]
+            out += [f"## {r.stream.label}\n", mla.mixed_summary(r) + "\n", mla.mixed_table(r), "",
+                    mla.events_table(r), ""]
     out += ["## Language events, single-language streams\n"]
     for r in ml_results:
         if not r.stream.mixed and r.events:

@@ -375,6 +375,20 @@ def mixed_table(r: MlResult) -> str:
     return head + "\n" + "\n".join(rows)
 
 
+def mixed_summary(r: MlResult) -> str:
+    """One line: per language streamed vs offline error, latency, switches, turns in their own language."""
+    parts = []
+    for lang in r.stream.languages:
+        turns = [t for t in r.turns if t.language == lang]
+        parts.append(f"{lang} ({lang_scoring.metric(lang)}) streamed {percent(mean([t.outcome.wer for t in turns]))}"
+                     f" vs offline {percent(mean([t.outcome.offline_wer for t in turns]))}")
+    lat = latencies(r.turns)
+    n, good, _ = mixed_ok(r)
+    return (f"{'; '.join(parts)}; latency p50 {ms(pct(lat, 50) if lat else None)}, p95 "
+            f"{ms(pct(lat, 95) if lat else None)}; {len(r.switches)} switch event(s); {good} of {n} turns of "
+            f"≥ {MIN_TURN_S:g} s in their own language; {len(r.hallucinations)} echoes outside speech.")
+
+
 def clip_table(results: Sequence[MlResult]) -> str:
     head = ("| clip | language | echoes | utterance languages | streamed | offline, language given | latency "
             "| streamed text |\n|---|---|---|---|---|---|---|---|")
