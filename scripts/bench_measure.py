@@ -121,7 +121,8 @@ def analyse(label: str, clips: list[Clip], records: list[dict[str, object]], nor
             utts.setdefault(str(echoes[i]["utterance_id"]), []).append(echoes[i])
         parts = [" ".join(str(m["text"]) for m in msgs) for msgs in utts.values()]
         hyp = " ".join(parts)
-        row: dict[str, object] = {"clip": Path(c.name).stem, "echoes": len(utts)}
+        row: dict[str, object] = {"clip": Path(c.name).stem, "echoes": len(utts), "text": hyp,
+                                  "offline_text": c.offline_text}
         if not utts:
             res.missing += 1
             res.wers.append(1.0)
