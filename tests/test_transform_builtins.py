@@ -21,7 +21,7 @@ from pipeline.transform.builtins import (
     StripAnnotations,
 )
 
-META = UtteranceMeta(utterance_id="u1", audio_start_s=0.0, audio_end_s=1.0)
+META = UtteranceMeta(utterance_id="u1", audio_start_s=0.0, audio_end_s=1.0, language="en")  # English text
 
 
 def test_builtin_names() -> None:
