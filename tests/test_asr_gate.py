@@ -186,7 +186,8 @@ def test_subtitle_credits_are_dropped_at_any_level(text: str) -> None:
 
 
 @pytest.mark.parametrize("text", [
-    "ご視聴ありがとうございました", "ご視聴ありがとうございました。ご視聴ありがとうございました。", "시청해주셔서 감사합니다.",
+    "ご視聴ありがとうございました", "ご視聴ありがとうございました。ご視聴ありがとうございました。",
+    "시청해주셔서 감사합니다.",
     "Продолжение следует...", "Спасибо за просмотр!", "Vielen Dank fürs Zuschauen!", "Merci d'avoir regardé.",
     "¡Gracias por ver el video!", "Obrigado por assistir.", "Grazie per la visione!", "Bedankt voor het kijken.",
     "谢谢观看", "谢谢 观看!", "MUZIEK.", "ПЕЧАЛЬНАЯ МУЗЫКА", "Thanks for watching. Bye.", "Gracias. Gracias.",
