@@ -133,3 +133,14 @@ def full_stop(text: str, language: str | None = None) -> str:
             if rx.match(m.group()):
                 return mark
     return "."
+
+
+_CJK = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\u3000-\u303f\uff00-\uffef]")
+
+
+def joiner(head: str, tail: str) -> str:
+    """What goes between two pieces of one text decoded apart at a pause: nothing when either side of the seam is
+    Chinese or Japanese ("今日は" + "晴れです"), else one space (Thai, Lao and Khmer too: they put a space where the
+    speaker pauses, between phrases and sentences)."""
+    left, right = head.rstrip()[-1:], tail.lstrip()[:1]
+    return "" if (left and _CJK.match(left)) or (right and _CJK.match(right)) else " "
