@@ -21,6 +21,10 @@ SPEECH = TESTS / "data" / "speech"
 # Tests must never reach a real Tavus / Daily / Hugging Face: make any accidental attempt fail fast.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.pop("TAVUS_API_KEY", None)
+# Defaults read from the environment even with no config file (pipeline/config.py ENV_DEFAULTS): a token or
+# key of the machine running the suite must not change what the tests see.
+os.environ.pop("ECHO_RELAY_TOKEN", None)
+os.environ.pop("OPENAI_API_KEY", None)
 
 
 @cache
