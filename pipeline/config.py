@@ -340,6 +340,52 @@ class EndpointSettings(_Section):
 
 
 # ------------------------------------------------------------------------------------------ asr
+# Whisper's phantom lines in other languages (trained on subtitled video, it ends silence and noise with the
+# subtitles' closing lines, and writes a subtitle's sound caption as words: Dutch "MUZIEK.", Russian "ПЕЧАЛЬНАЯ
+# МУЗЫКА"), by Whisper language code. Dropped on near-silence only (gate.phantom_max_dbfs), like
+# the English list: a speaker may really say "thank you for watching". All apply whatever the conversation's
+# language: on noise the language detector is least reliable (noise comes out as Japanese or Korean credits).
+PHANTOM_PHRASES_BY_LANGUAGE: dict[str, list[str]] = {
+    "de": ["vielen dank fürs zuschauen", "danke fürs zuschauen", "bis zum nächsten mal", "tschüss", "musik",
+           "ruhige musik"],
+    "es": ["gracias por ver", "gracias por ver el video", "gracias", "suscríbete al canal", "hasta la próxima",
+           "música", "música suave"],
+    "fr": ["merci d'avoir regardé", "merci d'avoir regardé cette vidéo", "merci", "au revoir", "musique",
+           "musique douce"],
+    "it": ["grazie per la visione", "grazie a tutti", "grazie", "musica"],
+    "pt": ["obrigado por assistir", "obrigado", "obrigada", "música"],
+    "nl": ["bedankt voor het kijken", "dank je wel", "bedankt", "muziek"],
+    "pl": ["dziękuję za uwagę", "dziękuję", "muzyka", "spokojna muzyka"],
+    "ru": ["продолжение следует", "спасибо за просмотр", "спасибо", "подписывайтесь на канал", "музыка",
+           "печальная музыка", "спокойная музыка"],
+    "ja": ["ご視聴ありがとうございました", "ありがとうございました", "チャンネル登録よろしくお願いします", "音楽"],
+    "ko": ["시청해주셔서 감사합니다", "시청해 주셔서 감사합니다", "감사합니다", "구독과 좋아요 부탁드립니다", "음악"],
+    "zh": ["谢谢观看", "謝謝觀看", "谢谢大家", "谢谢", "請訂閱", "请订阅", "音乐"],
+    "hi": ["धन्यवाद"],
+    "ar": ["شكرا", "شكرا لكم", "اشتركوا في القناة"],
+}
+# Subtitle credits and channel promotions, which are never speech to relay: dropped at any level. Regular
+# expressions matched against the whole of one sentence after normalization (NFKC, case folded, punctuation and
+# symbols as spaces, whitespace collapsed: "Sous-titres réalisés par la communauté d'Amara.org" is matched as
+# "sous titres réalisés par la communauté d amara org"). Bounded (.{1,60}) so that they never swallow speech.
+PHANTOM_PATTERNS: list[str] = [
+    r".{0,80}amara ?org.{0,80}",  # the Amara.org community credit, in every language
+    r"(?:subtitles|captions|subtitled|captioned|transcription|transcribed) by .{1,60}",
+    r"untertitel(?:ung)?(?: im auftrag)? (?:des|der|von|durch) .{1,60}",  # Untertitel im Auftrag des ZDF ...
+    r"sous titr(?:es|age)(?: (?:réalisés|faits|créés|fournis))?(?: par| pour)? .{1,60}",  # Sous-titrage ST' 501
+    r"subt[ií]tulos? (?:realizados |creados |hechos )?(?:por|de) .{1,60}",
+    r"sottotitoli (?:creati|realizzati|a cura|e revisione)(?: .{1,60})?",
+    r"legendas? (?:pela|por|feitas por|criadas por) .{1,60}",
+    r"ondertitel(?:s|ing)? (?:ingediend door|gemaakt door|verzorgd door|door) .{1,60}",
+    r"napisy (?:stworzone|wykonane|przygotowane|przez) .{1,60}",
+    r"субтитры (?:сделал|делал|создавал|создал|подготовил|подогнал|от) .{1,60}",
+    r"редактор субтитров.{0,60}",
+    r"字幕由.{1,40}提供",  # 字幕由Amara.org社区提供, 字幕由 XX 字幕组提供
+    r"(?:中文)?字幕(?:志愿者|志願者|制作|製作|翻译|翻譯|校对|校對).{0,40}",
+    r".{0,40}(?:明镜|明鏡)(?:与|與)点点栏目.{0,20}",  # 请不吝点赞 订阅 转发 打赏支持明镜与点点栏目
+]
+
+
 class GateSettings(_Section):
     no_speech_prob: float = _num(0.6, ge=0, le=1, description="drop when no_speech_prob is above this ...")
     no_speech_logprob: float = _num(-0.8, ge=MIN_LOGPROB, le=0, description="... and avg_logprob is below this "
@@ -355,6 +401,22 @@ class GateSettings(_Section):
         "please subscribe", "subscribe to my channel", "you", "bye", "so", "okay",
         "subtitles by the amara.org community", "[music]", "[blank_audio]",
     ], description="known Whisper hallucinations on near-silence (compared after normalization)")
+    phantom_phrases_by_language: dict[str, list[str]] = Field(
+        default_factory=lambda: {k: list(v) for k, v in PHANTOM_PHRASES_BY_LANGUAGE.items()},
+        description="the same in other languages, by language code (all apply, whatever the language)")
+    phantom_patterns: list[str] = Field(default_factory=lambda: list(PHANTOM_PATTERNS),
+                                        description="regular expressions for subtitle credits, dropped at any level "
+                                                    "(each matched against a whole sentence, normalized)")
+
+    @field_validator("phantom_patterns")
+    @classmethod
+    def _patterns_compile(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from exc
+        return v
 
 
 class OpenAIHttpSettings(_Section):

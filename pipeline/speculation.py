@@ -40,6 +40,7 @@ from pipeline.config import Settings
 from pipeline.delivery import retrieve
 from pipeline.frames import Transcript, Utterance, ms_to_samples, samples_to_s
 from pipeline.metrics import Metrics
+from pipeline.text import joiner
 from pipeline.turn.prosody import Prosody, prosody
 from pipeline.turn.rule import decide
 
@@ -80,7 +81,7 @@ def join(prefix: Transcript, rest: Transcript) -> Transcript:
     n1, n2 = len(head.split()), len(tail.split())
     weight = n1 / (n1 + n2) if n1 + n2 else 0.5
     return Transcript(
-        text=f"{head} {tail}",
+        text=head + joiner(head, tail) + tail,  # no space inside Chinese or Japanese
         confidence=weight * prefix.confidence + (1 - weight) * rest.confidence,
         language=prefix.language or rest.language,
         language_probability=prefix.language_probability,
