@@ -8,29 +8,24 @@ Real clips from tests/data/speech; the model is the session's shared base engine
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import ctranslate2
 import numpy as np
 import pytest
-import yaml
 from asr_fixtures import load_clip, meta_for, shared_base_engine
-from conftest import REPO, SPEECH
+from conftest import SPEECH
 
 from pipeline.asr.gate import gate, rms_dbfs
 from pipeline.asr.whisper.sentence_ends import sentence_end_tokens
 from pipeline.asr.whisper.window import to_float
 from pipeline.config import GateSettings
-from pipeline.dsp import wav_bytes
 from pipeline.source.file import decode_file
 from pipeline.text import SCRIPT_SENTENCE_END, SENTENCE_END, split_sentences
-from tests.test_cli import cli
+from tests.test_vad_hearing import BASE_AUTO, run_file
 
 SR = 16_000
 NOISE = sorted((SPEECH / "clapclap" / "dcase_noise").glob("*.wav"))
-MUSIC_01 = SPEECH / "clapclap/noisy_music/mix_01_1993-147149-0021_-0Gj8-vB1q4.wav"
-MUSIC_ONLY_FROM_S = 15.0  # its speech ends near 10.5 s; music alone runs on to 120 s (tests/test_vad_hearing.py)
 
 
 def softmax(logits: object) -> np.ndarray:
@@ -131,39 +126,11 @@ def test_what_base_writes_on_silence_and_noise_never_passes_the_gate(source: str
     assert kept == []
 
 
-def write_config(tmp_path: Path, **asr: object) -> Path:
-    tree = yaml.safe_load((REPO / "config.yaml").read_text())
-    tree["asr"].update({"model": "base", "language": None, "download": False, "models_dir": "/nonexistent", **asr})
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(tree, allow_unicode=True))
-    return path
-
-
-def run_file(tmp_path: Path, audio: np.ndarray) -> tuple[list[dict[str, object]], str]:
-    wav, out = tmp_path / "in.wav", tmp_path / "out.jsonl"
-    wav.write_bytes(wav_bytes(audio, SR))
-    proc = cli("run", "--config", str(write_config(tmp_path)), "--source", f"file:{wav}", "--sink", f"jsonl:{out}",
-               "--no-control", "--speed", "0", timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-    return records, proc.stderr
-
-
-def test_noise_only_and_music_only_audio_give_no_echo_with_base_and_language_auto(tmp_path: Path) -> None:
-    gap = np.zeros(SR, np.int16)
-    music = decode_file(MUSIC_01)[int(MUSIC_ONLY_FROM_S * SR):]
-    parts = [p for n in NOISE for p in (decode_file(n), gap)] + [music]
-    assert len(NOISE) == 6
-    records, stderr = run_file(tmp_path, np.concatenate(parts))
-    assert [r["text"] for r in records] == [], stderr
-    assert "done:" in stderr  # the run got to the end (its drops are counted there)
-
-
 # ------------------------------------------------------------------------------- filler words
 def test_portuguese_um_is_not_an_english_filler_through_the_relay(tmp_path: Path) -> None:
     """config.yaml's chain has filler_words: on Portuguese speech it must not take "um" ("a") for the English
     hesitation ("o romantismo tinha um grande elemento ...")."""
-    records, stderr = run_file(tmp_path, load_clip("multilingual/cuttledoc/fleurs-pt-003.ogg"))
+    records, stderr = run_file(tmp_path, load_clip("multilingual/cuttledoc/fleurs-pt-003.ogg"), BASE_AUTO)
     assert records, stderr
     heard = " ".join(str(r["asr_text"]) for r in records).lower().split()
     said = " ".join(str(r["text"]) for r in records).lower().split()
