@@ -780,6 +780,9 @@ def check_invariants(relay: Any, sent: Iterable[Outgoing], *, api_messages: int 
     assert drops == expected, f"metrics {drops} disagree with the ledger {ledger.dropped}"
     assert metric_sum(m, "echo_relay_unheard_speech_regions_total") == ledger.unheard, ledger.as_dict()
     assert abs(metric_sum(m, "echo_relay_unheard_speech_seconds_total") - ledger.unheard_s) < 1e-6
+    assert metric_sum(m, "echo_relay_uncovered_speech_utterances_total") == ledger.uncovered, ledger.as_dict()
+    assert abs(metric_sum(m, "echo_relay_uncovered_speech_seconds_total") - ledger.uncovered_s) < 1e-6
+    assert ledger.uncovered <= ledger.closed, ledger.as_dict()
     if single_piece:
         assert metric_sum(m, "echo_relay_send_failures_total") == ledger.undeliverable, ledger.as_dict()
     sent = list(sent)
