@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import dataclasses
 import functools
 import random
 import re
@@ -194,9 +195,11 @@ def real_engine() -> SyncAsrEngine:
 class AsrFault:
     """`raise`: the decode raises (from the engine's thread); `slow`: the answer comes `seconds` late
     without occupying the engine (a slow remote engine); `block`: the engine's own thread is blocked for
-    `seconds` before decoding (a hung local decode: later utterances wait behind it)."""
+    `seconds` before decoding (a hung local decode: later utterances wait behind it); `empty`: the real decode's
+    text is replaced by nothing (a decoder that skipped all the speech, with no gate verdict); `tail`: only its
+    last quarter of words is kept (a decoder that skipped the first sentences)."""
 
-    kind: str  # raise | slow | block
+    kind: str  # raise | slow | block | empty | tail
     seconds: float = 0.0
 
 
@@ -252,7 +255,13 @@ class FaultyAsr(AsrEngine):
             await asyncio.sleep(fault.seconds)
         if fault is not None and fault.kind == "block":
             await loop.run_in_executor(executor, time.sleep, fault.seconds)
-        return await self.inner.transcribe(audio, meta)
+        tr = await self.inner.transcribe(audio, meta)
+        if fault is not None and fault.kind in ("empty", "tail"):
+            words = tr.text.split()
+            text = "" if fault.kind == "empty" else " ".join(words[len(words) - len(words) // 4:])
+            extra = {k: v for k, v in tr.extra.items() if not k.startswith("uncovered")}  # the engine's verdict
+            tr = dataclasses.replace(tr, text=text, extra=extra)
+        return tr
 
     async def close(self) -> None:  # the inner engine is shared: never closed here
         return None

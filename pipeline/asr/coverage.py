@@ -47,6 +47,20 @@ def letters(text: str) -> int:
     return sum(1 for c in text if unicodedata.category(c)[0] in "LN")
 
 
+def distinct_letters(text: str) -> int:
+    """Letters of the distinct words of `text`: a decoder loop ("illustration buttons illustration buttons ...")
+    adds none, so two decodes of the same audio compare by what each has heard."""
+    return sum(letters(w) for w in {w.strip(".,;:!?\"'()").lower() for w in text.split()})
+
+
+def repeats(text: str, other: str, share: float = 0.5) -> bool:
+    """At least `share` of the words of `text` are already in `other` (a part decoded alone that only says again
+    what the decode of the whole wrote: Whisper's segment times were off)."""
+    seen = {w.strip(".,;:!?\"'()").lower() for w in other.split()}
+    words = [w.strip(".,;:!?\"'()").lower() for w in text.split()]
+    return bool(words) and sum(w in seen for w in words) >= share * len(words)
+
+
 def expected_rate(language: str | None) -> float:
     """Expected letters per second of speech in `language` (None or unknown: DEFAULT_LETTERS_PER_S)."""
     return EXPECTED_LETTERS_PER_S.get((language or "").lower(), DEFAULT_LETTERS_PER_S)

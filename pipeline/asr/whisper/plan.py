@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.asr.coverage import UNCOVERED_MIN_S, Coverage, assess
+from pipeline.asr.coverage import UNCOVERED_MIN_S, Coverage, assess, distinct_letters, repeats
 from pipeline.asr.gate import gate, normalize_phrase, rms_dbfs
 from pipeline.asr.whisper.decoder import TEMPERATURE_FALLBACK, WindowDecoder
 from pipeline.asr.whisper.window import (
@@ -160,7 +160,7 @@ def second_pass(d: Decode, cov: Coverage, samples: np.ndarray, features: np.ndar
                                 timestamps=True)
     ts_cov = _coverage(ts, meta, duration)
     passes = ["timestamps"]
-    if kept(ts) and not ts.degenerate_reason and ts_cov.ratio > cov.ratio:
+    if kept(ts) and not ts.degenerate_reason and distinct_letters(ts.text) > distinct_letters(d.text):
         best, best_cov = ts, ts_cov
     else:
         best, best_cov = d, cov
@@ -173,7 +173,7 @@ def second_pass(d: Decode, cov: Coverage, samples: np.ndarray, features: np.ndar
             part = yield from window_plan(decoder.features(samples[int(lo * SAMPLE_RATE):int(hi * SAMPLE_RATE)]),
                                           hi - lo, s)
             passes.append(f"part {lo:.1f}-{hi:.1f} s")
-            if kept(part) and not part.degenerate_reason and part.text:
+            if kept(part) and not part.degenerate_reason and part.text and not repeats(part.text, best.text):
                 pieces.append((a, part.text))
                 covered.append((a, b))
                 if a >= max(g.end for g in ts.segments):
