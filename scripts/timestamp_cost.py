@@ -6,8 +6,8 @@ For each of the 10 LibriSpeech dev-clean clips (the clean bench stream's), the f
 ladder (pipeline/asr/whisper/plan.py `window_plan`: short window, fallbacks) decodes the whole clip, once without
 timestamps (what the relay does) and once with them, alternately, `--reps` times (interleaved, so a busy shared
 machine slows both alike). Prints a table per clip: decode time (median of the repetitions), tokens generated, and
-whether the text is the same; and the totals. CPU time of single decodes: run it on a quiet machine for figures to
-quote.
+the WER of each (whisper_normalizer, as scripts/bench.py); and the totals. CPU time of single decodes:
+run it on a quiet machine for figures to quote.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+import jiwer  # noqa: E402
 
 from pipeline.asr.models import bundled_model_dir  # noqa: E402
 from pipeline.asr.whisper import FasterWhisperEngine  # noqa: E402
@@ -67,18 +69,28 @@ def main() -> int:
                 times.setdefault((clip.stem, ts), []).append(seconds)
                 last[clip.stem, ts] = d
     print(f"model {model}; {args.reps} repetitions, interleaved; median decode seconds\n")
-    print("| clip | audio | without timestamps | with timestamps | ratio | tokens without / with | same text |")
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    norm = EnglishTextNormalizer()
+    print("| clip | audio | without timestamps | with timestamps | ratio | tokens without / with "
+          "| WER without / with |")
     print("|---|---|---|---|---|---|---|")
     total = {False: 0.0, True: 0.0}
+    errors = {False: 0.0, True: 0.0}
     for clip in clips:
         a, b = (statistics.median(times[clip.stem, ts]) for ts in (False, True))
         total[False] += a
         total[True] += b
         da, db = last[clip.stem, False], last[clip.stem, True]
-        same = da.text.strip() == db.text.strip()
+        ref = " ".join(norm(clip.with_suffix(".ref.txt").read_text(encoding="utf-8")).split())
+        wa, wb = (float(jiwer.wer(ref, " ".join(norm(x.text).split()) or "-")) for x in (da, db))
+        errors[False] += wa
+        errors[True] += wb
         print(f"| {clip.stem} | {len(decode_file(clip)) / SAMPLE_RATE:.1f} s | {a:.3f} s | {b:.3f} s | {b / a:.2f} | "
-              f"{len(da.tokens)} / {len(db.tokens)} | {'yes' if same else 'no'} |")
-    print(f"| total | | {total[False]:.3f} s | {total[True]:.3f} s | {total[True] / total[False]:.2f} | | |")
+              f"{len(da.tokens)} / {len(db.tokens)} | {100 * wa:.1f} / {100 * wb:.1f} % |")
+    n = len(clips)
+    print(f"| total | | {total[False]:.3f} s | {total[True]:.3f} s | {total[True] / total[False]:.2f} | | "
+          f"{100 * errors[False] / n:.1f} / {100 * errors[True] / n:.1f} % (mean) |")
     return 0
 
 

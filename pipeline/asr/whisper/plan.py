@@ -130,7 +130,7 @@ def utterance_plan(audio: Pcm, meta: UtteranceMeta, decoder: WindowDecoder) -> P
         d = full
         reason = verdict(d)
     cov = _coverage(d, meta, duration)
-    if (features is not None and reason is None and cov.short
+    if (s.second_pass and features is not None and reason is None and cov.short
             and time.perf_counter() - t0 < s.deadline_s * SECOND_PASS_BUDGET):
         d, cov = yield from second_pass(d, cov, samples, features, meta, decoder, dbfs, context)
     return _transcript(d, reason, meta, dbfs, time.perf_counter() - t0, cov)
