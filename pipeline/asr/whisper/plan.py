@@ -6,13 +6,23 @@ utterances. The ladder:
 
     short window (greedy/beam, token budget) ──degenerate──▶ full 30 s window ──degenerate──▶ 30 s at T=0.2, 0.4
         │                                                                       (best non-repetitive one wins)
-        └─ gate says no_speech / low_logprob, or Whisper doubts it ──▶ the same ladder from the full window
+        ├─ gate says no_speech / low_logprob, or Whisper doubts it ──▶ the same ladder from the full window
+        └─ too few words for the VAD's speech ──▶ the same ladder with timestamps ──▶ uncovered stretches alone
 
 - **Fallback.** A short-window result that looks degenerate (hit the token budget, compression ratio above
   `gate.max_compression_ratio`, or a phrase repeated back to back) is decoded again with the full 30 s window; if
   that is still degenerate, at sampling temperatures 0.2 and 0.4.
 - **Second opinion.** A short window padded with many seconds of zero features makes Whisper doubt very short and
   weak utterances; before dropping or mangling speech the VAD found, the full window is asked once.
+- **Second pass** (`asr.second_pass`). Every decode is compared with the VAD's speech in its audio
+  (pipeline/asr/coverage.py: letters per second of speech against the language's rate; segment times when it has
+  them). One that leaves speech out (without timestamps Whisper may skip a whole first sentence in noise) is
+  decoded again with timestamps, the same ladder; the decode that has more distinct letters stands. A stretch of
+  a second or more that the timestamped decode's segments do not reach is then decoded alone and its words put in
+  by time. Each is a further request of the plan (a later scheduler round: other utterances' first windows go
+  first), started only while the plan has used less than SECOND_PASS_BUDGET of `asr.deadline_s`, and not for
+  interim decodes. What is still left out is reported in `Transcript.extra` (`uncovered_s`, `uncovered_why`): the
+  relay counts it (pipeline/delivery.py).
 - **Gate**: `pipeline.asr.gate` drops hallucinations (no speech, low log-probability, loops, phantom phrases on
   near-silence); the verdict is `Transcript.dropped_reason`. Plans do not count drops: the relay's delivery counts
   the ones it accounts (a speculative decode may be thrown away).
@@ -130,7 +140,7 @@ def utterance_plan(audio: Pcm, meta: UtteranceMeta, decoder: WindowDecoder) -> P
         d = full
         reason = verdict(d)
     cov = _coverage(d, meta, duration)
-    if (s.second_pass and features is not None and reason is None and cov.short
+    if (s.second_pass and meta.decode != "interim" and features is not None and reason is None and cov.short
             and time.perf_counter() - t0 < s.deadline_s * SECOND_PASS_BUDGET):
         d, cov = yield from second_pass(d, cov, samples, features, meta, decoder, dbfs, context)
     return _transcript(d, reason, meta, dbfs, time.perf_counter() - t0, cov)
