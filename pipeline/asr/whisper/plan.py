@@ -170,7 +170,8 @@ def second_pass(d: Decode, cov: Coverage, samples: np.ndarray, features: np.ndar
                                 timestamps=True)
     ts_cov = _coverage(ts, meta, duration)
     passes = ["timestamps"]
-    if kept(ts) and not ts.degenerate_reason and distinct_letters(ts.text) > distinct_letters(d.text):
+    # A tie goes to the timestamped decode: its segment times say where the speech it left out is.
+    if kept(ts) and not ts.degenerate_reason and distinct_letters(ts.text) >= distinct_letters(d.text):
         best, best_cov = ts, ts_cov
     else:
         best, best_cov = d, cov
