@@ -37,9 +37,9 @@ EXPECTED_LETTERS_PER_S: dict[str, float] = {
     "th": 9.0, "lo": 9.0, "my": 6.0, "km": 6.0,
 }
 LOW_COVERAGE = 0.5  # a decode with fewer letters than this share of the expected ones has left speech out
-MIN_JUDGED_SPEECH_S = 1.0  # less speech than this: too few letters for a rate to mean anything
+MIN_JUDGED_SPEECH_S = 1.5  # less speech than this: too few letters for a rate to mean anything
 SEGMENT_SLACK_S = 0.5  # a segment covers speech up to this far beyond its own times
-UNCOVERED_MIN_S = 1.0  # a stretch of speech shorter than this no segment reaches is not worth another decode
+UNCOVERED_MIN_S = 1.0  # less speech left out than this is not worth another decode (nor counted)
 
 
 def letters(text: str) -> int:
@@ -91,7 +91,10 @@ class Coverage:
 
     @property
     def low_rate(self) -> bool:
-        return self.ratio < LOW_COVERAGE
+        """Under LOW_COVERAGE of the expected letters, and the missing ones would take UNCOVERED_MIN_S of speech
+        or more: in a short utterance a few letters are within a speaker's own pace (jfk's 1 s "Ask not!" has
+        half the letters of a read second; a word stretched with pauses inside it, fewer)."""
+        return self.ratio < LOW_COVERAGE and self.speech_s * (1.0 - self.ratio) >= UNCOVERED_MIN_S
 
     @property
     def uncovered_s(self) -> float:
