@@ -8,9 +8,11 @@ nothing or only their last words.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,8 +30,10 @@ from faults import (
     words,
 )
 
+from pipeline.asr.base import SyncAsrEngine
 from pipeline.asr.coverage import LOW_COVERAGE, assess, letters
-from pipeline.config import Settings
+from pipeline.asr.scheduler import AsrScheduler
+from pipeline.config import AsrBatchSettings, Settings
 from pipeline.frames import SAMPLE_RATE, Pcm, Transcript, Utterance, UtteranceMeta
 from pipeline.metrics import Metrics
 from pipeline.source.file import decode_file
@@ -167,3 +171,56 @@ async def test_the_counter_moves_when_a_decode_returns_nothing_or_only_its_last_
     assert "uncovered speech in u3" in caplog.text and "letters expected" in caplog.text
     delivered = {o.utterance_id for o in sink.sent}
     assert "u3" in delivered and "u2" not in delivered and {"u1", "u4"} <= delivered
+
+
+class RecordingRounds(SyncAsrEngine):
+    """The session's tiny.en engine driven round by round by the shared scheduler (`serve`), remembering each
+    round's requests as (utterance id, timestamps)."""
+
+    name = "faster-whisper"
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.inner = shared_engine()
+        self.rounds: list[list[tuple[str, bool]]] = []
+        self._ids: dict[int, str] = {}
+
+    def transcribe_sync(self, audio: Pcm, meta: UtteranceMeta) -> Transcript:
+        raise AssertionError("the scheduler drives a round engine round by round")
+
+    def plan(self, audio: Pcm, meta: UtteranceMeta) -> Any:
+        inner = self.inner.plan(audio, meta)
+        request = next(inner)
+        while True:
+            self._ids[id(request)] = meta.utterance_id
+            try:
+                request = inner.send((yield request))
+            except StopIteration as done:
+                return done.value
+
+    def decode_round(self, requests: list[Any]) -> list[Any]:
+        self.rounds.append([(self._ids[id(r)], r.timestamps) for r in requests])
+        return self.inner.decode_round(requests)
+
+
+async def test_a_second_pass_is_further_rounds_that_other_relays_do_not_wait_for() -> None:
+    """In `serve`, relay a's utterance needs a second pass (its 12 s of speech decode as two words); relay b's
+    utterance, asked for while a's first round runs, is decoded in the next round, before a's second pass."""
+    engine = RecordingRounds()
+    scheduler = AsrScheduler(engine, AsrBatchSettings(gather_ms=0))
+    a, b = scheduler.client("a"), scheduler.client("b")
+    short = decode_file(SPEECH / "clapclap/librispeech_dev_clean/2078-142845-0041.flac")  # "illustration buns"
+    long_audio = np.concatenate([short, np.zeros(10 * SAMPLE_RATE, np.int16)])
+    claimed = UtteranceMeta("ua", 0.0, 12.7, speech_spans=((0.3, 12.6),))  # the VAD heard 12 s of speech
+    jfk = decode_file(SPEECH / "whisper.cpp/jfk.wav")[:int(2.2 * SAMPLE_RATE)]
+    first = asyncio.ensure_future(a.transcribe(long_audio, claimed))
+    while not engine.rounds:
+        await asyncio.sleep(0.005)
+    second = asyncio.ensure_future(b.transcribe(jfk, UtteranceMeta("ub", 0.0, 2.2)))
+    tr_a, tr_b = await asyncio.gather(first, second)
+    await scheduler.close()
+    order = [x for r in engine.rounds for x in r]
+    assert order[:2] == [("ua", False), ("ub", False)], engine.rounds
+    assert ("ua", True) in order[2:]  # the timestamped pass, after b's decode
+    assert "second_pass" in tr_a.extra and tr_a.extra["uncovered_s"] > 5.0  # 10 s of "speech" it has no words for
+    assert word_recall("and so my fellow americans", tr_b.text) >= 0.75
