@@ -15,8 +15,10 @@ from pipeline.asr.coverage import (
     MIN_JUDGED_SPEECH_S,
     UNCOVERED_MIN_S,
     assess,
+    distinct_letters,
     expected_rate,
     letters,
+    repeats,
     subtract,
 )
 from pipeline.config import Settings
@@ -101,3 +103,12 @@ def test_the_vad_speech_spans_give_every_clean_clip_a_plausible_rate() -> None:
                                                               strict=True))
         cov = assess(ref, lang, [(a / SAMPLE_RATE, b / SAMPLE_RATE) for a, b in spans])
         assert not cov.short, (clip, lang, cov)
+
+
+def test_a_loop_adds_no_distinct_letters_and_a_repeated_part_is_recognised() -> None:
+    assert distinct_letters("illustration buttons illustration buttons illustration buttons") == \
+        distinct_letters("Illustration buttons.")
+    assert distinct_letters("He remained upstairs. And I will see.") > distinct_letters("And I will see.")
+    assert repeats("illustration funds.", "and illustration funds")
+    assert not repeats("He remained upstairs until after the early dawn.", "and illustration funds")
+    assert not repeats("", "anything")
