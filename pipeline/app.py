@@ -134,6 +134,9 @@ async def run_daemon(settings: Settings, relay: Relay | None = None, *, view: bo
     # dropped, so an operator sees what was not heard (vad.unheard_threshold).
     log.log(logging.WARNING if ledger.unheard else logging.INFO, "unheard speech: %d region(s), %.1f s",
             ledger.unheard, ledger.unheard_s)
+    # Speech inside utterances that the decoder left out (pipeline/asr/coverage.py; each is logged with its reason).
+    log.log(logging.WARNING if ledger.uncovered else logging.INFO, "speech left out by the decoder: %d "
+            "utterance(s), %.1f s", ledger.uncovered, ledger.uncovered_s)
     asr_lost = sum(ledger.dropped.get(reason, 0) for reason in ASR_FAILURES)
     if asr_lost:  # speech that was never recognised (the engine failed or missed its deadline), not a gate verdict
         log.error("%d of %d utterance(s) lost to ASR failures (%s; the reasons are logged above)", asr_lost,

@@ -479,6 +479,9 @@ class AsrSettings(_Section):
     initial_prompt: str | None = Field(None, description="text that primes vocabulary and style")
     hotwords: str | None = Field(None, description="words to bias decoding towards")
     short_window: bool = Field(True, description="encode max(10 s, utterance + 1 s) instead of always 30 s")
+    second_pass: bool = Field(True, description="decode again, with timestamps, an utterance whose decode leaves "
+                                                "part of the VAD's speech out (pipeline/asr/coverage.py); what "
+                                                "stays out is counted either way")
     deadline_s: float = _num(10.0, gt=0, le=MAX_TIMEOUT_S, description="per-utterance ASR deadline; past it the "
                                                                        "utterance is dropped")
     gate: GateSettings = GateSettings()

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import protocol
+from pipeline.asr import coverage
 from pipeline.config import Settings
 from pipeline.control.api import InterruptOutcome, QueueFull
 from pipeline.dsp import resample
@@ -67,6 +68,8 @@ class Ledger:
     undeliverable: int = 0
     unheard: int = 0  # speech-like regions the VAD never opened an utterance on (not in `closed`)
     unheard_s: float = 0.0
+    uncovered: int = 0  # utterances whose decode left part of their speech out (in `closed`: counted there too)
+    uncovered_s: float = 0.0  # seconds of speech those decodes left out
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -84,7 +87,8 @@ class Ledger:
     def as_dict(self) -> dict[str, Any]:
         return {"closed": self.closed, "delivered": self.delivered, "dropped": dict(self.dropped),
                 "undeliverable": self.undeliverable, "in_flight": self.closed - self.settled,
-                "unheard": {"regions": self.unheard, "seconds": round(self.unheard_s, 3)}}
+                "unheard": {"regions": self.unheard, "seconds": round(self.unheard_s, 3)},
+                "uncovered": {"utterances": self.uncovered, "seconds": round(self.uncovered_s, 3)}}
 
 
 class Origin(enum.Enum):
@@ -337,11 +341,39 @@ class Delivery:
         self.metrics.stage_latency.labels(stage="asr").observe(tr.decode_s)
         if self._interrupted(item):
             return None
+        self._check_coverage(item, tr)
         if tr.dropped_reason or not tr.text.strip():
             reason = tr.dropped_reason or "empty"
             self._drop(item, f"asr:{reason}", metric=("asr", reason))
             return None
         return tr
+
+    def _check_coverage(self, item: QueuedEcho, tr: Transcript) -> None:
+        """Speech the decoder left out of a decode (pipeline/asr/coverage.py): counted beside the ledger,
+        like unheard speech. The engine's own verdict when it gives one (`uncovered_s`, faster-whisper after its
+        second pass), else the rate check on the text. A decode the gate dropped as not speech is counted as
+        dropped instead; one that came back empty without a verdict left all of its speech out."""
+        utt = item.utterance
+        if utt is None or tr.dropped_reason not in (None, "empty"):
+            return
+        if "uncovered_s" in tr.extra:
+            seconds, why = float(tr.extra["uncovered_s"]), str(tr.extra.get("uncovered_why", ""))
+        else:
+            spans = [((a - utt.start) / SAMPLE_RATE, (b - utt.start) / SAMPLE_RATE) for a, b in utt.spans()]
+            cov = coverage.assess(tr.text, tr.language, spans)
+            seconds, why = (cov.uncovered_s, cov.why()) if cov.short else (0.0, "")
+            if not tr.text.strip() and cov.speech_s > 0:
+                seconds, why = cov.speech_s, "the decode returned no text"
+        if seconds <= 0:
+            return
+        self.ledger.uncovered += 1
+        self.ledger.uncovered_s += seconds
+        self.metrics.uncovered_utterances.inc()
+        self.metrics.uncovered_seconds.inc(seconds)
+        self.events.emit("uncovered", utterance_id=item.meta.utterance_id, start_s=round(utt.audio_start_s, 3),
+                         end_s=round(utt.audio_end_s, 3), seconds=round(seconds, 3), why=why)
+        log.info("uncovered speech in %s at %.2f-%.2f s (%.2f s): %s (text: %r)", item.meta.utterance_id,
+                 utt.audio_start_s, utt.audio_end_s, seconds, why, tr.text)
 
     async def _send(self, item: QueuedEcho, messages: list[dict[str, Any]], text: str) -> None:
         """Hand the item's messages to the sink one by one; stop at the first the sink gives up on."""

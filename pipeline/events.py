@@ -16,6 +16,8 @@ Kinds and their fields (docs/control-api.md "Event stream" is the reference for 
                      outcome: delivered | dropped | undeliverable
     interrupt        sent, dropped, detail
     unheard          start_s, end_s, seconds, why       speech-like audio that never became an utterance
+    uncovered        utterance_id, start_s, end_s,      speech of an utterance its decode left out, after the
+                     seconds, why                      second pass (pipeline/asr/coverage.py)
     perception       utterance_id, results, late, failed  analyzer results ({name: dict}) before the echo; late
                                                        ones again when they come (results = just theirs)
     video            results                           video analyzers' results on the latest camera frame

@@ -16,6 +16,11 @@ SAMPLE_RATE = 16_000  # Whisper's rate; every source resamples to it
 Pcm = npt.NDArray[np.int16]
 
 
+# Pauses inside an utterance shorter than this do not split its speech spans (`Utterance.speech_spans`): gaps
+# between words stay inside a span, pauses between phrases separate spans.
+SPAN_GAP_MS = 250
+
+
 def samples_to_s(samples: int) -> float:
     return samples / SAMPLE_RATE
 
@@ -60,7 +65,9 @@ class Utterance:
     """One stretch of speech closed by the VAD segmenter.
 
     `audio` starts at `start` (pre-roll included) and ends at `end` (hangover included);
-    `speech_start`/`speech_end` are the VAD's own speech bounds inside it.
+    `speech_start`/`speech_end` are the VAD's own speech bounds inside it, and `speech_spans` its runs of
+    speech between them (stream positions; pauses of `SPAN_GAP_MS` or more split them). Empty: one span,
+    `speech_start`..`speech_end`.
     """
 
     id: str
@@ -69,6 +76,11 @@ class Utterance:
     speech_start: int
     speech_end: int
     reason: EndReason = "silence"
+    speech_spans: tuple[tuple[int, int], ...] = ()
+
+    def spans(self) -> tuple[tuple[int, int], ...]:
+        """The speech spans (at least the one from `speech_start` to `speech_end`)."""
+        return self.speech_spans or ((self.speech_start, self.speech_end),)
 
     @property
     def end(self) -> int:
@@ -133,4 +145,7 @@ class UtteranceMeta:
     context: str = ""
     # What the perception analyzers found (pipeline/perception/), by analyzer name; filled before the transforms.
     perception: dict[str, Any] = field(default_factory=dict)
+    # The VAD's speech spans in the audio the ASR engine gets, in seconds from its first sample (empty: unknown,
+    # the whole audio); engines compare their decode with them (pipeline/asr/coverage.py).
+    speech_spans: tuple[tuple[float, float], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)

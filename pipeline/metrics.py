@@ -94,6 +94,11 @@ class Metrics:
                                        "utterance (VAD probability >= vad.unheard_threshold)", registry=r)
         self.unheard_seconds = Counter(p + "unheard_speech_seconds", "seconds of speech-like audio in those regions",
                                        registry=r)
+        self.uncovered_utterances = Counter(p + "uncovered_speech_utterances", "utterances whose decode left part of "
+                                            "their speech out, after the second pass (pipeline/asr/coverage.py)",
+                                            registry=r)
+        self.uncovered_seconds = Counter(p + "uncovered_speech_seconds", "seconds of speech those decodes left out",
+                                         registry=r)
         self.audio_overflows = Counter(p + "audio_overflows", "input overflows reported by the device", registry=r)
         self.audio_reopens = Counter(p + "audio_reopens", "times the input device was reopened", registry=r)
         self.speculative = Counter(p + "speculative_decodes", "speculative decodes, by outcome", ["outcome"],

@@ -290,6 +290,8 @@ class Relay:
         meta.decode = kind
         prefix = self.speculator.prefix(utt)
         rest = crop(utt, prefix)
+        meta.speech_spans = tuple(((a - rest.start) / SAMPLE_RATE, (b - rest.start) / SAMPLE_RATE)
+                                  for a, b in rest.spans())  # in the audio the engine gets
         if rest is utt or prefix is None:
             return asyncio.ensure_future(self.asr.transcribe(utt.audio, meta))
         meta.context = prefix.transcript.text

@@ -405,8 +405,9 @@ class RelayPool:
             else:
                 managed.finish(RelayPhase.ENDED, None)
             log.info("relay %s %s: %d utterance(s), %d delivered, %d dropped, %d undeliverable; unheard %d "
-                     "region(s), %.1f s", managed.id, managed.phase.value, ledger.closed, ledger.delivered,
-                     sum(ledger.dropped.values()), ledger.undeliverable, ledger.unheard, ledger.unheard_s)
+                     "region(s), %.1f s; left out by the decoder %d utterance(s), %.1f s", managed.id,
+                     managed.phase.value, ledger.closed, ledger.delivered, sum(ledger.dropped.values()),
+                     ledger.undeliverable, ledger.unheard, ledger.unheard_s, ledger.uncovered, ledger.uncovered_s)
         finally:
             if managed.phase.active:  # cancelled
                 managed.finish(RelayPhase.FAILED, "cancelled")

@@ -62,8 +62,10 @@ def crop(utt: Utterance, prefix: Prefix | None) -> Utterance:
     """The part of `utt` after its committed beginning (all of it when there is none)."""
     if prefix is None or prefix.utterance_id != utt.id or not utt.start < prefix.end < utt.end:
         return utt
+    spans = tuple((max(a, prefix.end), b) for a, b in utt.spans() if b > prefix.end)
     return Utterance(id=utt.id, audio=utt.audio[prefix.end - utt.start:], start=prefix.end,
-                     speech_start=max(utt.speech_start, prefix.end), speech_end=utt.speech_end, reason=utt.reason)
+                     speech_start=max(utt.speech_start, prefix.end), speech_end=utt.speech_end, reason=utt.reason,
+                     speech_spans=spans)
 
 
 def join(prefix: Transcript, rest: Transcript) -> Transcript:

@@ -96,6 +96,8 @@ class ViewState:
     unheard: int = 0
     unheard_s: float = 0.0
     unheard_why: str = ""
+    uncovered: int = 0  # utterances whose decode left speech out (pipeline/asr/coverage.py)
+    uncovered_s: float = 0.0
     interrupts: int = 0
     last_interrupt: str = ""
     ledger: dict[str, Any] | None = None
@@ -157,6 +159,11 @@ class ViewState:
         self.unheard_s += d.get("seconds") or 0.0
         self.unheard_why = d.get("why", "")
 
+    def _on_uncovered(self, d: dict[str, Any]) -> None:
+        self.uncovered += 1
+        self.uncovered_s += d.get("seconds") or 0.0
+        self.problems.append(f"{d.get('utterance_id')} left out {d.get('seconds') or 0.0:.1f} s: {d.get('why', '')}")
+
     def _on_interrupt(self, d: dict[str, Any]) -> None:
         self.interrupts += 1
         self.last_interrupt = d.get("detail") or ""
@@ -190,6 +197,9 @@ def render(state: ViewState) -> RenderableType:
     if state.unheard_why:
         unheard.append(f"  last: {state.unheard_why}", style="dim")
     foot.add_row("unheard", unheard)
+    if state.uncovered:  # shown once the decoder has left speech out (a row more in the view)
+        foot.add_row("left out", Text(f"{state.uncovered} utterance(s), {state.uncovered_s:.1f} s by the decoder",
+                                      style="yellow"))
     if state.interrupts:
         foot.add_row("interrupts", f"{state.interrupts}  last: {state.last_interrupt}")
     for i, problem in enumerate(state.problems):

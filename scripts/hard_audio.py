@@ -645,7 +645,7 @@ def md_cell(text: str, limit: int = 120) -> str:
 
 
 # "lost ..." and the relay's end-of-run "unheard speech: N region(s), X s" (not its per-region lines)
-LOST_LINE = re.compile(r"lost|unheard speech:", re.IGNORECASE)
+LOST_LINE = re.compile(r"lost|unheard speech:|left out by the decoder:", re.IGNORECASE)
 
 
 def lost_lines(log_text: str) -> list[str]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import dataclasses
 import functools
 import os
 import random
@@ -196,9 +197,11 @@ def real_engine() -> SyncAsrEngine:
 class AsrFault:
     """`raise`: the decode raises (from the engine's thread); `slow`: the answer comes `seconds` late
     without occupying the engine (a slow remote engine); `block`: the engine's own thread is blocked for
-    `seconds` before decoding (a hung local decode: later utterances wait behind it)."""
+    `seconds` before decoding (a hung local decode: later utterances wait behind it); `empty`: the real decode's
+    text is replaced by nothing (a decoder that skipped all the speech, with no gate verdict); `tail`: only its
+    last quarter of words is kept (a decoder that skipped the first sentences)."""
 
-    kind: str  # raise | slow | block
+    kind: str  # raise | slow | block | empty | tail
     seconds: float = 0.0
 
 
@@ -254,7 +257,13 @@ class FaultyAsr(AsrEngine):
             await asyncio.sleep(fault.seconds)
         if fault is not None and fault.kind == "block":
             await loop.run_in_executor(executor, time.sleep, fault.seconds)
-        return await self.inner.transcribe(audio, meta)
+        tr = await self.inner.transcribe(audio, meta)
+        if fault is not None and fault.kind in ("empty", "tail"):
+            words = tr.text.split()
+            text = "" if fault.kind == "empty" else " ".join(words[len(words) - len(words) // 4:])
+            extra = {k: v for k, v in tr.extra.items() if not k.startswith("uncovered")}  # the engine's verdict
+            tr = dataclasses.replace(tr, text=text, extra=extra)
+        return tr
 
     async def close(self) -> None:  # the inner engine is shared: never closed here
         return None
@@ -850,6 +859,9 @@ def check_invariants(relay: Any, sent: Iterable[Outgoing], *, api_messages: int 
     assert drops == expected, f"metrics {drops} disagree with the ledger {ledger.dropped}"
     assert metric_sum(m, "echo_relay_unheard_speech_regions_total") == ledger.unheard, ledger.as_dict()
     assert abs(metric_sum(m, "echo_relay_unheard_speech_seconds_total") - ledger.unheard_s) < 1e-6
+    assert metric_sum(m, "echo_relay_uncovered_speech_utterances_total") == ledger.uncovered, ledger.as_dict()
+    assert abs(metric_sum(m, "echo_relay_uncovered_speech_seconds_total") - ledger.uncovered_s) < 1e-6
+    assert ledger.uncovered <= ledger.closed, ledger.as_dict()
     if single_piece:
         assert metric_sum(m, "echo_relay_send_failures_total") == ledger.undeliverable, ledger.as_dict()
     sent = list(sent)

@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 from asr_fixtures import shared_engine
 
-from pipeline.asr.whisper.decoder import TEMPERATURE_FALLBACK, degenerate_reason, sentence_end_prob
-from pipeline.asr.whisper.plan import doubtful, looks_like_silence, window_plan
+from pipeline.asr.whisper.decoder import (
+    TEMPERATURE_FALLBACK,
+    WindowDecoder,
+    degenerate_reason,
+    sentence_end_prob,
+    timestamp_segments,
+)
+from pipeline.asr.whisper.plan import PART_PAD_S, doubtful, looks_like_silence, utterance_plan, window_plan
 from pipeline.asr.whisper.prompts import CONTEXT_TOKENS
 from pipeline.asr.whisper.window import (
     FULL_WINDOW_S,
@@ -18,12 +24,14 @@ from pipeline.asr.whisper.window import (
     SHORT_WINDOW_MAX_S,
     Decode,
     Request,
+    Segment,
     pad_features,
     to_float,
     token_budget,
     window_s,
 )
 from pipeline.config import AsrSettings, GateSettings
+from pipeline.frames import SAMPLE_RATE, UtteranceMeta
 
 
 # ------------------------------------------------------------------------------------------ window.py
@@ -164,3 +172,85 @@ def test_the_prompt_book_builds_prompts_and_context_from_the_real_tokenizer() ->
     long_text = " ".join(["word"] * 200)
     assert len(prompts.context_tokens(long_text, "en")) == CONTEXT_TOKENS  # only the last tokens
     assert prompts.suppressed("en") and tok.eot not in prompts.suppressed("en")
+    # With timestamps: the same prompt without <|notimestamps|>, so Whisper writes segment times.
+    timed = prompts.prompt("en", timestamps=True)
+    assert tok.no_timestamps not in timed and timed == plain[:-1]
+    assert tok.no_timestamps not in prompts.prompt("en", context, timestamps=True)
+
+
+# ---------------------------------------------------------------------------------- timestamps, second pass
+def test_timestamp_segments_are_read_from_the_tokens() -> None:
+    tb = 50_000  # the first timestamp token; text tokens are below it
+    texts = {1: "He", 2: " remained", 3: " And", 4: " I"}
+
+    def dec(tokens: list[int]) -> str:
+        return "".join(texts[t] for t in tokens)
+
+    tokens = [tb + 0, 1, 2, tb + 100, tb + 100, 3, tb + 250, tb + 300, 4]  # the last segment is left open
+    assert timestamp_segments(tokens, tb, 9.5, dec) == (
+        Segment(0.0, 2.0, "He remained"), Segment(2.0, 5.0, "And"), Segment(6.0, 9.5, "I"))
+    assert timestamp_segments([1, 2], tb, 9.5, dec) == ()  # no timestamps: no segments
+    assert Request(FEATS, 10, 0.0, None).key != Request(FEATS, 10, 0.0, None, timestamps=True).key
+
+
+def _timed(text: str, segments: list[tuple[float, float, str]], **kw: float) -> Decode:
+    d = _decode(text, **kw)  # type: ignore[arg-type]
+    d.segments = tuple(Segment(*s) for s in segments)
+    return d
+
+
+def test_a_decode_that_skips_the_first_sentence_gets_a_timestamped_pass_then_the_gap_alone() -> None:
+    """12 s of speech decoded as one short sentence (a 13 s utterance): the plan decodes it again with timestamps;
+    that decode covers only 6-12.4 s, so the speech before it is decoded alone, and its words go first."""
+    engine = shared_engine()
+    audio = (np.random.default_rng(0).standard_normal(13 * SAMPLE_RATE) * 300).astype(np.int16)
+    meta = UtteranceMeta("u1", 0.0, 13.0, speech_spans=((0.3, 5.7), (6.1, 12.6)))
+    second = "And I will see that there is no shirking about the boys or about the girls either."
+    first = "He remained upstairs until after the early dawn showed Mary that she need have no fear."
+    plan = utterance_plan(audio, meta, engine.decoder)
+    asked: list[Request] = []
+    answers = [_decode(second), _timed(second, [(6.0, 12.4, second)]), _decode(first)]
+    req = plan.send(None)
+    with pytest.raises(StopIteration) as done:
+        for answer in answers:
+            asked.append(req)
+            req = plan.send(answer)
+    tr = done.value.value
+    assert [r.timestamps for r in asked] == [False, True, False]
+    # The speech 0.3-5.5 s (the segment reaches 0.5 s before its start) with PART_PAD_S either side, alone.
+    assert asked[2].features.shape[-1] == pytest.approx((5.5 + PART_PAD_S) * 100, abs=2)
+    assert tr.text == f"{first} {second}"
+    assert tr.extra["second_pass"] == ["timestamps", "part 0.0-5.8 s"]
+    assert tr.extra["uncovered_s"] == 0.0 and "uncovered_why" not in tr.extra
+
+
+def test_speech_no_pass_recovers_is_reported_with_its_seconds_and_reason() -> None:
+    engine = shared_engine()
+    audio = (np.random.default_rng(0).standard_normal(13 * SAMPLE_RATE) * 300).astype(np.int16)
+    meta = UtteranceMeta("u1", 0.0, 13.0, speech_spans=((0.3, 12.6),))
+    plan = utterance_plan(audio, meta, engine.decoder)
+    req = plan.send(None)
+    asked = [req]
+    with pytest.raises(StopIteration) as done:
+        for answer in [_decode("Either."), _decode("Either.")]:
+            req = plan.send(answer)
+            asked.append(req)
+    tr = done.value.value
+    assert [r.timestamps for r in asked[:2]] == [False, True]
+    assert tr.text == "Either." and tr.extra["uncovered_s"] > 10.0
+    assert "letters expected for 12.3 s of speech" in tr.extra["uncovered_why"]
+
+
+def test_no_second_pass_when_off_or_for_interim_decodes() -> None:
+    engine = shared_engine()
+    off = WindowDecoder(engine.decoder.model, engine.decoder.prompts,
+                        engine.settings.model_copy(update={"second_pass": False}), engine.decoder.fixed_language)
+    audio = (np.random.default_rng(0).standard_normal(13 * SAMPLE_RATE) * 300).astype(np.int16)
+    interim = UtteranceMeta("u1", 0.0, 13.0, speech_spans=((0.3, 12.6),), decode="interim")
+    final = UtteranceMeta("u1", 0.0, 13.0, speech_spans=((0.3, 12.6),))
+    for meta, decoder in ((interim, engine.decoder), (final, off)):
+        plan = utterance_plan(audio, meta, decoder)
+        plan.send(None)
+        with pytest.raises(StopIteration) as done:
+            plan.send(_decode("Either."))
+        assert done.value.value.extra["uncovered_s"] > 10.0  # still counted, no pass tried

@@ -460,6 +460,16 @@ async def test_the_live_page_follows_a_real_run_in_chromium(clip_file: Path, chr
                                    js="return {interrupt: document.getElementById('interrupt-result').textContent}")
         assert result["interrupt"] == "interrupt sent"
         assert [o.event for o in sink.sent] == ["echo", "interrupt"]
+        # Speech the decoder left out (pipeline/asr/coverage.py): its counter from `stats`, its reason from the event.
+        assert relay.ledger.as_dict()["uncovered"] == {"utterances": 0, "seconds": 0.0}
+        ledger = {**relay.ledger.as_dict(), "uncovered": {"utterances": 1, "seconds": 4.2}}
+        relay.events.emit("uncovered", utterance_id="u9", start_s=1.0, end_s=9.0, seconds=4.2,
+                          why="the decode has 31% of the letters expected for 7.8 s of speech")
+        relay.events.emit("stats", ledger=ledger, queues={"delivery": 0}, sink={})
+        left_out = await _until_page(driver, lambda s: s["uncovered"] == "1 (4.20 s)", "speech left out", js=(
+            "return {uncovered: document.getElementById('uncovered').textContent,"
+            " errors: document.getElementById('errors').textContent}"))
+        assert "u9 speech left out 4.20 s: the decode has 31% of the letters expected" in left_out["errors"]
         urls = requested_urls(driver)
         errors = console_errors(driver)
 

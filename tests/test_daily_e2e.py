@@ -182,7 +182,8 @@ def assert_echoes_match_clips(inbox: list[dict[str, Any]], names: list[str], con
 def assert_all_delivered(relay: Relay, n: int) -> None:
     ledger = relay.ledger
     assert ledger.as_dict() == {"closed": n, "delivered": n, "dropped": {}, "undeliverable": 0, "in_flight": 0,
-                                "unheard": {"regions": 0, "seconds": 0.0}}
+                                "unheard": {"regions": 0, "seconds": 0.0},
+                                "uncovered": {"utterances": 0, "seconds": 0.0}}
     assert relay.metrics.value("echo_relay_send_failures_total") == 0
     assert relay.metrics.value("echo_relay_echoes_sent_total", {"source": "speech"}) == n
     assert relay.failed is None
@@ -418,7 +419,8 @@ async def test_replica_never_joins_every_utterance_is_reported_undeliverable(
     relay = await run_relay(settings)
     n = len(stream.names)
     assert relay.ledger.as_dict() == {"closed": n, "delivered": 0, "dropped": {}, "undeliverable": n,
-                                      "in_flight": 0, "unheard": {"regions": 0, "seconds": 0.0}}
+                                      "in_flight": 0, "unheard": {"regions": 0, "seconds": 0.0},
+                                      "uncovered": {"utterances": 0, "seconds": 0.0}}
     assert relay.metrics.value("echo_relay_send_failures_total") == n
     assert relay.metrics.value("echo_relay_echoes_sent_total", {"source": "speech"}) == 0
     assert rooms[0].replica_inbox == [] and rooms[0].messages == []

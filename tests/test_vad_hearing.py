@@ -211,6 +211,8 @@ def test_speech_made_undetectable_is_counted_as_unheard(tmp_path: Path, clip: st
     # With the normal threshold the same clip is heard and nothing is reported unheard.
     records, stderr = run_file(tmp_path, audio)
     assert records and "unheard speech: 0 region(s), 0.0 s" in stderr
+    # ... and the decoder left none of its speech out (pipeline/asr/coverage.py), said in the same closing lines.
+    assert "speech left out by the decoder: 0 utterance(s), 0.0 s" in stderr
 
 
 # ------------------------------------------------------------------------------- quiet and whispered

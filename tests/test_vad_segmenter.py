@@ -579,3 +579,41 @@ def test_weak_probability_continues_speech_only_well_above_the_noise_floor() -> 
     assert quiet.utterance.speech_end == 25 * F  # ended at the last frame over neg_threshold
     (clear,) = of(run(-40, onset_prob=0.9), UtteranceEnded)
     assert clear.utterance.speech_end == 25 * F
+
+
+# ------------------------------------------------------------------------------------- speech spans
+def test_speech_spans_split_at_pauses_of_span_gap_ms_and_bridge_shorter_ones() -> None:
+    """An utterance carries its runs of speech (for the ASR's coverage check, pipeline/asr/coverage.py): a pause of
+    SPAN_GAP_MS (250 ms) or more separates two spans, a shorter one (between words) does not."""
+    from pipeline.frames import SPAN_GAP_MS, ms_to_samples
+
+    gap = ms_to_samples(SPAN_GAP_MS) // F
+    params = dataclasses.replace(PARAMS, hangover_samples=(gap + 20) * F, speculative_samples=None,
+                                 max_utterance_samples=300 * F)
+    pattern = "." * 5 + "S" * 20 + "." * gap + "S" * 20 + "." * (gap - 1) + "S" * 20 + "." * (gap + 21)
+    [u] = ended(feed(Segmenter(params), decisions(pattern)))
+    assert u.spans() == ((5 * F, 25 * F), ((25 + gap) * F, (65 + 2 * gap - 1) * F))
+    assert u.spans()[0][0] == u.speech_start and u.spans()[-1][1] == u.speech_end
+
+
+def test_a_max_length_split_gives_each_part_its_own_spans() -> None:
+    params = dataclasses.replace(PARAMS, hangover_samples=40 * F)
+    pattern = "S" * 60 + "." * 30 + "S" * 60 + "." * 60  # reaches max_utterance_samples (100 frames) in the second run
+    us = ended(feed(Segmenter(params), decisions(pattern)))
+    assert len(us) == 2
+    for u in us:
+        assert u.spans()[0][0] == u.speech_start and u.spans()[-1][1] == u.speech_end
+        assert all(b > a for a, b in u.spans())
+    assert us[0].spans() == ((0, 60 * F),)
+
+
+def test_cropping_after_a_committed_beginning_keeps_the_spans_after_it() -> None:
+    from pipeline.frames import Transcript
+    from pipeline.speculation import Prefix, crop
+
+    u = Utterance("u1", np.zeros(100 * F, np.int16), 0, 5 * F, 95 * F,
+                  speech_spans=((5 * F, 40 * F), (60 * F, 95 * F)))
+    rest = crop(u, Prefix("u1", 50 * F, Transcript("a")))
+    assert rest.spans() == ((60 * F, 95 * F),)
+    rest = crop(u, Prefix("u1", 30 * F, Transcript("a")))
+    assert rest.spans() == ((30 * F, 40 * F), (60 * F, 95 * F))

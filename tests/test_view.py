@@ -392,3 +392,16 @@ def test_ctrl_c_under_the_view_logs_above_it_and_delivers_what_was_said(tmp_path
     warning = final.index("SIGINT: stopping capture")
     assert warning < final.index("╭─ echo-relay") < final.index("done: 1 utterance(s), 1 delivered"), final
     assert "✓ delivered" in final and "began" in words(final), final
+
+
+def test_speech_left_out_by_the_decoder_is_shown_with_its_reason() -> None:
+    state = ViewState(source="mic", sink="daily")
+    emit = Script(state)
+    emit(1.0, "speech_started", utterance_id="u1", at_s=0.9, prob=0.8)
+    assert "left out" not in screen_of(state, width=110)  # no row until the decoder leaves speech out
+    emit(9.0, "speech_ended", utterance_id="u1", start_s=0.9, end_s=8.9, reason="hangover")
+    emit(9.4, "uncovered", utterance_id="u1", start_s=0.9, end_s=8.9, seconds=4.2,
+         why="the decode has 31% of the letters expected for 7.8 s of speech")
+    screen = screen_of(state, width=110)
+    assert re.search(r"left out +1 utterance\(s\), 4\.2 s by the decoder", screen)
+    assert "u1 left out 4.2 s: the decode has 31% of the letters expected for 7.8 s of speech" in screen

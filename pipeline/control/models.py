@@ -235,7 +235,7 @@ class RelayInfo(BaseModel):
     sink: str
     conversation_id: str | None
     ledger: dict[str, Any] = Field(description="closed, delivered, dropped (by reason), undeliverable, in_flight, "
-                                               "unheard; as in GET /status.")
+                                               "unheard, uncovered; as in GET /status.")
     latency: LatencySummary
 
 

@@ -70,7 +70,7 @@ import numpy as np
 
 from pipeline.config import VadSettings
 from pipeline.dsp import NoiseFloor, dbfs, rms
-from pipeline.frames import SAMPLE_RATE, EndReason, Pcm, Utterance, ms_to_samples
+from pipeline.frames import SAMPLE_RATE, SPAN_GAP_MS, EndReason, Pcm, Utterance, ms_to_samples
 
 DEFAULT_SPECULATIVE_MS = 150  # matches EndpointSettings.speculative_ms
 # Silero's own hysteresis (faster-whisper's VadOptions.neg_threshold): speech starts at `threshold` and
@@ -508,11 +508,30 @@ class Segmenter:
                  for f in self._frames if f.end > start and f.start < end]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
 
+    def _spans(self, start: int, end: int) -> tuple[tuple[int, int], ...]:
+        """Runs of active frames between `start` and `end` (the utterance's speech bounds), pauses shorter than
+        SPAN_GAP_MS bridged; the first starts at `start` and the last ends at `end`."""
+        gap = ms_to_samples(SPAN_GAP_MS)
+        spans: list[list[int]] = []
+        for f in self._frames:
+            if not f.active or f.end <= start or f.start >= end:
+                continue
+            lo, hi = max(f.start, start), min(f.end, end)
+            if spans and lo - spans[-1][1] < gap:
+                spans[-1][1] = hi
+            else:
+                spans.append([lo, hi])
+        if not spans:
+            return ((start, end),)
+        spans[0][0], spans[-1][1] = start, end
+        return tuple((a, b) for a, b in spans)
+
     def _build(self, uid: str, reason: EndReason) -> Utterance:
         assert self._pos is not None
         end = self._speech_end + min(self.params.speech_pad_samples, self._pos - self._speech_end)
         return Utterance(id=uid, audio=self._audio(self._audio_start, end), start=self._audio_start,
-                         speech_start=self._speech_start, speech_end=self._speech_end, reason=reason)
+                         speech_start=self._speech_start, speech_end=self._speech_end, reason=reason,
+                         speech_spans=self._spans(self._speech_start, self._speech_end))
 
     def _judge(self, utterance: Utterance) -> UtteranceEnded | Discarded:
         if utterance.speech_end - utterance.speech_start < self.params.min_utterance_samples:
@@ -563,7 +582,8 @@ class Segmenter:
         first_end = before[-1].end if before else self._speech_start
         end1 = min(cut, first_end + p.speech_pad_samples)
         first = Utterance(id=self._uid, audio=self._audio(self._audio_start, end1), start=self._audio_start,
-                          speech_start=self._speech_start, speech_end=first_end, reason="max_length")
+                          speech_start=self._speech_start, speech_end=first_end, reason="max_length",
+                          speech_spans=self._spans(self._speech_start, first_end))
         events.append(self._judge(first))
         uid1 = self._uid
         self._floor = end1

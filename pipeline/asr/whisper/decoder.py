@@ -2,7 +2,8 @@
 probability. Calls CTranslate2 directly instead of `WhisperModel.transcribe` (whose 30 s padding the short
 window avoids, window.py); audio longer than one window goes through `WhisperModel.transcribe` (`decode_long`).
 
-- **Decode options for speed**: beam size from config (1 = greedy), no timestamps, no conditioning on earlier
+- **Decode options for speed**: beam size from config (1 = greedy), no timestamps (unless a request asks:
+  plan.py's second pass, for pipeline/asr/coverage.py), no conditioning on earlier
   utterances (each stands alone, except its own committed beginning: prompts.py), no VAD filter (ours already
   segmented).
 - **final_punct_prob**: with greedy decoding CTranslate2 returns the logits of every step
@@ -14,6 +15,7 @@ window avoids, window.py); audio longer than one window goes through `WhisperMod
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import ctranslate2
@@ -24,9 +26,11 @@ from pipeline.asr.whisper.prompts import PromptBook
 from pipeline.asr.whisper.sentence_ends import sentence_end_tokens
 from pipeline.asr.whisper.window import (
     ENCODE_MAX_FRAMES,
+    FRAMES_PER_S,
     FULL_WINDOW_S,
     Decode,
     Request,
+    Segment,
     pad_features,
 )
 from pipeline.config import AsrSettings
@@ -37,6 +41,33 @@ if TYPE_CHECKING:
 
 TEMPERATURE_FALLBACK = (0.2, 0.4)  # tried only when greedy decoding loops even on the full window
 FORCED_PASS_MAX_LENGTH = 448  # Whisper's decoder context (the forced-prefix pass stays inside it)
+TIME_PRECISION_S = 0.02  # one Whisper timestamp token step
+# A timestamped decode's first segment starts within this of the window start (faster-whisper's
+# max_initial_timestamp default): Whisper may not skip the first words of the window.
+MAX_INITIAL_TIMESTAMP_S = 1.0
+
+
+def timestamp_segments(tokens: list[int], timestamp_begin: int, open_end_s: float,
+                       decode: Callable[[list[int]], str]) -> tuple[Segment, ...]:
+    """The segments of a timestamped decode: the text between two timestamp tokens, with their times (seconds
+    from the window's start). A segment left open at the end (Whisper stopped after its text: a token budget,
+    or no closing time) is given `open_end_s`, the end of the audio: where its text ends is not known."""
+    segments: list[Segment] = []
+    start: float | None = None
+    text: list[int] = []
+    for token in tokens:
+        if token >= timestamp_begin:
+            t = (token - timestamp_begin) * TIME_PRECISION_S
+            if start is None or not text:
+                start = t  # an opening timestamp (or a repeated one before any text)
+            else:
+                segments.append(Segment(start, max(start, t), decode(text).strip()))
+                start, text = None, []
+        elif start is not None:
+            text.append(token)
+    if start is not None and text:
+        segments.append(Segment(start, max(start, open_end_s), decode(text).strip()))
+    return tuple(segments)
 
 
 def degenerate_reason(text: str, *, truncated: bool, compression: float, window_s: int,
@@ -91,7 +122,9 @@ class WindowDecoder:
         encoded = self._encode(pad_features([r.features for r in requests], window_s))
         t1 = time.perf_counter()
         langs, lang_probs = self._languages(encoded, requests)
-        prompts = [self.prompts.prompt(lang, r.context) for lang, r in zip(langs, requests, strict=True)]
+        timestamps = requests[0].timestamps  # part of the batch key
+        prompts = [self.prompts.prompt(lang, r.context, timestamps=timestamps)
+                   for lang, r in zip(langs, requests, strict=True)]
         greedy = temperature > 0 or self.settings.beam_size == 1
         model_max = int(getattr(self.model, "max_length", FORCED_PASS_MAX_LENGTH))
         # CTranslate2 counts the prompt (and, in 4.8, more) against max_length: give it room and
@@ -105,6 +138,8 @@ class WindowDecoder:
                       "sampling_temperature": temperature}
         else:
             kwargs = {"beam_size": self.settings.beam_size, "patience": 1.0}
+        if timestamps:
+            kwargs["max_initial_timestamp_index"] = round(MAX_INITIAL_TIMESTAMP_S / TIME_PRECISION_S)
         results = self.model.model.generate(
             encoded, prompts, max_length=max_length, return_scores=True, return_no_speech_prob=True,
             return_logits_vocab=greedy, suppress_blank=True, suppress_tokens=self.prompts.suppressed(langs[0]),
@@ -126,6 +161,9 @@ class WindowDecoder:
                        no_speech_prob=float(result.no_speech_prob), compression_ratio=cr,
                        temperature=temperature, window_s=float(window_s), truncated=truncated,
                        encode_s=t1 - t0, generate_s=t2 - t1)
+            if timestamps:
+                d.segments = timestamp_segments(tokens, tok.timestamp_begin, r.features.shape[-1] / FRAMES_PER_S,
+                                                tok.decode)
             d.extra["language"] = lang
             d.extra["language_probability"] = lang_prob
             d.extra["batch"] = len(requests)

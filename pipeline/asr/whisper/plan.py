@@ -6,13 +6,23 @@ utterances. The ladder:
 
     short window (greedy/beam, token budget) ──degenerate──▶ full 30 s window ──degenerate──▶ 30 s at T=0.2, 0.4
         │                                                                       (best non-repetitive one wins)
-        └─ gate says no_speech / low_logprob, or Whisper doubts it ──▶ the same ladder from the full window
+        ├─ gate says no_speech / low_logprob, or Whisper doubts it ──▶ the same ladder from the full window
+        └─ too few words for the VAD's speech ──▶ the same ladder with timestamps ──▶ uncovered stretches alone
 
 - **Fallback.** A short-window result that looks degenerate (hit the token budget, compression ratio above
   `gate.max_compression_ratio`, or a phrase repeated back to back) is decoded again with the full 30 s window; if
   that is still degenerate, at sampling temperatures 0.2 and 0.4.
 - **Second opinion.** A short window padded with many seconds of zero features makes Whisper doubt very short and
   weak utterances; before dropping or mangling speech the VAD found, the full window is asked once.
+- **Second pass** (`asr.second_pass`). Every decode is compared with the VAD's speech in its audio
+  (pipeline/asr/coverage.py: letters per second of speech against the language's rate; segment times when it has
+  them). One that leaves speech out (without timestamps Whisper may skip a whole first sentence in noise) is
+  decoded again with timestamps, the same ladder; the decode that has more distinct letters stands. A stretch of
+  a second or more that the timestamped decode's segments do not reach is then decoded alone and its words put in
+  by time. Each is a further request of the plan (a later scheduler round: other utterances' first windows go
+  first), started only while the plan has used less than SECOND_PASS_BUDGET of `asr.deadline_s`, and not for
+  interim decodes. What is still left out is reported in `Transcript.extra` (`uncovered_s`, `uncovered_why`): the
+  relay counts it (pipeline/delivery.py).
 - **Gate**: `pipeline.asr.gate` drops hallucinations (no speech, low log-probability, loops, phantom phrases on
   near-silence); the verdict is `Transcript.dropped_reason`. Plans do not count drops: the relay's delivery counts
   the ones it accounts (a speculative decode may be thrown away).
@@ -28,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.asr.coverage import UNCOVERED_MIN_S, Coverage, assess, distinct_letters, repeats
 from pipeline.asr.gate import gate, normalize_phrase, rms_dbfs
 from pipeline.asr.whisper.decoder import TEMPERATURE_FALLBACK, WindowDecoder
 from pipeline.asr.whisper.window import (
@@ -50,6 +61,9 @@ SECOND_OPINION_REASONS = ("no_speech", "low_logprob")
 # keeps them (whispers, hoarse or very short speech, short noise bursts); the full window's reading wins.
 DOUBT_NO_SPEECH_PROB = 0.4
 DOUBT_AVG_LOGPROB = -1.0
+# The second pass (pipeline/asr/coverage.py) starts only while the plan has used less than this share of asr.deadline_s.
+SECOND_PASS_BUDGET = 0.5
+PART_PAD_S = 0.3  # an uncovered stretch decoded alone gets this much audio either side (the VAD's pre-roll)
 
 Plan = Generator[Request, Decode, Transcript]
 
@@ -65,7 +79,7 @@ def looks_like_silence(d: Decode, g: GateSettings) -> bool:
 
 
 def window_plan(features: np.ndarray, duration: float, settings: AsrSettings, *, full_window: bool = False,
-                context: tuple[int, ...] = ()) -> Generator[Request, Decode, Decode]:
+                context: tuple[int, ...] = (), timestamps: bool = False) -> Generator[Request, Decode, Decode]:
     """The fallback ladder for one utterance's features: yields each window, returns the decode that stands."""
     short = settings.short_window and not full_window and duration <= SHORT_WINDOW_MAX_S
     first_window = window_s(duration) if short else FULL_WINDOW_S
@@ -75,7 +89,7 @@ def window_plan(features: np.ndarray, duration: float, settings: AsrSettings, *,
     steps += [(FULL_WINDOW_S, t, None) for t in TEMPERATURE_FALLBACK]
     tried: list[Decode] = []
     for window, temperature, budget in steps:
-        d = yield Request(features, window, temperature, budget, context=context)
+        d = yield Request(features, window, temperature, budget, context=context, timestamps=timestamps)
         tried.append(d)
         if not d.degenerate_reason:
             break
@@ -125,15 +139,81 @@ def utterance_plan(audio: Pcm, meta: UtteranceMeta, decoder: WindowDecoder) -> P
         full.extra["attempts"] = d.extra.get("attempts", 1) + full.extra.get("attempts", 1)
         d = full
         reason = verdict(d)
-    return _transcript(d, reason, meta, dbfs, time.perf_counter() - t0)
+    cov = _coverage(d, meta, duration)
+    if (s.second_pass and meta.decode != "interim" and features is not None and reason is None and cov.short
+            and time.perf_counter() - t0 < s.deadline_s * SECOND_PASS_BUDGET):
+        d, cov = yield from second_pass(d, cov, samples, features, meta, decoder, dbfs, context)
+    return _transcript(d, reason, meta, dbfs, time.perf_counter() - t0, cov)
 
 
-def _transcript(d: Decode, reason: str | None, meta: UtteranceMeta, dbfs: float, decode_s: float) -> Transcript:
+def _coverage(d: Decode, meta: UtteranceMeta, duration: float) -> Coverage:
+    spans = meta.speech_spans or ((0.0, duration),)
+    segments = None if d.segments is None else [(g.start, g.end) for g in d.segments]
+    return assess(d.text, d.extra.get("language") or meta.language, spans, segments)
+
+
+def second_pass(d: Decode, cov: Coverage, samples: np.ndarray, features: np.ndarray, meta: UtteranceMeta,
+                decoder: WindowDecoder, dbfs: float, context: tuple[int, ...]) -> Generator[Request, Decode,
+                                                                                         tuple[Decode, Coverage]]:
+    """A decode that leaves speech out (pipeline/asr/coverage.py) is decoded again with timestamps (the same
+    ladder); the one covering more stands. Speech the timestamped decode still leaves out (a stretch of
+    UNCOVERED_MIN_S or more that no segment reaches) is then decoded alone, and its words go in where its time
+    says. Each decode is one more request of the plan: the scheduler decodes it in a later round."""
+    s = decoder.settings
+    duration = len(samples) / SAMPLE_RATE
+
+    def kept(x: Decode) -> bool:
+        return gate(x.text, no_speech_prob=x.no_speech_prob, avg_logprob=x.avg_logprob, audio_dbfs=dbfs,
+                    settings=s.gate, compression_ratio_value=x.compression_ratio) is None
+
+    ts = yield from window_plan(features, duration, s, full_window=d.window_s >= FULL_WINDOW_S, context=context,
+                                timestamps=True)
+    ts_cov = _coverage(ts, meta, duration)
+    passes = ["timestamps"]
+    # A tie goes to the timestamped decode: its segment times say where the speech it left out is.
+    if kept(ts) and not ts.degenerate_reason and distinct_letters(ts.text) >= distinct_letters(d.text):
+        best, best_cov = ts, ts_cov
+    else:
+        best, best_cov = d, cov
+    stretches = [x for x in ts_cov.uncovered if x[1] - x[0] >= UNCOVERED_MIN_S] if best is ts else []
+    if stretches and ts.segments is not None:
+        pieces = [(g.start, g.text) for g in ts.segments if g.text]
+        covered = [(g.start, g.end) for g in ts.segments]
+        for a, b in stretches:
+            lo, hi = max(0.0, a - PART_PAD_S), min(duration, b + PART_PAD_S)
+            part = yield from window_plan(decoder.features(samples[int(lo * SAMPLE_RATE):int(hi * SAMPLE_RATE)]),
+                                          hi - lo, s)
+            passes.append(f"part {lo:.1f}-{hi:.1f} s")
+            if kept(part) and not part.degenerate_reason and part.text and not repeats(part.text, best.text):
+                pieces.append((a, part.text))
+                covered.append((a, b))
+                if a >= max(g.end for g in ts.segments):
+                    best.final_punct_prob = part.final_punct_prob  # it ends the utterance now
+        best.text = " ".join(t for _, t in sorted(pieces, key=lambda p: p[0]))
+        best_cov = assess(best.text, best.extra.get("language") or meta.language,
+                          meta.speech_spans or ((0.0, duration),), covered)
+    best.extra["second_pass"] = passes
+    best.encode_s += d.encode_s
+    best.generate_s += d.generate_s
+    log.debug("%s: decode covered %.0f%% of %.1f s of speech; after the second pass (%s) %.0f%%: %r",
+              meta.utterance_id, 100 * cov.ratio, cov.speech_s, ", ".join(passes), 100 * best_cov.ratio,
+              best.text[:80])
+    return best, best_cov
+
+
+def _transcript(d: Decode, reason: str | None, meta: UtteranceMeta, dbfs: float, decode_s: float,
+                cov: Coverage) -> Transcript:
     extra: dict[str, Any] = {
         "window_s": d.window_s, "attempts": d.extra.get("attempts", 1), "encode_s": d.encode_s,
         "generate_s": d.generate_s, "tokens": len(d.tokens), "compression_ratio": d.compression_ratio,
-        "temperature": d.temperature, "audio_dbfs": dbfs,
+        "temperature": d.temperature, "audio_dbfs": dbfs, "coverage": round(cov.ratio, 3),
     }
+    if reason is None:  # a dropped decode is counted as dropped; what a kept one leaves out is counted here
+        extra["uncovered_s"] = round(cov.uncovered_s, 3) if cov.short else 0.0
+        if cov.short:
+            extra["uncovered_why"] = cov.why()
+    if "second_pass" in d.extra:
+        extra["second_pass"] = d.extra["second_pass"]
     if d.degenerate_reason:
         extra["degenerate"] = d.degenerate_reason
     if "punct_s" in d.extra:

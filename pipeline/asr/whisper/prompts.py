@@ -26,13 +26,13 @@ class PromptBook:
         self._model = model
         self._settings = settings
         self._tokenizers: dict[str, Any] = {}
-        self._prompts: dict[str, list[int]] = {}
+        self._prompts: dict[tuple[str, bool], list[int]] = {}  # by (language, timestamps)
         self._previous: dict[str, list[int]] = {}  # asr.initial_prompt's tokens, by language
         self._suppress: dict[str, list[int]] = {}
 
     def setup(self, language: str) -> None:
         """Build `language`'s prompt (at once when it is built already); AsrError when the model lacks it."""
-        if language in self._prompts:
+        if (language, False) in self._prompts:
             return
         from faster_whisper.tokenizer import Tokenizer
         from faster_whisper.transcribe import get_suppressed_tokens
@@ -47,8 +47,9 @@ class PromptBook:
             previous = tok.encode(" " + self._settings.initial_prompt.strip())
         self._tokenizers[language] = tok
         self._previous[language] = previous
-        self._prompts[language] = self._model.get_prompt(tok, previous, without_timestamps=True,
-                                                         hotwords=self._settings.hotwords or None)
+        for timestamps in (False, True):
+            self._prompts[language, timestamps] = self._model.get_prompt(
+                tok, previous, without_timestamps=not timestamps, hotwords=self._settings.hotwords or None)
         self._suppress[language] = list(get_suppressed_tokens(tok, [-1]))
 
     def tokenizer(self, language: str) -> Any:
@@ -60,13 +61,14 @@ class PromptBook:
         self.setup(language)
         return self._suppress[language]
 
-    def prompt(self, language: str, context: tuple[int, ...] = ()) -> list[int]:
-        """The start-of-transcript sequence, with `context` (previous-text tokens) after the initial prompt."""
+    def prompt(self, language: str, context: tuple[int, ...] = (), *, timestamps: bool = False) -> list[int]:
+        """The start-of-transcript sequence, with `context` (previous-text tokens) after the initial prompt;
+        `timestamps`: without <|notimestamps|>, so Whisper writes segment times."""
         self.setup(language)
         if not context:
-            return self._prompts[language]
+            return self._prompts[language, timestamps]
         return self._model.get_prompt(self._tokenizers[language], self._previous[language] + list(context),
-                                      without_timestamps=True, hotwords=self._settings.hotwords or None)
+                                      without_timestamps=not timestamps, hotwords=self._settings.hotwords or None)
 
     def context_tokens(self, text: str, language: str) -> tuple[int, ...]:
         """The last CONTEXT_TOKENS tokens of an utterance's committed beginning (text tokens are the same for

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -75,17 +75,27 @@ class Request:
     budget: int | None  # token budget (None: the model's maximum)
     language: str | None = None  # None: asr.language, else detected
     context: tuple[int, ...] = ()  # previous-text tokens (the utterance's committed beginning)
+    timestamps: bool = False  # Whisper writes segment times (its prompt lacks <|notimestamps|>): asr/coverage.py
 
     @property
-    def key(self) -> tuple[int, float, int]:
+    def key(self) -> tuple[int, float, int, bool]:
         """Requests with the same key can be decoded in one batch. CTranslate2 batches only prompts of one
-        length ("requires the <|startoftranscript|> token to be at the same position"), hence the context length."""
-        return self.window_s, self.temperature, len(self.context)
+        length ("requires the <|startoftranscript|> token to be at the same position"), hence the context length
+        and whether the prompt holds <|notimestamps|>."""
+        return self.window_s, self.temperature, len(self.context), self.timestamps
 
     @property
     def cost(self) -> float:
         """Window seconds to encode (the encoder dominates a decode on CPU)."""
         return float(self.window_s)
+
+
+class Segment(NamedTuple):
+    """One segment of a timestamped decode: seconds from the window's start, and its text."""
+
+    start: float
+    end: float
+    text: str
 
 
 @dataclass(slots=True)
@@ -103,6 +113,7 @@ class Decode:
     final_punct_prob: float | None = None
     encode_s: float = 0.0
     generate_s: float = 0.0
+    segments: tuple[Segment, ...] | None = None  # a timestamped decode's segments; None without timestamps
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

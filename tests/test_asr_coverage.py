@@ -1,0 +1,114 @@
+"""pipeline/asr/coverage.py: the decode's letters against the speech the VAD found, and a timestamped decode's
+segments against the speech spans (pure; the engine's second pass on real speech is tests/test_asr_second_pass.py)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from conftest import manifest
+
+from pipeline.asr.coverage import (
+    DEFAULT_LETTERS_PER_S,
+    LOW_COVERAGE,
+    MIN_JUDGED_SPEECH_S,
+    UNCOVERED_MIN_S,
+    assess,
+    distinct_letters,
+    expected_rate,
+    letters,
+    repeats,
+    subtract,
+)
+from pipeline.config import Settings
+from pipeline.frames import SAMPLE_RATE
+from pipeline.source.file import decode_file
+from pipeline.vad import make_vad_stage
+from tests.conftest import SPEECH
+
+# The FLEURS / LibriVox / repository clips in 11 languages (their README), in the repository or the shared copy.
+MULTILINGUAL = (SPEECH / "multilingual", Path("/work/shared/speech/multilingual"))
+
+
+def test_letters_count_letters_and_digits_in_every_script() -> None:
+    assert letters("Ask not, what 1 country!") == 18
+    assert letters("我们 今天 去公园。") == 7  # one CJK character, one letter; spaces and punctuation are not
+    assert letters("今日は晴れです") == 7
+    assert letters("...  ?!") == 0
+
+
+def test_expected_rate_is_per_language_with_a_default() -> None:
+    assert expected_rate("en") == DEFAULT_LETTERS_PER_S == expected_rate(None) == expected_rate("xx")
+    assert expected_rate("zh") < expected_rate("ko") < expected_rate("en")
+    assert expected_rate("ZH") == expected_rate("zh")
+
+
+def test_a_decode_with_too_few_letters_for_its_speech_is_short() -> None:
+    spans = [(0.3, 4.0), (4.5, 9.0)]  # 8.2 s of speech: ~100 letters expected in English
+    assert not assess("He remained upstairs until after the early dawn showed Mary that she need have no fear",
+                      "en", spans).short
+    cov = assess("And I will see.", "en", spans)
+    assert cov.short and cov.ratio < LOW_COVERAGE
+    assert cov.uncovered_s == pytest.approx(cov.speech_s * (1 - cov.ratio))
+    assert "letters expected" in cov.why()
+
+
+def test_cjk_is_judged_by_characters() -> None:
+    spans = [(0.0, 5.0)]  # five seconds of Mandarin: ~25 characters
+    assert not assess("我们今天下午去公园散步然后一起吃晚饭好吗", "zh", spans).short  # 20 characters
+    assert assess("我们", "zh", spans).short
+    # The same 20 characters read as an English decode would be far too few letters.
+    assert assess("我们今天下午去公园散步然后一起吃晚饭好吗", "en", spans).short
+
+
+def test_too_little_speech_is_not_judged_by_rate() -> None:
+    assert not assess("", "en", [(0.0, MIN_JUDGED_SPEECH_S * 0.9)]).short
+
+
+def test_segments_locate_the_speech_a_timestamped_decode_left_out() -> None:
+    spans = [(0.2, 3.8), (4.3, 8.0)]
+    cov = assess("and I will see that there is no shirking about the boys or about the girls either", "en", spans,
+                 segments=[(4.2, 8.0)])
+    assert [(round(a, 2), round(b, 2)) for a, b in cov.uncovered] == [(0.2, 3.7)]  # the slack of 0.5 s
+    assert cov.short and cov.uncovered_s >= UNCOVERED_MIN_S
+    assert "0.2-3.7 s" in cov.why()
+    assert not assess("x " * 60, "en", spans, segments=[(0.0, 4.0), (4.0, 8.0)]).short
+
+
+def test_subtract() -> None:
+    assert subtract([(0.0, 10.0)], [(2.0, 3.0), (5.0, 6.0)]) == [(0.0, 2.0), (3.0, 5.0), (6.0, 10.0)]
+    assert subtract([(0.0, 1.0)], [(-1.0, 2.0)]) == []
+
+
+def test_the_vad_speech_spans_give_every_clean_clip_a_plausible_rate() -> None:
+    """The expected rates against real read speech in 12 languages: no clean clip's reference falls under
+    LOW_COVERAGE of its language's rate (so a correct decode never triggers a second pass), and the spans the
+    segmenter gives lie inside the utterance's speech bounds, in order."""
+    rows = [(f, "en", r["reference_normalized"]) for f, r in manifest().items()
+            if f.startswith(("clapclap/librispeech", "deepspeech", "realtimestt", "whisper.cpp", "mfa/61-"))]
+    multilingual = next((d for d in MULTILINGUAL if (d / "manifest.tsv").is_file()), None)
+    if multilingual is None:
+        pytest.skip("the multilingual clips are not on this machine")
+    with (multilingual / "manifest.tsv").open(encoding="utf-8") as fh:
+        rows += [(str(multilingual / r["file"]), r["language"], r["reference_transcript"])
+                 for r in csv.DictReader(fh, delimiter="\t")]
+    assert len({lang for _, lang, _ in rows}) >= 12
+    for clip, lang, ref in rows:
+        utts = make_vad_stage(Settings()).segment(decode_file(SPEECH / clip))
+        spans = [s for u in utts for s in u.spans()]
+        for u in utts:
+            assert u.speech_start == u.spans()[0][0] and u.spans()[-1][1] == u.speech_end
+            assert all(a < b <= c for (a, b), (c, _) in zip(u.spans(), [*u.spans()[1:], (u.speech_end + 1, 0)],
+                                                              strict=True))
+        cov = assess(ref, lang, [(a / SAMPLE_RATE, b / SAMPLE_RATE) for a, b in spans])
+        assert not cov.short, (clip, lang, cov)
+
+
+def test_a_loop_adds_no_distinct_letters_and_a_repeated_part_is_recognised() -> None:
+    assert distinct_letters("illustration buttons illustration buttons illustration buttons") == \
+        distinct_letters("Illustration buttons.")
+    assert distinct_letters("He remained upstairs. And I will see.") > distinct_letters("And I will see.")
+    assert repeats("illustration funds.", "and illustration funds")
+    assert not repeats("He remained upstairs until after the early dawn.", "and illustration funds")
+    assert not repeats("", "anything")
