@@ -101,3 +101,18 @@ def test_probability_of_a_one_token_mark_is_its_softmax() -> None:
     assert ends.final_mark_prob(tokens, logits, first, last, "token") == pytest.approx(0.7, rel=1e-4)
     floor = [step_logits(vocab, {t: 0.9}) for t in tokens[:-1]] + [step_logits(vocab, {tokens[-1]: 1e-12})]
     assert ends.final_mark_prob(tokens, floor, first, last, "token") == 1e-9  # clamped above zero
+
+
+def test_timestamp_tokens_past_the_vocabulary_write_nothing() -> None:
+    """A timestamped decode (the coverage second pass, pipeline/asr/whisper/plan.py) interleaves timestamp tokens,
+    whose ids lie past the tokenizer's vocabulary: they add no bytes and never fail the lookup."""
+    hf, ends = tables()
+    first_timestamp = int(hf.get_vocab_size()) + 1
+    text = encode(" Ask not.")
+    tokens = [first_timestamp, *text, first_timestamp + 50]
+    assert ends.piece(first_timestamp + 50) == b""
+    steps = ends.final_mark_steps(tokens)
+    assert steps is not None and hf.decode(tokens[steps[0]:steps[1] + 1]).strip() == "."
+    logits = [np.zeros(first_timestamp + 100)] * len(tokens)
+    prob = ends.final_mark_prob(tokens, logits, *steps, mode="token")
+    assert prob is not None and 0 < prob < 1

@@ -95,11 +95,16 @@ class SentenceEndTokens:
             ending[prefix] = np.array([i for i in continuation if _ends_sentence(prefix + token_bytes[i])], np.int64)
         return cls(tuple(token_bytes), ending)
 
+    def piece(self, token: int) -> bytes:
+        """A token's bytes; b"" for special tokens, and for ids past the tokenizer's vocabulary (Whisper's
+        timestamp tokens, which timestamped decodes write)."""
+        return self.token_bytes[token] if 0 <= token < len(self.token_bytes) else b""
+
     def final_mark_steps(self, tokens: Sequence[int]) -> tuple[int, int] | None:
         """The steps (first, last) whose tokens wrote the text's final sentence-end mark, or None when the text
         does not end with one (trailing whitespace ignored; a closing quote after the mark is not an end here,
         as in the endpointer)."""
-        data = b"".join(self.token_bytes[t] if 0 <= t < len(self.token_bytes) else b"" for t in tokens)
+        data = b"".join(self.piece(t) for t in tokens)
         end = len(data.rstrip())
         if not end or not _ends_sentence(data[:end]):
             return None
@@ -108,7 +113,7 @@ class SentenceEndTokens:
         first = last = None
         pos = 0
         for step, t in enumerate(tokens):
-            n = len(self.token_bytes[t]) if 0 <= t < len(self.token_bytes) else 0
+            n = len(self.piece(t))
             if n and first is None and pos + n > start:
                 first = step
             if n and pos + n >= end:
@@ -125,7 +130,7 @@ class SentenceEndTokens:
         step's logits (`step_logits[k]` is step k's distribution); None when a step's logits are missing."""
         if len(step_logits) <= last:
             return None
-        carried = _incomplete_tail(b"".join(self.token_bytes[t] for t in tokens[:first]))
+        carried = _incomplete_tail(b"".join(self.piece(t) for t in tokens[:first]))
         total, reach = 0.0, 1.0  # reach: probability of the chosen partial mark so far
         for step in range(first, last + 1):
             p = _softmax(step_logits[step])
@@ -135,7 +140,7 @@ class SentenceEndTokens:
                 if ids is not None and len(ids):
                     total += reach * float(p[ids[ids < len(p)]].sum())
             reach *= float(p[chosen])
-            carried = _incomplete_tail(carried + self.token_bytes[chosen])
+            carried = _incomplete_tail(carried + self.piece(chosen))
         if mode == "token":
             total = reach
         return min(1.0, max(total, 1e-9))
