@@ -65,7 +65,7 @@ def looks_like_silence(d: Decode, g: GateSettings) -> bool:
 
 
 def window_plan(features: np.ndarray, duration: float, settings: AsrSettings, *, full_window: bool = False,
-                context: tuple[int, ...] = ()) -> Generator[Request, Decode, Decode]:
+                context: tuple[int, ...] = (), language: str | None = None) -> Generator[Request, Decode, Decode]:
     """The fallback ladder for one utterance's features: yields each window, returns the decode that stands."""
     short = settings.short_window and not full_window and duration <= SHORT_WINDOW_MAX_S
     first_window = window_s(duration) if short else FULL_WINDOW_S
@@ -75,7 +75,7 @@ def window_plan(features: np.ndarray, duration: float, settings: AsrSettings, *,
     steps += [(FULL_WINDOW_S, t, None) for t in TEMPERATURE_FALLBACK]
     tried: list[Decode] = []
     for window, temperature, budget in steps:
-        d = yield Request(features, window, temperature, budget, context=context)
+        d = yield Request(features, window, temperature, budget, language, context, duration)
         tried.append(d)
         if not d.degenerate_reason:
             break
@@ -103,10 +103,10 @@ def utterance_plan(audio: Pcm, meta: UtteranceMeta, decoder: WindowDecoder) -> P
     features: np.ndarray | None = None
     context = decoder.prompts.context_tokens(meta.context, decoder.fixed_language or "en")
     if len(samples) > FULL_WINDOW_S * SAMPLE_RATE:
-        d = decoder.decode_long(samples)  # several windows, by faster-whisper itself (not batched)
+        d = decoder.decode_long(samples, meta.language)  # several windows, by faster-whisper itself (not batched)
     else:
         features = decoder.features(samples)
-        d = yield from window_plan(features, duration, s, context=context)
+        d = yield from window_plan(features, duration, s, context=context, language=meta.language)
 
     def verdict(d: Decode) -> str | None:
         return gate(d.text, no_speech_prob=d.no_speech_prob, avg_logprob=d.avg_logprob, audio_dbfs=dbfs,
@@ -119,7 +119,8 @@ def utterance_plan(audio: Pcm, meta: UtteranceMeta, decoder: WindowDecoder) -> P
         # with 10 s; "Ask not!", avg_logprob -0.67 with 30 s). Before dropping or mangling speech the
         # VAD found, ask the full window once: Whisper's trained window decides, both ways (0.3 s of
         # crowd noise: "Oh, my God." doubtful in 10 s, no_speech 0.74 with 30 s).
-        full = yield from window_plan(features, duration, s, full_window=True, context=context)
+        full = yield from window_plan(features, duration, s, full_window=True, context=context,
+                                      language=meta.language)
         full.encode_s += d.encode_s
         full.generate_s += d.generate_s
         full.extra["attempts"] = d.extra.get("attempts", 1) + full.extra.get("attempts", 1)
@@ -138,6 +139,8 @@ def _transcript(d: Decode, reason: str | None, meta: UtteranceMeta, dbfs: float,
         extra["degenerate"] = d.degenerate_reason
     if "punct_s" in d.extra:
         extra["punct_s"] = d.extra["punct_s"]
+    if d.extra.get("source_language") not in (None, d.extra.get("language")):  # asr.task translate
+        extra["source_language"] = d.extra["source_language"]
     if reason is not None:
         extra["dropped_text"] = d.text
         log.debug("ASR dropped utterance %s (%s): %r no_speech_prob=%.2f avg_logprob=%.2f cr=%.2f "
@@ -148,6 +151,7 @@ def _transcript(d: Decode, reason: str | None, meta: UtteranceMeta, dbfs: float,
         confidence=float(min(1.0, math.exp(d.avg_logprob))),
         language=d.extra.get("language"),
         language_probability=d.extra.get("language_probability"),
+        detected=d.extra.get("detected"),
         no_speech_prob=d.no_speech_prob,
         avg_logprob=d.avg_logprob,
         final_punct_prob=None if reason else d.final_punct_prob,
