@@ -608,6 +608,10 @@ class TavusSettings(_Section):
                                                 description="seconds; null = Tavus's default")
     participant_absent_timeout: int | None = _num(None, ge=0, le=MAX_TAVUS_S,
                                                   description="seconds; null = Tavus's default")
+    language: str | None = Field(None, description="properties.language of a conversation the relay creates "
+                                                   "(a full name, e.g. spanish, or multilingual); null = from "
+                                                   "asr: the configured language's name, multilingual for "
+                                                   "auto, english for asr.task translate")
 
 
 # -------------------------------------------------------------------------------------- control
