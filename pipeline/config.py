@@ -444,9 +444,22 @@ class TransformStep(_PluginItem):
     step: str = Field(description="built-in name, entry point, or package.module:callable")
     timeout_s: float = _num(2.0, gt=0, le=MAX_TIMEOUT_S, description="per-call timeout")
     on_error: Literal["pass", "drop"] = Field("pass", description="on exception/timeout: pass the input on, or drop")
+    output_language: str | None = Field(None, description="the language the step writes (a code: a translation "
+                                                          "step); later steps, the JSONL record and Tavus's "
+                                                          "properties.language follow it; null = unchanged")
+
+    @field_validator("output_language", mode="before")
+    @classmethod
+    def _output_code(cls, v: Any) -> Any:
+        return check_code(v) if isinstance(v, str) else v
 
 
 class TransformSettings(_Section):
+    @property
+    def output_language(self) -> str | None:
+        """The language the chain writes: the last step's declared `output_language` (None: the ASR's)."""
+        return next((s.output_language for s in reversed(self.steps) if s.output_language), None)
+
     through_control_api: bool = Field(True, description="run text from POST /send_text_message through the chain")
     steps: list[TransformStep] = Field(default_factory=lambda: [
         TransformStep(step="filler_words"), TransformStep(step="whitespace")])

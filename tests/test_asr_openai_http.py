@@ -326,7 +326,7 @@ async def test_verbose_json_segments_give_confidence_and_gate(server: FakeTransc
     tr = await engine.transcribe(speech, _meta())
     assert tr.text == "Experience proves this."
     assert tr.confidence == pytest.approx(math.exp(-0.2))
-    assert tr.language == "english"
+    assert tr.language == "en"  # OpenAI names the language ("english"): the relay carries codes
     tr = await engine.transcribe(speech, _meta())
     await engine.close()
     assert tr.text == "" and tr.dropped_reason == "no_speech"

@@ -108,7 +108,7 @@ def test_conversations_full_cycle(fake: FakeTavusServer, capsys: pytest.CaptureF
     assert fake.requests[-1].json == {
         "persona_id": pid, "replica_id": FAKE_REPLICA_ID, "conversation_name": "demo",
         "callback_url": "https://example.test/hook", "require_auth": True,
-        "properties": {"max_call_duration": 120}}
+        "properties": {"max_call_duration": 120, "language": "english"}}  # asr.language en (the default)
     assert out.splitlines()[0] == f"Created conversation {cid} (active)"
     assert f"conversation_url: https://tavus.daily.co/{cid}" in out
     assert f"meeting_token: {fake.conversation(cid)['meeting_token']}" in out

@@ -182,7 +182,8 @@ class DailySink(Sink):
         try:
             conversation = await provision(self.settings.tavus, replica_name=sd.replica_name,
                                            client_factory=self._tavus_factory,
-                                           language=conversation_language(self.settings.tavus, self.settings.asr))
+                                           language=conversation_language(self.settings.tavus, self.settings.asr,
+                                                                          self.settings.transform.output_language))
         except ProvisionError as exc:
             raise SinkError(str(exc)) from None
         self.conversation_id = conversation.conversation_id

@@ -160,7 +160,7 @@ def run_tavus(args: argparse.Namespace, settings: Any, *, out: TextIO | None = N
         return 2
     try:
         if (args.tavus_resource, args.tavus_action) == ("conversations", "create") and args.language is None:
-            args.language = conversation_language(tavus, settings.asr)
+            args.language = conversation_language(tavus, settings.asr, settings.transform.output_language)
         return asyncio.run(_dispatch(client, args, tavus, out, err))
     except TavusAuthError as exc:
         if exc.status == 401:
