@@ -12,7 +12,7 @@ import wave
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -234,7 +234,7 @@ class _Servers:
     """The example adaptor (examples/transforms/translate_hook.py) in front of a LibreTranslate-shaped server
     on 127.0.0.1 that answers from a fixed table (no translation model offline) and records the requests."""
 
-    TABLE = {("es", "de", "las arenas son blancas"): "der Sand ist weiß"}
+    TABLE: ClassVar[dict[tuple[str, str, str], str]] = {("es", "de", "las arenas son blancas"): "der Sand ist weiß"}
 
     def __init__(self) -> None:
         self.asked: list[dict[str, Any]] = []
