@@ -287,7 +287,8 @@ class Delivery:
                 return
             text = outcome.text
         if item.origin is Origin.SPEECH:
-            self.events.emit("transcript", utterance_id=meta.utterance_id, asr_text=meta.asr_text, text=text)
+            self.events.emit("transcript", utterance_id=meta.utterance_id, asr_text=meta.asr_text, text=text,
+                             language=meta.language)
         if self._interrupted(item):
             return
         inference_id = item.inference_id or protocol.new_inference_id()
