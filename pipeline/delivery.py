@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import protocol
+from pipeline import langcodes, protocol
 from pipeline.config import Settings
 from pipeline.control.api import InterruptOutcome, QueueFull
 from pipeline.dsp import resample
@@ -309,7 +309,8 @@ class Delivery:
         change = self.language.observe(Heard(detected[0] if detected else None, detected[1] if detected else None,
                                              max(0.0, meta.audio_end_s - meta.audio_start_s)))
         meta.language_locked = self.language.locked
-        self.metrics.utterances_by_language.labels(language=meta.language or "unknown").inc()
+        label = meta.language if meta.language in langcodes.NAMES else "unknown" if meta.language is None else "other"
+        self.metrics.utterances_by_language.labels(language=label).inc()  # a bounded set of label values
         if change is None:
             return
         self.metrics.language_changes.labels(reason=change.reason).inc()

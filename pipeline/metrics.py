@@ -127,7 +127,7 @@ class Metrics:
         self.video_frames = Counter(p + "video_frames", "camera frames handed to the video analyzers (analyzed) or "
                                     "replaced by a newer one while they were busy (skipped)", ["outcome"], registry=r)
         # The conversation's language (pipeline/language.py); `language` label values are Whisper's codes
-        # (pipeline/langcodes.py, a fixed set), "unknown" when the engine names none.
+        # (pipeline/langcodes.py, a fixed set), "unknown" when the engine names none, "other" for another name.
         self.language_changes = Counter(p + "language_changes", "the conversation's language locked or switched",
                                         ["reason"], registry=r)
         self.utterances_by_language = Counter(p + "utterances_by_language", "transcribed utterances by the "

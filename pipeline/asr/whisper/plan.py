@@ -75,7 +75,7 @@ def window_plan(features: np.ndarray, duration: float, settings: AsrSettings, *,
     steps += [(FULL_WINDOW_S, t, None) for t in TEMPERATURE_FALLBACK]
     tried: list[Decode] = []
     for window, temperature, budget in steps:
-        d = yield Request(features, window, temperature, budget, language, context, duration)
+        d = yield Request(features, window, temperature, budget, language=language, context=context, audio_s=duration)
         tried.append(d)
         if not d.degenerate_reason:
             break
