@@ -1,4 +1,7 @@
-"""Build the stages from settings and run the daemon (signals, control API, exit statuses)."""
+"""Run the daemon: `run` and `serve` (signals, control API, exit statuses); `transcribe`.
+
+The stages are built by the composition root, pipeline/wiring.py (`build_relay`, `check_stages`).
+"""
 
 from __future__ import annotations
 
@@ -6,34 +9,27 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import threading
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.asr import BUILTIN_ENGINES as ASR_BUILTINS
 from pipeline.asr import make_asr_engine
-from pipeline.asr.base import AsrEngine, AsrError
-from pipeline.config import ConfigError, EnvUse, Settings, TavusSettings, secret_values
+from pipeline.asr.base import AsrError
+from pipeline.config import ConfigError, EnvUse, Settings, TavusSettings
 from pipeline.frames import UtteranceMeta
-from pipeline.logs import register_secret
 from pipeline.metrics import Metrics
-from pipeline.perception.stage import build_perception, perception_problems
-from pipeline.plugins import ASR_GROUP, TRANSFORM_GROUP, VAD_GROUP, PluginError, resolve
+from pipeline.plugins import PluginError
 from pipeline.relay import Relay
-from pipeline.sink import Sink, SinkError, make_sink
+from pipeline.serve import RelayPool
+from pipeline.signals import EXIT_INTERRUPTED, STOP_SIGNALS, take_early
+from pipeline.sink import Sink, SinkError
 from pipeline.sink.base import SinkOutputError
-from pipeline.source import make_source
 from pipeline.source.base import SourceError
 from pipeline.source.file import decode_file
-from pipeline.specs import parse_sink_spec, parse_source_spec
-from pipeline.transform import BUILTINS as TRANSFORM_BUILTINS
-from pipeline.transform import build_chain
-from pipeline.transform.chain import instantiate_step
-from pipeline.vad import BUILTIN_ENGINES as VAD_BUILTINS
 from pipeline.vad import VadStage, make_vad_stage
+from pipeline.wiring import PREFLIGHT_RUN, build_relay, check_stages, register_settings_secrets
 
 log = logging.getLogger(__name__)
 
@@ -46,166 +42,16 @@ EXIT_MODEL = 4  # ASR model missing or corrupt, ASR server unreachable at start
 EXIT_PORT = 5  # control API cannot listen (port in use, refused public bind)
 EXIT_REMOTE = 6  # Tavus/Daily refused at start: key rejected, invalid room URL, join failed
 EXIT_OUTPUT = 7  # the local output cannot be written at start (jsonl path unwritable): not Tavus/Daily's doing
-EXIT_INTERRUPTED = 130  # second Ctrl-C: exit at once
 # Ledger drop reasons of speech the ASR never recognised (pipeline/delivery.py): counted apart in the run's
 # summary, and a run where every utterance ended so exits 1.
 ASR_FAILURES = ("asr_error", "asr_deadline")
 END_ON_EXIT_S = 3.0  # second Ctrl-C: time allowed to end the Tavus conversation this process created
-# Each stops the relay gracefully (drain, exit 0/1); a second one exits at once. SIGHUP too: a closed
-# terminal or systemd's hangup must not lose the utterance in progress (reloading config is not supported).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class StartupError(Exception):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
-
-
-def register_settings_secrets(settings: Settings) -> None:
-    """Scrub from every log record: the keys and tokens, and every value the environment filled in."""
-    for secret in secret_values(settings):
-        register_secret(secret)
-
-
-# ------------------------------------------------------------------------------ preflight checks
-# What `check_stages` can check. `config check` runs them all; `run` runs PREFLIGHT_RUN first (the
-# chain is built by build_relay, and a missing audio file or unwritable output keeps its own exit
-# status, 3 or 7, when the stage opens it).
-STAGE_CHECKS = ("transform", "perception", "asr", "vad", "source_file", "sink_file", "tavus")
-PREFLIGHT_RUN = ("asr", "vad", "tavus")
-# The checks that need each section: a section that failed validation is not checked further.
-_SECTION_CHECKS = {"transform": ("transform",), "perception": ("perception",), "asr": ("asr",), "vad": ("vad",),
-                   "source": ("source_file",),
-                   "sink": ("sink_file", "tavus"), "tavus": ("tavus",)}
-
-
-def _engine_problem(name: str, builtins: Mapping[str, Callable[..., Any]], group: str, key: str
-                    ) -> ConfigError | None:
-    """Resolve an engine name through the plugin registry without calling it (no model is loaded)."""
-    try:
-        factory = resolve(name, builtins, group)
-    except PluginError as exc:
-        return ConfigError(str(exc), key)
-    if not callable(factory):
-        return ConfigError(f"{name!r} is not a class or factory: {type(factory).__name__}", key)
-    return None
-
-
-def _transform_problems(settings: Settings) -> list[ConfigError]:
-    """Build every step as build_relay would (options checked, words_file read, regexes compiled)
-    without running it, collecting each step's problem instead of stopping at the first."""
-    problems: list[ConfigError] = []
-    for i, cfg in enumerate(settings.transform.steps):
-        key = f"transform.steps[{i}]"
-        try:
-            instantiate_step(resolve(cfg.step, TRANSFORM_BUILTINS, TRANSFORM_GROUP), cfg.options, cfg.step, key)
-        except PluginError as exc:
-            problems.append(ConfigError(str(exc), f"{key}.step"))
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-    return problems
-
-
-def _path_problems(settings: Settings, checks: Collection[str]) -> list[ConfigError]:
-    # As the stages open them (pipeline/source/file.py, pipeline/sink/jsonl.py): no ~ expansion here;
-    # paths in a config file were made absolute by pipeline/config.py.
-    problems: list[ConfigError] = []
-    kind, arg = parse_source_spec(settings.source.spec) if "source_file" in checks else ("", None)
-    if kind == "file":
-        path = Path(str(arg))
-        if not path.exists():
-            problems.append(ConfigError(f"audio file {path} does not exist", "source.spec"))
-        elif not path.is_file():
-            problems.append(ConfigError(f"{path} is not an audio file (a directory?)", "source.spec"))
-    outputs = [("sink.spec", settings.sink.spec)]
-    outputs += [(f"sink.also[{i}]", spec) for i, spec in enumerate(settings.sink.also)]
-    for key, spec in outputs if "sink_file" in checks else []:
-        sink_kind, sink_arg = parse_sink_spec(spec)
-        if sink_kind != "jsonl" or not sink_arg:
-            continue
-        out = Path(sink_arg)
-        existing = next((p for p in (out, *out.parents) if p.exists()), None)
-        if out.is_dir():
-            problems.append(ConfigError(f"{out} is a directory; name the JSONL file to write", key))
-        elif existing is not None and existing != out and not existing.is_dir():
-            problems.append(ConfigError(f"cannot create {out}: {existing} is not a directory", key))
-    return problems
-
-
-def check_stages(settings: Settings, *, checks: Collection[str] = STAGE_CHECKS,
-                 skip_sections: Collection[str] = ()) -> list[ConfigError]:
-    """Every check `run` makes before it opens a device or loads a model, each problem naming its key
-    (`config check` reports them all at once, exit 2): the transform chain is built, not run; the ASR
-    and VAD engine names are resolved through the plugin registries, nothing loaded; a file source
-    must exist and a jsonl sink be creatable; the daily sink needs a Tavus key or a room.
-    `skip_sections`: sections that failed validation, whose checks are left out. No secret is in
-    the messages."""
-    active = set(checks) - {c for s in skip_sections for c in _SECTION_CHECKS.get(s, ())}
-    problems: list[ConfigError] = []
-    if "transform" in active:
-        problems += _transform_problems(settings)
-    if "perception" in active:
-        problems += perception_problems(settings.perception, parse_source_spec(settings.source.spec)[0])
-    if "asr" in active:
-        problems += filter(None, [_engine_problem(settings.asr.engine, ASR_BUILTINS, ASR_GROUP, "asr.engine")])
-    if "vad" in active:
-        problems += filter(None, [_engine_problem(settings.vad.engine, VAD_BUILTINS, VAD_GROUP, "vad.engine")])
-    problems += _path_problems(settings, active)
-    t = settings.tavus
-    if "tavus" in active and settings.sink.spec == "daily" and t.api_key is None and not t.conversation_url:
-        problems.append(ConfigError("the daily sink needs a Tavus API key (environment TAVUS_API_KEY) to create a "
-                                    "conversation, or tavus.conversation_url to join an existing one",
-                                    "tavus.api_key"))
-    if not problems:
-        return []
-    return ConfigError.combine(problems).redacted(secret_values(settings)).problems
-
-
-def _user_engine_error(name: str, key: str, exc: Exception) -> ConfigError:
-    return ConfigError(f"{name!r} could not be created: {type(exc).__name__}: {exc}", key)
-
-
-def build_relay(settings: Settings, *, metrics: Metrics | None = None, source: Any = None,
-                sink: Sink | None = None, asr: AsrEngine | None = None) -> Relay:
-    """Construct every stage (nothing is started). Raises ConfigError/SourceError/SinkError/AsrError."""
-    metrics = metrics or Metrics()
-    chain = build_chain(settings.transform, metrics)
-    try:
-        vad = make_vad_stage(settings)
-    except ConfigError:
-        raise
-    except Exception as exc:  # a user's VAD factory failed: its key, exit 2 (built-in failures stay bugs)
-        if settings.vad.engine in VAD_BUILTINS:
-            raise
-        raise _user_engine_error(settings.vad.engine, "vad.engine", exc) from None
-    source = source or make_source(settings, metrics)
-    sink = sink or make_sink(settings, metrics)
-    if source.name == "daily" and sink.name == "daily":  # listen in the sink's room, do not join twice
-        from pipeline.sink.daily import DailySink
-        from pipeline.sink.fanout import FanoutSink
-        from pipeline.source.daily import DailySource
-        room_sink = sink.primary if isinstance(sink, FanoutSink) else sink  # sink.also: the room is the primary
-        if isinstance(source, DailySource) and isinstance(room_sink, DailySink):
-            daily_sink = room_sink
-            source.room_from = lambda: daily_sink.connection
-    if asr is None:
-        try:
-            asr = make_asr_engine(settings.asr, metrics)
-        except PluginError as exc:  # unknown name, or not an engine: was "unexpected error" exit 1
-            raise ConfigError(str(exc), "asr.engine") from None
-        except (AsrError, ConfigError):
-            raise
-        except Exception as exc:
-            if settings.asr.engine in ASR_BUILTINS:
-                raise
-            raise _user_engine_error(settings.asr.engine, "asr.engine", exc) from None
-    perception = build_perception(settings.perception, metrics, source.now_s)
-    if perception.video is not None and not source.has_video:
-        raise ConfigError(f"video analyzers need a source with a camera (daily); source {source.name!r} has none",
-                          "perception.video.analyzers")
-    return Relay(settings, source=source, sink=sink, asr=asr, vad=vad, chain=chain, metrics=metrics,
-                 perception=perception)
 
 
 async def run_daemon(settings: Settings, relay: Relay | None = None, *, view: bool = False) -> int:
@@ -242,6 +88,8 @@ async def run_daemon(settings: Settings, relay: Relay | None = None, *, view: bo
     for sig in STOP_SIGNALS:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal, sig.name)
+    for name in take_early():  # came while starting up (pipeline/signals.py)
+        on_signal(name)
     try:
         try:
             if settings.control.enabled:
@@ -307,7 +155,6 @@ async def run_serve(settings: Settings, tree: Mapping[str, Any], used: EnvUse | 
     signal; then refuse new relays (/readyz 503), drain every relay, exit 0. A second signal exits at once
     (130), ending the Tavus conversations the relays created."""
     from pipeline.control.server import ControlServerError, create_serve_app, start_control_server
-    from pipeline.serve import RelayPool
 
     register_settings_secrets(settings)
     if not settings.control.enabled:
@@ -339,6 +186,8 @@ async def run_serve(settings: Settings, tree: Mapping[str, Any], used: EnvUse | 
     for sig in STOP_SIGNALS:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal, sig.name)
+    for name in take_early():  # came while starting up (pipeline/signals.py)
+        on_signal(name)
     control = None
     try:
         try:

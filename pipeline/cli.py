@@ -29,6 +29,9 @@ from pipeline.config import (
     validate_tree,
 )
 from pipeline.logs import redact, register_secret, setup_logging
+from pipeline.loop import run as run_guarded
+from pipeline.signals import release_early
+from pipeline.specs import path_problem
 
 EPILOG = """\
 exit status:
@@ -44,6 +47,8 @@ environment:
   ECHO_RELAY_CONFIG   config file used when --config is not given (else ./config.yaml if present)
   TAVUS_API_KEY       Tavus API key (never put it in the config file)
   TAVUS_API_URL       Tavus API base URL (default https://tavusapi.com)
+  ECHO_RELAY_TOKEN    control.token, the control API's bearer token (also with no config file)
+  OPENAI_API_KEY      asr.openai_http.api_key (also with no config file)
 """
 
 
@@ -170,7 +175,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.view import want_view
     view = want_view(args.view, settings)
     try:
-        return asyncio.run(run_daemon(settings, view=view))
+        return run_guarded(run_daemon(settings, view=view))
     except StartupError as exc:
         return _fail(str(exc), exc.status)
 
@@ -182,18 +187,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = validate_tree(tree, used)
     _start_logging(args, settings)
     try:
-        return asyncio.run(run_serve(settings, tree, used))
+        return run_guarded(run_serve(settings, tree, used))
     except StartupError as exc:
         return _fail(str(exc), exc.status)
 
 
 def _cmd_transcribe(args: argparse.Namespace) -> int:
-    from pipeline.app import EXIT_INPUT, EXIT_MODEL, check_stages, transcribe_files
+    from pipeline.app import EXIT_INPUT, EXIT_MODEL, transcribe_files
     from pipeline.asr.base import AsrError
     from pipeline.plugins import PluginError
     from pipeline.source.base import SourceError
+    from pipeline.wiring import check_stages
     settings = _settings(args, {"asr.model": args.model})
     problems = check_stages(settings, checks=("asr", "vad"))
+    for i, path in enumerate(args.files):  # before the model loads: no file can have such a name
+        problem = path_problem(str(path))
+        if problem is not None:
+            problems.append(ConfigError(f"the path {problem}", f"files[{i}]"))
     if problems:
         raise ConfigError.combine(problems)
     try:
@@ -231,9 +241,9 @@ def _cmd_config(args: argparse.Namespace) -> int:
     if args.config_command != "check":
         build_parser().parse_args(["config", "--help"])
         return 2
-    from pipeline.app import check_stages
+    from pipeline.wiring import check_stages
     # Everything `run` checks before it opens a device or loads a model, every problem at once: the
-    # sections that validate are checked further even when others did not (pipeline/app.py check_stages).
+    # sections that validate are checked further even when others did not (pipeline/wiring.py check_stages).
     tree, used = load_tree(getattr(args, "config", None) or default_config_path())
     problems: list[ConfigError] = []
     try:
@@ -284,6 +294,7 @@ def _cmd_tavus(args: argparse.Namespace) -> int:
     return run_tavus(args, _settings(args))
 
 
+DAEMONS = frozenset({"run", "serve"})  # commands that drain on a stop signal (pipeline/app.py)
 COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "transcribe": _cmd_transcribe, "devices": _cmd_devices,
             "config": _cmd_config, "models": _cmd_models, "tavus": _cmd_tavus}
 
@@ -291,6 +302,8 @@ COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "transcribe": _cmd_transcribe,
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command not in DAEMONS:  # their stop signals act as usual again (pipeline/signals.py)
+        release_early()
     if args.command is None:
         parser.print_help()
         return 2

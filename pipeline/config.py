@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -41,7 +42,7 @@ from pydantic import (
 
 from pipeline.langcodes import NAMES, check_code
 from pipeline.logs import MIN_SECRET_LEN, REDACTED, redact
-from pipeline.specs import SpecError, parse_sink_spec, parse_source_spec
+from pipeline.specs import SpecError, parse_sink_spec, parse_source_spec, path_problem
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_SAMPLE = PACKAGE_DIR / "assets" / "jfk.wav"  # bundled real speech, see pipeline/assets/README.md
@@ -70,6 +71,17 @@ MAX_CPU_THREADS = 128  # CTranslate2 threads; 1000000 crashed the process (issue
 MAX_FILE_SPEED = 1000.0  # file sources: times real time
 MAX_QUEUE_ITEMS = 100_000  # delivery queue and microphone blocks (500 blocks = 10 s)
 MAX_TAVUS_S = 86_400  # Tavus conversation timeouts, seconds: one day
+
+# Settings whose default comes from the environment, written as config.yaml shows them. The one source of
+# these defaults: `load_tree` fills every key of this table that the configuration leaves out, with no file
+# at all as with a file (issue 27: with no config file, ECHO_RELAY_TOKEN was never read and the API answered
+# without a token); tests/test_env_hostile.py checks config.yaml against it, key by key.
+ENV_DEFAULTS: dict[str, str] = {
+    "asr.openai_http.api_key": "${OPENAI_API_KEY:-}",
+    "tavus.api_url": "${TAVUS_API_URL:-https://tavusapi.com}",
+    "tavus.api_key": "${TAVUS_API_KEY:-}",
+    "control.token": "${ECHO_RELAY_TOKEN:-}",
+}
 
 
 class ConfigError(Exception):
@@ -115,6 +127,24 @@ def _checked_spec(parse: Callable[[str], object], spec: str) -> str:
     except SpecError as exc:
         raise ValueError(str(exc)) from None
     return spec
+
+
+def _usable_path(value: str) -> str:
+    """A setting naming a file or directory: refused before any call into the OS when no file could have
+    that name (a NUL byte, a lone surrogate, too long: pipeline/specs.py `path_problem`)."""
+    problem = path_problem(value)
+    if problem is not None:
+        raise ValueError(f"the path {problem}")
+    return value
+
+
+def _has_userinfo(url: str) -> bool:
+    """True when `url` carries credentials (`scheme://user[:password]@host`)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.username is not None or parts.password is not None
 
 
 def _bound(value: float) -> str:
@@ -284,6 +314,21 @@ class EndpointSettings(_Section):
     likely_prob: float = _num(0.5, ge=0, le=1, description="final . ? ! at least this probable ...")
     likely_pause_ms: int = _num(600, ge=0, le=MAX_SHORT_MS, description="... finishes it after this much; else "
                                                                         "vad.hangover_ms")
+    # The turn-end rule (pipeline/turn/rule.py), fitted on the pauses of the shared clips by scripts/turn_fit.py
+    # (docs/turn-end.md): logit = bias + w_punct * p(final . ? !) + w_lengthening * (last voiced stretch / median)
+    # + w_energy_decay * (level slope into the pause, dB/s). At or over turn_prob the pause finishes after
+    # turn_pause_ms; below it, or when a signal is missing, the graded policy above decides.
+    turn_rule: bool = Field(True, description="false = the graded policy alone (confident/likely tiers)")
+    turn_prob: float = _num(0.75, ge=0, le=1, description="combined turn-end probability at least this ...")
+    turn_pause_ms: int = _num(250, ge=0, le=MAX_SHORT_MS, description="... finishes the utterance after this much "
+                                                                      "silence")
+    turn_bias: float = _num(-1.557, ge=-100, le=100, description="the rule's intercept (logit)")
+    turn_w_punct: float = _num(2.611, ge=-100, le=100, description="weight of Whisper's final . ? ! probability "
+                                                                    "(0 when the text does not end a sentence)")
+    turn_w_lengthening: float = _num(-1.131, ge=-100, le=100, description="weight of the last voiced stretch over "
+                                                                          "the median one")
+    turn_w_energy_decay: float = _num(-0.01073, ge=-100, le=100, description="weight of the level's slope over "
+                                                                              "the last 200 ms of speech, dB/s")
     commit_min_ms: int = _num(8000, ge=0, le=30_000, description="speech resumed after a pause whose decode "
                               "covers at least this much new audio: that decode becomes the utterance's committed "
                               "beginning, and later decodes start after it (0 = off)")
@@ -296,6 +341,52 @@ class EndpointSettings(_Section):
 
 
 # ------------------------------------------------------------------------------------------ asr
+# Whisper's phantom lines in other languages (trained on subtitled video, it ends silence and noise with the
+# subtitles' closing lines, and writes a subtitle's sound caption as words: Dutch "MUZIEK.", Russian "ПЕЧАЛЬНАЯ
+# МУЗЫКА"), by Whisper language code. Dropped on near-silence only (gate.phantom_max_dbfs), like
+# the English list: a speaker may really say "thank you for watching". All apply whatever the conversation's
+# language: on noise the language detector is least reliable (noise comes out as Japanese or Korean credits).
+PHANTOM_PHRASES_BY_LANGUAGE: dict[str, list[str]] = {
+    "de": ["vielen dank fürs zuschauen", "danke fürs zuschauen", "bis zum nächsten mal", "tschüss", "musik",
+           "ruhige musik"],
+    "es": ["gracias por ver", "gracias por ver el video", "gracias", "suscríbete al canal", "hasta la próxima",
+           "música", "música suave"],
+    "fr": ["merci d'avoir regardé", "merci d'avoir regardé cette vidéo", "merci", "au revoir", "musique",
+           "musique douce"],
+    "it": ["grazie per la visione", "grazie a tutti", "grazie", "musica"],
+    "pt": ["obrigado por assistir", "obrigado", "obrigada", "música"],
+    "nl": ["bedankt voor het kijken", "dank je wel", "bedankt", "muziek"],
+    "pl": ["dziękuję za uwagę", "dziękuję", "muzyka", "spokojna muzyka"],
+    "ru": ["продолжение следует", "спасибо за просмотр", "спасибо", "подписывайтесь на канал", "музыка",
+           "печальная музыка", "спокойная музыка"],
+    "ja": ["ご視聴ありがとうございました", "ありがとうございました", "チャンネル登録よろしくお願いします", "音楽"],
+    "ko": ["시청해주셔서 감사합니다", "시청해 주셔서 감사합니다", "감사합니다", "구독과 좋아요 부탁드립니다", "음악"],
+    "zh": ["谢谢观看", "謝謝觀看", "谢谢大家", "谢谢", "請訂閱", "请订阅", "音乐"],
+    "hi": ["धन्यवाद"],
+    "ar": ["شكرا", "شكرا لكم", "اشتركوا في القناة"],
+}
+# Subtitle credits and channel promotions, which are never speech to relay: dropped at any level. Regular
+# expressions matched against the whole of one sentence after normalization (NFKC, case folded, punctuation and
+# symbols as spaces, whitespace collapsed: "Sous-titres réalisés par la communauté d'Amara.org" is matched as
+# "sous titres réalisés par la communauté d amara org"). Bounded (.{1,60}) so that they never swallow speech.
+PHANTOM_PATTERNS: list[str] = [
+    r".{0,80}amara ?org.{0,80}",  # the Amara.org community credit, in every language
+    r"(?:subtitles|captions|subtitled|captioned|transcription|transcribed) by .{1,60}",
+    r"untertitel(?:ung)?(?: im auftrag)? (?:des|der|von|durch) .{1,60}",  # Untertitel im Auftrag des ZDF ...
+    r"sous titr(?:es|age)(?: (?:réalisés|faits|créés|fournis))?(?: par| pour)? .{1,60}",  # Sous-titrage ST' 501
+    r"subt[ií]tulos? (?:realizados |creados |hechos )?(?:por|de) .{1,60}",
+    r"sottotitoli (?:creati|realizzati|a cura|e revisione)(?: .{1,60})?",
+    r"legendas? (?:pela|por|feitas por|criadas por) .{1,60}",
+    r"ondertitel(?:s|ing)? (?:ingediend door|gemaakt door|verzorgd door|door) .{1,60}",
+    r"napisy (?:stworzone|wykonane|przygotowane|przez) .{1,60}",
+    r"субтитры (?:сделал|делал|создавал|создал|подготовил|подогнал|от) .{1,60}",
+    r"редактор субтитров.{0,60}",
+    r"字幕由.{1,40}提供",  # 字幕由Amara.org社区提供, 字幕由 XX 字幕组提供
+    r"(?:中文)?字幕(?:志愿者|志願者|制作|製作|翻译|翻譯|校对|校對).{0,40}",
+    r".{0,40}(?:明镜|明鏡)(?:与|與)点点栏目.{0,20}",  # 请不吝点赞 订阅 转发 打赏支持明镜与点点栏目
+]
+
+
 class GateSettings(_Section):
     no_speech_prob: float = _num(0.6, ge=0, le=1, description="drop when no_speech_prob is above this ...")
     no_speech_logprob: float = _num(-0.8, ge=MIN_LOGPROB, le=0, description="... and avg_logprob is below this "
@@ -311,6 +402,22 @@ class GateSettings(_Section):
         "please subscribe", "subscribe to my channel", "you", "bye", "so", "okay",
         "subtitles by the amara.org community", "[music]", "[blank_audio]",
     ], description="known Whisper hallucinations on near-silence (compared after normalization)")
+    phantom_phrases_by_language: dict[str, list[str]] = Field(
+        default_factory=lambda: {k: list(v) for k, v in PHANTOM_PHRASES_BY_LANGUAGE.items()},
+        description="the same in other languages, by language code (all apply, whatever the language)")
+    phantom_patterns: list[str] = Field(default_factory=lambda: list(PHANTOM_PATTERNS),
+                                        description="regular expressions for subtitle credits, dropped at any level "
+                                                    "(each matched against a whole sentence, normalized)")
+
+    @field_validator("phantom_patterns")
+    @classmethod
+    def _patterns_compile(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from exc
+        return v
 
 
 class OpenAIHttpSettings(_Section):
@@ -327,6 +434,15 @@ class OpenAIHttpSettings(_Section):
     speculative: bool = Field(False, description="also send speculative decodes (in pauses, endpoint.*) and interim "
                                                  "ones (event-stream watchers): earlier replies, but more than one "
                                                  "request per utterance")
+
+    @field_validator("api_key")
+    @classmethod
+    def _one_credential(cls, v: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        # httpx turns URL user info into `Authorization: Basic`, replacing the Bearer key (issue 27).
+        if v is not None and _has_userinfo(str(info.data.get("url", ""))):
+            raise ValueError("set while asr.openai_http.url has user info (user:password@): two credentials for "
+                             "one request, and the URL's would replace the key; keep one")
+        return v
 
 
 class LanguageDetectSettings(_Section):
@@ -367,6 +483,11 @@ class AsrSettings(_Section):
     engine: str = Field("faster-whisper", description="faster-whisper | openai-http | entry point | dotted path")
     model: str = Field("tiny.en", description="model name (tiny.en, base.en, small.en, distil-...) or CTranslate2 dir")
     models_dir: str = Field("models", description="local model store, searched first, downloads go here")
+
+    @field_validator("model", "models_dir")
+    @classmethod
+    def _nameable(cls, v: str) -> str:  # a model name may be a directory (pipeline/asr/models.py)
+        return _usable_path(v)
     download: bool = Field(True, description="allow downloading a missing model from the Hugging Face hub")
     device: str = Field("cpu", description="cpu | cuda | auto")
     compute_type: str = Field("int8", description="int8 | int8_float16 | float16 | float32 | default")
@@ -436,6 +557,15 @@ class _PluginItem(BaseModel):
     @property
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _option_paths(self) -> _PluginItem:
+        for option, value in self.options.items():  # words_file, ... (PATH_OPTION): opened by the plug-in
+            if isinstance(option, str) and PATH_OPTION.search(option) and isinstance(value, str):
+                problem = path_problem(value)
+                if problem is not None:
+                    raise ValueError(f"{option}: the path {problem}")
+        return self
 
 
 class TransformStep(_PluginItem):
@@ -606,6 +736,14 @@ class SinkSettings(_Section):
 class TavusSettings(_Section):
     api_url: str = Field("https://tavusapi.com", description="base URL (TAVUS_API_URL overrides)")
     api_key: SecretStr | None = Field(None, description="x-api-key; use ${TAVUS_API_KEY}, never a literal")
+
+    @field_validator("api_url")
+    @classmethod
+    def _no_userinfo(cls, v: str) -> str:
+        if _has_userinfo(v):  # the client authenticates with x-api-key; httpx would drop the user info unsent
+            raise ValueError("user info (user:password@) in the Tavus URL is never sent: the key goes in "
+                             "tavus.api_key (${TAVUS_API_KEY}); remove it from the URL")
+        return v
     timeout_s: float = _num(15.0, gt=0, le=MAX_TIMEOUT_S, description="per-request timeout")
     retries: int = _num(3, ge=0, le=MAX_RETRIES, description="retries on connection errors, 429 and 5xx")
     persona_id: str | None = Field(None, description="echo persona to reuse; null = create one")
@@ -708,6 +846,15 @@ class ServeSettings(_Section):
     file_roots: list[str] = Field(default_factory=list, description="directories under which POST /v1/relays may "
                                                                     "name files (file: sources, jsonl: sinks, step "
                                                                     "files); empty = no file paths through the API")
+
+    @field_validator("file_roots")
+    @classmethod
+    def _nameable(cls, roots: list[str]) -> list[str]:
+        for i, root in enumerate(roots):
+            problem = path_problem(root)
+            if problem is not None:
+                raise ValueError(f"[{i}] the path {problem}")
+        return roots
 
 
 class LoggingSettings(_Section):
@@ -1139,8 +1286,8 @@ def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> None:
     do not parse are left for validation to report."""
 
     def rebase(text: str) -> str:
-        if not text.strip():
-            return text  # "file:" stays invalid instead of becoming the config's directory
+        if not text.strip() or path_problem(text):
+            return text  # "file:" stays invalid instead of becoming the config's directory; a NUL is reported
         try:
             path = Path(text).expanduser()
         except RuntimeError:  # "~nobody/x": no such home directory; the stage reports the path as written
@@ -1180,7 +1327,8 @@ def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> None:
         # pipeline/asr/models.py resolve_model: "./x", "../x", "~/x" and "a/b/c" are directories ("org/name"
         # is a Hugging Face repo id); so is a name that is a directory next to the config file.
         if isinstance(model, str) and model.strip() and (model.startswith(("./", "../", ".\\", "..\\", "~"))
-                                                         or model.count("/") > 1 or (base / model).is_dir()):
+                                                         or model.count("/") > 1
+                                                         or (not path_problem(model) and (base / model).is_dir())):
             asr["model"] = rebase(model)
     transform = tree.get("transform")
     perception = tree.get("perception")
@@ -1215,6 +1363,7 @@ def load_tree(path: str | Path | None = None, overrides: Mapping[str, Any] | Non
     for key, value in (overrides or {}).items():
         if value is not None:
             set_dotted(tree, key, value)
+    _fill_env_defaults(tree, env, used)
     # Environment conveniences documented in the README.
     tavus = tree.setdefault("tavus", {}) if isinstance(tree.get("tavus", {}), dict) else None
     if tavus is not None:
@@ -1224,6 +1373,22 @@ def load_tree(path: str | Path | None = None, overrides: Mapping[str, Any] | Non
         if env.get("TAVUS_API_URL") and not (overrides or {}).get("tavus.api_url"):
             tavus["api_url"] = env["TAVUS_API_URL"]
     return tree, used
+
+
+def _fill_env_defaults(tree: dict[str, Any], env: Mapping[str, str], used: EnvUse) -> None:
+    """Each ENV_DEFAULTS key the tree leaves out gets its `${VAR:-default}` filled from `env` (a key the
+    configuration sets, even to null, is left alone). A section that is not a mapping is left for
+    validation to report."""
+    for key, reference in ENV_DEFAULTS.items():
+        *parents, last = key.split(".")
+        node: Any = tree
+        for part in parents:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or last in node:
+            continue
+        value = _expand(reference, env, tuple(key.split(".")), used)
+        if value is not None:
+            node[last] = value
 
 
 def validate_tree(tree: dict[str, Any], used: EnvUse | None = None) -> Settings:

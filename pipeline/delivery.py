@@ -52,6 +52,10 @@ RECENT_ITEMS = 20  # kept for /status
 LATENCY_WINDOW = 1000  # latencies kept for latency_summary() (/status, GET /v1/relays/{id})
 QUEUE_POLL_S = 0.1  # put() waiting on a full queue re-checks for the drain deadline this often
 INTERRUPTED = "interrupted"  # ledger reason of echoes an interrupt dropped
+# Undeliverable because the delivery task was cancelled, not by the drain deadline (issue 27: the message in
+# hand when user code stopped the loop was recorded as "not delivered within the shutdown drain time").
+CANCELLED_REASON = ("delivery was cancelled before the shutdown drain deadline (not by the relay: the event loop "
+                    "shut down, or code outside the relay cancelled the delivery task)")
 
 
 @dataclass(slots=True)
@@ -71,6 +75,12 @@ class Ledger:
     @property
     def settled(self) -> int:
         return self.delivered + sum(self.dropped.values()) + self.undeliverable
+
+    def summary(self) -> str:
+        """One line: `closed 3, delivered 2, dropped 1 {'asr:no_speech': 1}, undeliverable 0, in flight 0`."""
+        reasons = f" {self.dropped}" if self.dropped else ""
+        return (f"closed {self.closed}, delivered {self.delivered}, dropped {sum(self.dropped.values())}{reasons}, "
+                f"undeliverable {self.undeliverable}, in flight {self.closed - self.settled}")
 
     def as_dict(self) -> dict[str, Any]:
         return {"closed": self.closed, "delivered": self.delivered, "dropped": dict(self.dropped),
@@ -139,6 +149,7 @@ class Delivery:
         self._active: QueuedEcho | None = None
         self._sending: asyncio.Future[None] | None = None  # the sink.send() of the active item
         self._deadline: float | None = None  # time.monotonic() by which everything must be out
+        self._deadline_cancel = False  # finish() cancelled the task: the drain deadline passed
 
     @property
     def depth(self) -> int:
@@ -207,21 +218,34 @@ class Delivery:
         self.start_draining(self.settings.sink.drain_timeout_s)
         assert self._deadline is not None
         try:
-            if not await self._put(None):
+            if task.done() or not await self._put(None):
                 raise TimeoutError
             await asyncio.wait_for(asyncio.shield(task), max(0.0, self._deadline - time.monotonic()))
-        except TimeoutError:
-            reason = self._drain_reason()
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and not task.done():
+                # The relay itself is being cancelled (not its delivery task): account what is queued, let the
+                # task account its active item, and go on being cancelled.
+                self._abandon_queued(CANCELLED_REASON)
+                task.cancel()
+                raise
+            cut_short = task.done()  # the task ended before the deadline: someone else cancelled it
+            failure = task.exception() if cut_short and not task.cancelled() else None
+            reason = (self._drain_reason() if not cut_short else CANCELLED_REASON if failure is None
+                      else f"the delivery task failed: {type(failure).__name__}: {failure}")
             log.error("%s; %d item(s) still queued", reason, self._queue.qsize())
+            self._deadline_cancel = not cut_short
             task.cancel()  # the active item is accounted by run()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            while not self._queue.empty():
-                item = self._queue.get_nowait()
-                if item is not None and item.stage is Stage.QUEUED:
-                    self._undeliverable(item, reason)
+            self._abandon_queued(reason)
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+    def _abandon_queued(self, reason: str) -> None:
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None and item.stage is Stage.QUEUED:
+                self._undeliverable(item, reason)
 
     def _drain_reason(self) -> str:
         waiting = self.sink.blocked_reason()
@@ -246,8 +270,8 @@ class Delivery:
             try:
                 with log_context(utterance_id=item.meta.utterance_id):
                     await self._process(item)
-            except asyncio.CancelledError:  # the drain deadline passed while this item was active
-                self._undeliverable(item, self._drain_reason())
+            except asyncio.CancelledError:  # the drain deadline passed while this item was active, or not
+                self._undeliverable(item, self._drain_reason() if self._deadline_cancel else CANCELLED_REASON)
                 raise
             except Exception:  # one bad item must never stop delivery
                 log.exception("unexpected error delivering %s", item.meta.utterance_id)
@@ -366,8 +390,8 @@ class Delivery:
             if error is not None:
                 self._undeliverable(item, error, text)
                 return
+        self.ledger.delivered += 1  # before _settle, which logs the ledger with this item in it
         self._settle(item, "delivered", text)
-        self.ledger.delivered += 1
         self.metrics.echoes_sent.labels(source=item.origin.value).inc()
 
     def _outgoing(self, item: QueuedEcho, message: dict[str, Any], text: str) -> Outgoing:
@@ -457,6 +481,9 @@ class Delivery:
         latency = self._now_s() - meta.audio_end_s if item.origin is Origin.SPEECH and self._paced else None
         self.events.emit("echo", utterance_id=meta.utterance_id, outcome=status, text=text,
                          latency_s=None if latency is None else round(latency, 3), reason=reason)
+        # The ledger as of now, every time it changes: a process ended from outside (a thread calling
+        # os._exit, SIGKILL) still leaves the run's state in the log (docs/reliability.md).
+        log.info("ledger: %s %s; %s", meta.utterance_id, status, self.ledger.summary())
 
     def _drop(self, item: QueuedEcho, reason: str, metric: tuple[str, str] | None) -> None:
         """Account a dropped item under `reason` (ledger key) and in the dropped-items counter as

@@ -55,6 +55,7 @@ DROP_REASONS: dict[str, tuple[str, ...]] = {
 }
 STAGES = ("asr", "transform", "sink")  # echo_relay_stage_latency_seconds{stage}
 SPECULATIVE_OUTCOMES = ("early", "reused", "committed", "discarded")  # pipeline/speculation.py
+TURN_RULES = ("turn", "unfinished", "graded")  # pipeline/turn/rule.py's `Rule`: what decided a pause's wait
 ECHO_SOURCES = ("speech", "api")  # pipeline/delivery.py `Origin`
 QUEUES = ("source", "delivery")
 ASR_OUTCOMES = ("decoded", "failed", "cancelled", "discarded")  # pipeline/asr/scheduler.py
@@ -98,6 +99,9 @@ class Metrics:
         self.audio_reopens = Counter(p + "audio_reopens", "times the input device was reopened", registry=r)
         self.speculative = Counter(p + "speculative_decodes", "speculative decodes, by outcome", ["outcome"],
                                    registry=r)
+        self.turn_decisions = Counter(p + "turn_decisions", "pauses judged by the endpointer, by what decided the "
+                                      "wait (turn: the turn-end rule; unfinished: a trailing function word; "
+                                      "graded: the graded policy)", ["rule"], registry=r)
         self.stage_latency = Histogram(p + "stage_latency_seconds", "time spent per stage and utterance (transform: "
                                        "the whole chain)", ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.transform_step_latency = Histogram(p + "transform_step_latency_seconds", "time spent per transform "
@@ -118,8 +122,8 @@ class Metrics:
                                        registry=r)
         self.model_loaded = Gauge(p + "model_loaded", "1 once the ASR model is loaded and warm", registry=r)
 
-        # pipeline/perception/stage.py: one outcome per analyzer call (`OUTCOMES` there; analyzer = its configured
-        # name), and what became of the camera frames the video analyzers were offered.
+        # pipeline/perception/stage.py: one outcome per analyzer call (`OUTCOMES`, pipeline/perception/calls.py;
+        # analyzer = its configured name), and what became of the camera frames the video analyzers were offered.
         self.perception_calls = Counter(p + "perception_calls", "analyzer calls by analyzer and outcome",
                                         ["analyzer", "outcome"], registry=r)
         self.perception_latency = Histogram(p + "perception_latency_seconds", "analyzer call duration (ok, none "
@@ -141,6 +145,7 @@ class Metrics:
         for stage, reasons in DROP_REASONS.items():
             init_labels(self.dropped, stage=[stage], reason=reasons)
         init_labels(self.speculative, outcome=SPECULATIVE_OUTCOMES)
+        init_labels(self.turn_decisions, rule=TURN_RULES)
         init_labels(self.stage_latency, stage=STAGES)
         init_labels(self.queue_depth, queue=QUEUES)
         init_labels(self.video_frames, outcome=VIDEO_FRAME_OUTCOMES)

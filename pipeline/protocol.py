@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import unicodedata
 import uuid
 from bisect import bisect_right
 from typing import Any
@@ -23,7 +24,7 @@ import numpy as np
 import regex
 
 from pipeline.frames import Pcm
-from pipeline.text import CLOSERS, LATIN_SENTENCE_END, SENTENCE_END
+from pipeline.text import sentence_end_offsets
 
 MESSAGE_TYPE = "conversation"
 ECHO = "conversation.echo"
@@ -41,6 +42,7 @@ CLOSING_SILENCE_S = 0.04  # pipecat closes an audio utterance with 40 ms of sile
 _GRAPHEME = regex.compile(r"\X")  # extended grapheme clusters: what a reader sees as one character
 # No-break spaces join words on purpose (numbers, "Mr.\u00a0Smith", French "?\u00a0"): never cut there.
 _NO_BREAK_SPACES = "\u00a0\u2007\u202f"
+VIRAMA_CLASS = 9  # Unicode canonical combining class of the Indic viramas (्, ্, ், ್, ...)
 
 
 class MessageTooLarge(ValueError):
@@ -126,17 +128,20 @@ def _split(text: str, budget: int, budget_last: int) -> list[str]:
         if c not in sizes:
             sizes[c] = _escaped_size(c)
         prefix.append(prefix[-1] + sizes[c])
-    space = [c.isspace() and not any(ch in _NO_BREAK_SPACES for ch in c) for c in clusters]
+    # `blank`: whitespace, dropped at the ends of a piece; `space`: whitespace a cut may be made at (no-break
+    # spaces are blank but join words: a grapheme cut falling before one still drops it, never a piece of it alone).
+    blank = [c.isspace() for c in clusters]
+    space = [b and not any(ch in _NO_BREAK_SPACES for ch in c) for b, c in zip(blank, clusters, strict=True)]
     spaces = [k for k in range(n) if space[k]]  # a cut before a whitespace cluster drops the whitespace
-    sentence_cuts = _sentence_cuts(clusters, space)
+    sentence_cuts = _sentence_cuts(clusters)
     content_end = n
-    while content_end and space[content_end - 1]:
+    while content_end and blank[content_end - 1]:
         content_end -= 1
 
     pieces: list[str] = []
     i = 0
     while True:
-        while i < content_end and space[i]:
+        while i < content_end and blank[i]:
             i += 1
         if i >= content_end:
             return pieces
@@ -147,12 +152,20 @@ def _split(text: str, budget: int, budget_last: int) -> list[str]:
         if j <= i:
             raise MessageTooLarge(f"the grapheme {clusters[i]!r} ({sizes[clusters[i]]} bytes escaped) does not "
                                   f"fit the {budget} bytes left for text in one message")
-        cut = _last_in(sentence_cuts, i, j) or _last_in(spaces, i, j) or j
+        cut = _last_in(sentence_cuts, i, j) or _last_in(spaces, i, j) or _grapheme_cut(clusters, i, j)
         end = cut
-        while space[end - 1]:  # the run of whitespace before a word cut
+        while blank[end - 1]:  # the run of whitespace before a word cut
             end -= 1
         pieces.append("".join(clusters[i:end]))
         i = cut
+
+
+def _grapheme_cut(clusters: list[str], i: int, j: int) -> int:
+    """The last cut in (i, j] between graphemes that splits no conjunct (j itself when every one would)."""
+    cut = j
+    while cut > i + 1 and _joined_to_next(clusters, cut):
+        cut -= 1
+    return cut if not _joined_to_next(clusters, cut) else j
 
 
 def _last_in(sorted_cuts: list[int], lo: int, hi: int) -> int | None:
@@ -161,30 +174,27 @@ def _last_in(sorted_cuts: list[int], lo: int, hi: int) -> int | None:
     return sorted_cuts[k] if k >= 0 and sorted_cuts[k] > lo else None
 
 
-def _sentence_cuts(clusters: list[str], space: list[bool]) -> list[int]:
-    """Cluster indices e such that a sentence ends just before clusters[e].
-
-    A sentence ends after a run of sentence-end marks and closing quotes/brackets (`?!`, `."`, `。」`) that
-    holds a sentence-end mark. After Latin marks (. ? ! …) whitespace must follow, since they also occur
-    inside tokens ("3.14", "e.g."); other scripts' marks end a sentence wherever they stand (CJK has no
-    spaces between sentences).
-    """
-    def in_run(c: str) -> bool:
-        return c[0] in SENTENCE_END or c[0] in CLOSERS
-
-    cuts: list[int] = []
-    for e in range(1, len(clusters)):
-        if not in_run(clusters[e - 1]) or in_run(clusters[e]):
-            continue
-        k, has_end, spaceless = e - 1, False, False
-        while k >= 0 and in_run(clusters[k]):
-            if clusters[k][0] in SENTENCE_END:
-                has_end = True
-                spaceless = spaceless or clusters[k][0] not in LATIN_SENTENCE_END
-            k -= 1
-        if has_end and (spaceless or space[e]):
+def _sentence_cuts(clusters: list[str]) -> list[int]:
+    """Cluster indices e such that a sentence ends just before clusters[e] (pipeline.text.sentence_end_offsets:
+    Latin marks need whitespace after them, other scripts' marks end a sentence wherever they stand, so CJK
+    text without spaces is cut after its 。！？)."""
+    text = "".join(clusters)
+    ends = set(sentence_end_offsets(text))
+    cuts, offset = [], 0
+    for e, c in enumerate(clusters):
+        if e and offset in ends:
             cuts.append(e)
+        offset += len(c)
     return cuts
+
+
+def _joined_to_next(clusters: list[str], k: int) -> bool:
+    """True when a cut before clusters[k] would split a conjunct the grapheme rules leave open: a virama
+    (combining class 9) closing clusters[k - 1] and a letter opening clusters[k]. Unicode's conjunct rule
+    (GB9c) joins such pairs in Devanagari, Bengali, Gujarati, Oriya, Telugu and Malayalam only; Tamil "க்ஷ" or
+    Kannada "ಕ್ಷ" would still be cut."""
+    return (unicodedata.combining(clusters[k - 1][-1]) == VIRAMA_CLASS
+            and unicodedata.category(clusters[k][0]).startswith("L"))
 
 
 def audio_echoes(pcm: Pcm, sample_rate: int, conversation_id: str | None, inference_id: str | None = None,

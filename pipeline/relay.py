@@ -119,7 +119,9 @@ class Relay:
         log.info("endpointing: %s", (
             f"speculative decode after {ep.speculative_ms} ms of silence; finish after {ep.confident_pause_ms} ms "
             f"when the final . ? ! has p >= {ep.confident_prob}, after {ep.likely_pause_ms} ms when p >= "
-            f"{ep.likely_prob}, else after {self.settings.vad.hangover_ms} ms")
+            f"{ep.likely_prob}, else after {self.settings.vad.hangover_ms} ms"
+            + (f"; turn-end rule: after {ep.turn_pause_ms} ms when the combined turn-end probability is >= "
+               f"{ep.turn_prob}" if ep.turn_rule else "; turn-end rule off"))
             if self.speculator.enabled else f"plain: decode after {self.settings.vad.hangover_ms} ms of silence"
             + ("" if self.asr.speculative else " (one request per utterance: asr.openai_http.speculative is off)"))
         await self.sink.start()

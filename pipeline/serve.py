@@ -35,7 +35,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,9 @@ from typing import Any
 from pipeline.asr import make_asr_engine
 from pipeline.asr.base import AsrEngine
 from pipeline.asr.scheduler import AsrScheduler
-from pipeline.config import PATH_OPTION, ConfigError, EnvUse, Settings, dotted, secret_values, validate_tree
-from pipeline.logs import bind_log_context, log_context, register_secret
+from pipeline.config import PATH_OPTION, ConfigError, EnvUse, Settings, dotted, validate_tree
+from pipeline.control.api import AtCapacity, RelayRequest, RelayRequestError
+from pipeline.logs import bind_log_context, log_context
 from pipeline.metrics import Metrics, ServeMetrics
 from pipeline.perception.builtins import AUDIO_BUILTINS, VIDEO_BUILTINS
 from pipeline.relay import Relay
@@ -53,6 +54,7 @@ from pipeline.source.base import SourceError
 from pipeline.specs import SpecError, parse_sink_spec, parse_source_spec
 from pipeline.transform import BUILTINS as TRANSFORM_BUILTINS
 from pipeline.vad import BUILTIN_ENGINES as VAD_BUILTINS
+from pipeline.wiring import PREFLIGHT_SERVE, build_relay, check_stages, register_settings_secrets
 
 log = logging.getLogger(__name__)
 
@@ -81,30 +83,10 @@ class RelayPhase(enum.Enum):
     def active(self) -> bool:
         return self in (RelayPhase.STARTING, RelayPhase.RUNNING, RelayPhase.DRAINING)
 
-
-class RelayRequestError(Exception):
-    """A request the pool refuses: `field` names what is wrong, `status` is the HTTP status."""
-
-    def __init__(self, field: str | None, message: str, status: int = 422) -> None:
-        super().__init__(f"{field}: {message}" if field else message)
-        self.field, self.message, self.status = field, message, status
-
-
-class AtCapacity(RelayRequestError):
-    def __init__(self, active: int, limit: int) -> None:
-        super().__init__(None, f"at capacity: {active} relays running (serve.max_relays = {limit}); "
-                               "send this conversation to another instance", status=503)
-
-
-@dataclass(frozen=True, slots=True)
-class RelayRequest:
-    """What POST /v1/relays asks for (pipeline/control/models.py `CreateRelayRequest` is its HTTP form)."""
-
-    source: str | None = None  # SPEC as in `run`; None: the configuration's (daily with a Tavus shortcut)
-    sink: str | None = None
-    config: Mapping[str, Any] = field(default_factory=dict)  # overrides: nested sections or dotted keys
-    conversation_url: str | None = None  # Tavus shortcut: join this conversation's room
-    persona_id: str | None = None  # Tavus shortcut: create a conversation with this persona
+    @property
+    def takes_messages(self) -> bool:
+        """Messages and interrupts are served until the relay drains (a draining relay delivers what it has)."""
+        return self in (RelayPhase.STARTING, RelayPhase.RUNNING)
 
 
 @dataclass(eq=False)
@@ -333,13 +315,9 @@ class RelayPool:
 
     def _build(self, request: RelayRequest) -> tuple[str, Relay]:
         """The relay's stages, checked as `run` checks them before it starts (nothing is opened yet)."""
-        from pipeline.app import PREFLIGHT_RUN, build_relay, check_stages
-
         settings = self.settings_for(request)
-        for secret in secret_values(settings):  # a request's own Tavus key or token is scrubbed from logs too
-            register_secret(secret)
-        checks = tuple(c for c in (*PREFLIGHT_RUN, "transform", "source_file", "sink_file") if c != "asr")
-        problems = check_stages(settings, checks=checks)
+        register_settings_secrets(settings)  # a request's own Tavus key or token is scrubbed from logs too
+        problems = check_stages(settings, checks=PREFLIGHT_SERVE)
         if problems:
             raise RelayRequestError(self._field(problems[0].key, request), problems[0].message)
         relay_id = uuid.uuid4().hex[:12]

@@ -34,12 +34,15 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from pipeline.config import Settings
 from pipeline.delivery import retrieve
-from pipeline.endpoint import required_silence_ms
 from pipeline.frames import Transcript, Utterance, ms_to_samples, samples_to_s
 from pipeline.metrics import Metrics
+from pipeline.text import joiner
+from pipeline.turn.prosody import Prosody, prosody
+from pipeline.turn.rule import decide
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ def join(prefix: Transcript, rest: Transcript) -> Transcript:
     n1, n2 = len(head.split()), len(tail.split())
     weight = n1 / (n1 + n2) if n1 + n2 else 0.5
     return Transcript(
-        text=f"{head} {tail}",
+        text=head + joiner(head, tail) + tail,  # no space inside Chinese or Japanese
         confidence=weight * prefix.confidence + (1 - weight) * rest.confidence,
         language=prefix.language or rest.language,
         language_probability=prefix.language_probability,
@@ -100,6 +103,7 @@ class _Speculation:
     start: int = 0  # stream position of the utterance's audio start
     finish_after: int | None = None  # silence (samples) that finishes the utterance, once judged
     judged: bool = False
+    prosody: asyncio.Future[Prosody] | None = None  # the snapshot's prosody (endpoint.turn_rule), off the loop
 
 
 class Speculator:
@@ -132,7 +136,12 @@ class Speculator:
             return
         self.discard("superseded")
         task = asyncio.ensure_future(self._transcribe(snapshot))
-        self._spec = _Speculation(snapshot.id, snapshot.speech_end, task, end=snapshot.end, start=snapshot.start)
+        cues = None
+        if self.settings.endpoint.turn_rule:  # a few ms of numpy per pause, beside the decode (not on the loop)
+            cues = asyncio.get_running_loop().run_in_executor(None, prosody, snapshot.audio,
+                                                              snapshot.speech_end - snapshot.start)
+        self._spec = _Speculation(snapshot.id, snapshot.speech_end, task, end=snapshot.end, start=snapshot.start,
+                                  prosody=cues)
 
     def resumed(self) -> None:
         """Speech came back after the pause: keep the pause's decode as a candidate beginning when it covers
@@ -171,18 +180,25 @@ class Speculator:
         if spec is not None:
             spec.task.add_done_callback(retrieve)
             spec.task.cancel()  # still waiting for the engine: never decoded (pipeline/asr/scheduler.py)
+            if spec.prosody is not None:
+                spec.prosody.add_done_callback(retrieve)
             self.metrics.speculative.labels(outcome="discarded").inc()
             log.debug("speculative decode of %s discarded (%s)", spec.utterance_id, why)
 
-    def pending(self) -> asyncio.Future[Transcript] | None:
-        """The decode in progress whose result may finish the open utterance (to wait on), else None."""
+    def pending(self) -> asyncio.Future[Any] | None:
+        """The work in progress (the decode, then the prosody) whose result may finish the open utterance (to
+        wait on), else None."""
         spec = self._spec
-        return spec.task if spec is not None and not spec.task.done() else None
+        if spec is None:
+            return None
+        if not spec.task.done():
+            return spec.task
+        return spec.prosody if spec.prosody is not None and not spec.prosody.done() else None
 
     def should_finish(self, utterance_id: str | None, silence_samples: int) -> bool:
         """True when the open utterance's silence has reached what its speculative transcript asks."""
         spec = self._spec
-        if spec is None or spec.utterance_id != utterance_id or not spec.task.done():
+        if spec is None or spec.utterance_id != utterance_id or self.pending() is not None:
             return False
         if not spec.judged:
             spec.judged = True
@@ -197,9 +213,15 @@ class Speculator:
         if tr.dropped_reason:
             return None
         hangover_ms = self.settings.vad.hangover_ms
-        need_ms = required_silence_ms(tr.text, tr.final_punct_prob, self.settings.endpoint, hangover_ms)
-        log.debug("speculative %s: …%r p=%s -> finish after %d ms of silence", spec.utterance_id, tr.text[-30:],
-                  None if tr.final_punct_prob is None else round(tr.final_punct_prob, 2), need_ms)
+        cues = spec.prosody
+        spoken = cues.result() if cues is not None and not cues.cancelled() and cues.exception() is None else None
+        decision = decide(tr.text, tr.final_punct_prob, tr.language, spoken, self.settings.endpoint, hangover_ms)
+        need_ms = decision.silence_ms
+        self.metrics.turn_decisions.labels(rule=decision.rule).inc()
+        log.debug("speculative %s: …%r p=%s turn p=%s (%s%s) -> finish after %d ms of silence", spec.utterance_id,
+                  tr.text[-30:], None if tr.final_punct_prob is None else round(tr.final_punct_prob, 2),
+                  None if decision.turn_prob is None else round(decision.turn_prob, 2), decision.rule,
+                  f": {decision.why}" if decision.why else "", need_ms)
         # At the full hangover the segmenter closes the utterance by itself.
         return ms_to_samples(need_ms) if need_ms < hangover_ms else None
 

@@ -6,6 +6,8 @@
     .venv/bin/python scripts/bench.py --variant plain=endpoint.enabled=false --write BENCHMARKS.md
     .venv/bin/python scripts/bench.py --stream hard             # noise, music, whisper, level jumps (~25 min)
     .venv/bin/python scripts/bench.py --stream both --long-minutes 0 --speed 0   # quick functional check
+    .venv/bin/python scripts/bench.py --stream multilingual     # base, auto language, 11 languages + mixed (~10 min)
+    .venv/bin/python scripts/bench.py --stream all --cpu --models base:en,base:auto   # all of issue 23
 
 How it measures (nothing here trusts the relay's own VAD):
 - The stream is the clips joined by --gap seconds of digital silence. Each clip's true speech end is
@@ -24,13 +26,23 @@ docstring gives the method): speech in noise at 0/5/10 dB SNR, music, spontaneou
 speech, loud-then-quiet speakers, noise-only stretches and a long session (--long-minutes). It reports
 per category streamed vs offline WER, missed items, seconds of speech no echo covers, hallucinated
 echoes and latency, plus the lines of the relay's log that report lost or unheard speech.
+
+--models NAME[:LANGUAGE],...: a model ladder in the same run, each model replayed like the default config
+with asr.model=NAME (and asr.language=LANGUAGE; `auto` = null, detect). The offline ceiling (WER, and the
+transcript the splits are judged on) is decoded per ASR configuration: each model against its own offline
+decode; the table also gives the streamed text's WER against that decode itself.
+
+--stream multilingual replays one stream per language of tests/data/speech/multilingual and a mixed one
+(a speaker changing language between turns) with --ml-model (base) and auto language (built and
+analysed by scripts/multilingual_audio.py, whose docstring gives the method): WER/CER streamed vs the
+offline whole-clip decode with the language given, latency, utterances in the wrong language and time
+to lock. --stream all runs clean, hard and multilingual; the issue-23 targets are printed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import difflib
+import functools
 import json
 import os
 import platform
@@ -41,70 +53,31 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
+import hard_audio
+import multilingual_audio
 import numpy as np
+import relay_events
+from bench_measure import (
+    REPO,
+    SR,
+    Clip,
+    Result,
+    analyse,
+    load_clips,
+    normalizer,
+    read_hwm,
+    wer,
+    write_overrides,
+)
+from hard_audio import pct
 
-REPO = Path(__file__).resolve().parent.parent
-SPEECH = REPO / "tests" / "data" / "speech"
-SR = 16_000
-SENTENCE_END = re.compile(r"[.?!][\"')\]]*$")
-
-sys.path.insert(0, str(REPO))
-import hard_audio  # noqa: E402
-from hard_audio import pct  # noqa: E402
-
-from pipeline.config import AsrSettings, Settings  # noqa: E402
-from pipeline.dsp import speech_bounds, wav_bytes  # noqa: E402
-from pipeline.source.file import decode_file  # noqa: E402
-
-
-@dataclass
-class Clip:
-    name: str
-    ref: str
-    audio: np.ndarray
-    offset_s: float = 0.0  # position of the clip's first sample in the stream
-    speech_start_s: float = 0.0  # true bounds, from the clip's own envelope (clip time)
-    speech_end_s: float = 0.0
-    offline_text: str = ""
-    offline_decode_s: float = 0.0
-    raw_fw_s: float = 0.0  # plain faster-whisper (defaults: beam 5, 30 s window) on the clip
-
-    @property
-    def true_end_s(self) -> float:
-        return self.offset_s + self.speech_end_s
-
-
-@dataclass
-class Result:
-    label: str
-    latencies: list[float] = field(default_factory=list)
-    wers: list[float] = field(default_factory=list)
-    offline_wers: list[float] = field(default_factory=list)
-    splits: int = 0
-    mid_splits: int = 0
-    missing: int = 0
-    extra_echoes: int = 0
-    cpu_silence_pct: float | None = None
-    peak_rss_mb: float = 0.0
-    per_clip: list[dict[str, object]] = field(default_factory=list)
-
-
-def load_clips(which: str) -> list[Clip]:
-    with (SPEECH / "manifest.tsv").open(encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh, delimiter="\t"))
-    if which == "librispeech":
-        rows = [r for r in rows if r["file"].startswith("clapclap/librispeech_dev_clean/")]
-    clips = []
-    for r in rows:
-        audio = decode_file(SPEECH / r["file"])
-        c = Clip(r["file"], r["reference_transcript"], audio)
-        c.speech_start_s, c.speech_end_s = speech_bounds(audio)
-        clips.append(c)
-    return clips
+# The checkout's package: bench_measure puts the checkout first on sys.path.
+from pipeline.config import AsrSettings, Settings
+from pipeline.dsp import wav_bytes
+from pipeline.source.file import decode_file
 
 
 def build_stream(clips: list[Clip], gap_s: float, path: Path) -> None:
@@ -120,17 +93,6 @@ def build_stream(clips: list[Clip], gap_s: float, path: Path) -> None:
 
 def write_wav(path: Path, audio: np.ndarray) -> None:
     path.write_bytes(wav_bytes(audio, SR))
-
-
-def normalizer():  # type: ignore[no-untyped-def]
-    from whisper_normalizer.english import EnglishTextNormalizer
-    return EnglishTextNormalizer()
-
-
-def wer(norm, ref: str, hyp: str) -> float:  # type: ignore[no-untyped-def]
-    import jiwer
-    r, h = " ".join(norm(ref).split()), " ".join(norm(hyp).split())
-    return float(jiwer.wer(r, h)) if r else float(bool(h))
 
 
 def bench_settings(settings_overrides: list[str]) -> Settings:
@@ -183,17 +145,17 @@ def raw_decode_times(audios: list[np.ndarray], settings_overrides: list[str]) ->
     """Seconds plain faster-whisper (its defaults: beam 5, 30 s window) takes on each audio."""
     from faster_whisper import WhisperModel
 
-    from pipeline.asr.models import resolve_model
+    from pipeline.asr.models import load_files, resolve_model
 
     asr_settings = offline_asr_settings(settings_overrides)
-    model_dir = resolve_model(asr_settings.model, asr_settings.models_dir).path
-    raw = WhisperModel(str(model_dir), device="cpu", compute_type=asr_settings.compute_type,
-                       cpu_threads=asr_settings.cpu_threads)
+    location = resolve_model(asr_settings.model, asr_settings.models_dir)
+    raw = WhisperModel(str(location.path), device="cpu", compute_type=asr_settings.compute_type,
+                       cpu_threads=asr_settings.cpu_threads, files=load_files(location))  # a packaged model's parts
     list(raw.transcribe(np.zeros(SR, np.float32))[0])  # warm-up
     times = []
     for audio in audios:
         t0 = time.perf_counter()
-        list(raw.transcribe(audio.astype(np.float32) / 32768, language="en")[0])
+        list(raw.transcribe(audio.astype(np.float32) / 32768, language=asr_settings.language)[0])
         times.append(time.perf_counter() - t0)
     return times
 
@@ -208,8 +170,10 @@ def offline_pass(clips: list[Clip], settings_overrides: list[str]) -> None:
         c.raw_fw_s = raw_s
 
 
-def run_relay(stream: Path, out: Path, overrides: list[str], speed: float, log: Path) -> tuple[float, int]:
-    """Replay the stream through `echo-relay run`; return (peak RSS MB, exit status).
+def run_relay(stream: Path, out: Path, overrides: list[str], speed: float, log: Path,
+              control_port: int | None = None) -> tuple[float, int]:
+    """Replay the stream through `echo-relay run`; return (peak RSS MB, exit status). The control API is off
+    unless `control_port` is given (scripts/relay_events.py follows the event stream on it).
 
     Faster than real time the ASR queue grows, so the shutdown drain (sink.drain_timeout_s) is
     lengthened unless the overrides set it: otherwise the backlog would be dropped as undeliverable."""
@@ -218,7 +182,8 @@ def run_relay(stream: Path, out: Path, overrides: list[str], speed: float, log: 
         else ["sink.drain_timeout_s=3600"]
     write_overrides(cfg, drain + overrides)
     cmd = [sys.executable, "-m", "pipeline", "run", "--config", str(cfg), "--source", f"file:{stream}",
-           "--sink", f"jsonl:{out}", "--no-control", "--speed", str(speed)]
+           "--sink", f"jsonl:{out}", "--speed", str(speed),
+           *(["--no-control"] if control_port is None else ["--control-port", str(control_port)])]
     with log.open("w") as lf:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=lf, stderr=subprocess.STDOUT)
         peak = 0.0
@@ -226,30 +191,6 @@ def run_relay(stream: Path, out: Path, overrides: list[str], speed: float, log: 
             peak = max(peak, read_hwm(proc.pid))
             time.sleep(0.2)
     return peak, proc.returncode
-
-
-def read_hwm(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def write_overrides(path: Path, overrides: list[str]) -> None:
-    """Turn key=value pairs into a YAML config layered on the shipped config.yaml."""
-    import yaml
-
-    from pipeline.config import set_dotted
-    tree = yaml.safe_load((REPO / "config.yaml").read_text())
-    tree["source"]["spec"] = "file:" + str(REPO / "pipeline/assets/jfk.wav")
-    tree["asr"]["models_dir"] = str(REPO / "models")
-    for kv in overrides:
-        key, _, value = kv.partition("=")
-        set_dotted(tree, key, yaml.safe_load(value))
-    path.write_text(yaml.safe_dump(tree))
 
 
 def cpu_during_silence(overrides: list[str], workdir: Path, seconds: float = 30.0,
@@ -277,69 +218,6 @@ def cpu_during_silence(overrides: list[str], workdir: Path, seconds: float = 30.
     proc.terminate()
     proc.wait(30)
     return 100.0 * (c1 - c0) / (t1 - t0)
-
-
-def analyse(label: str, clips: list[Clip], records: list[dict[str, object]], norm) -> Result:  # type: ignore[no-untyped-def]
-    res = Result(label)
-    echoes = [r for r in records if r["event"] == "echo"]
-    used: set[int] = set()
-    for c in clips:
-        lo, hi = c.offset_s - 0.5, c.offset_s + len(c.audio) / SR + 0.5
-        mine = [i for i, r in enumerate(echoes) if lo <= float(r["audio_end_s"]) <= hi + 0.5
-                and float(r["audio_start_s"]) >= lo]  # type: ignore[arg-type]
-        used.update(mine)
-        # One utterance may be several messages (long text split); group by utterance_id.
-        utts: dict[str, list[dict[str, object]]] = {}
-        for i in mine:
-            utts.setdefault(str(echoes[i]["utterance_id"]), []).append(echoes[i])
-        parts = [" ".join(str(m["text"]) for m in msgs) for msgs in utts.values()]
-        hyp = " ".join(parts)
-        row: dict[str, object] = {"clip": Path(c.name).stem, "echoes": len(utts)}
-        if not utts:
-            res.missing += 1
-            res.wers.append(1.0)
-            row["latency_s"] = None
-        else:
-            last = max((msgs[-1] for msgs in utts.values()), key=lambda m: float(m["emitted_at_s"]))  # type: ignore[arg-type]
-            lat = float(last["emitted_at_s"]) - c.true_end_s  # type: ignore[arg-type]
-            res.latencies.append(lat)
-            row["latency_s"] = round(lat, 3)
-            res.wers.append(wer(norm, c.ref, hyp))
-            n_split = len(utts) - 1
-            mid = count_mid_sentence_splits(parts, c.offline_text, norm)
-            res.splits += n_split
-            res.mid_splits += mid
-            row["splits"], row["mid_sentence"] = n_split, mid
-        res.offline_wers.append(wer(norm, c.ref, c.offline_text))
-        row["wer"], row["offline_wer"] = round(res.wers[-1], 3), round(res.offline_wers[-1], 3)
-        row["decode_s"], row["raw_fw_s"] = round(c.offline_decode_s, 3), round(c.raw_fw_s, 3)
-        res.per_clip.append(row)
-    res.extra_echoes = len(echoes) - len(used)
-    return res
-
-
-def count_mid_sentence_splits(parts: list[str], offline: str, norm) -> int:  # type: ignore[no-untyped-def]
-    """Splits whose position in the offline transcript is not right after a . ? !"""
-    off_words = offline.split()
-    off_norm = [" ".join(norm(w).split()) for w in off_words]
-    streamed: list[str] = []
-    boundaries: list[int] = []
-    for p in parts[:-1]:
-        streamed += [" ".join(norm(w).split()) for w in p.split()]
-        boundaries.append(len(streamed))
-    streamed += [" ".join(norm(w).split()) for w in parts[-1].split()] if parts else []
-    sm = difflib.SequenceMatcher(a=streamed, b=off_norm, autojunk=False)
-    mapping: dict[int, int] = {}
-    for a, b, size in sm.get_matching_blocks():
-        for k in range(size):
-            mapping[a + k] = b + k
-    mid = 0
-    for b in boundaries:
-        # the last streamed word before the split, mapped into the offline transcript
-        j = next((mapping[i] for i in range(b - 1, -1, -1) if i in mapping), None)
-        if j is None or not SENTENCE_END.search(off_words[j]):
-            mid += 1
-    return mid
 
 
 def table(results: list[Result], n_clips: int) -> str:
@@ -394,8 +272,9 @@ def machine() -> str:
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stream", choices=["clean", "hard", "both"], default="clean",
-                    help="clean: the --set clips joined by silence; hard: scripts/hard_audio.py's stream; both")
+    ap.add_argument("--stream", choices=["clean", "hard", "both", "multilingual", "all"], default="clean",
+                    help="clean: the --set clips joined by silence; hard: scripts/hard_audio.py's stream; both; "
+                         "multilingual: scripts/multilingual_audio.py's streams; all: the three")
     ap.add_argument("--set", choices=["librispeech", "all"], default="librispeech")
     ap.add_argument("--gap", type=float, default=2.5, help="silence between clips, s")
     ap.add_argument("--long-minutes", type=float, default=10.0,
@@ -407,7 +286,18 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--cpu", action="store_true",
                     help="also measure CPU during 30 s of silence (+45 s); reported with the clean stream only")
     ap.add_argument("--models", default="base.en,small.en,distil-small.en",
-                    help="other models to run with the default config when they are available locally")
+                    help="other models to run with the default config when they are available locally: "
+                         "NAME[:LANGUAGE] (a code, or auto = detect), e.g. base:en,base:auto")
+    ap.add_argument("--ml-model", default="base", help="--stream multilingual: the model (asr.language: null)")
+    ap.add_argument("--ml-languages", default="",
+                    help="--stream multilingual: single-language streams of these languages (default: every "
+                         "language of tests/data/speech/multilingual; '-' = none)")
+    ap.add_argument("--ml-mix", default="es,en",
+                    help="--stream multilingual: the two languages of the mixed stream, turn by turn ('' = none; "
+                         "en = the LibriSpeech clips)")
+    ap.add_argument("--ml-set", default="", metavar="key=value[,key=value]",
+                    help="--stream multilingual: config overrides on top of the model and auto language, "
+                         "e.g. asr.languages=[es,en]")
     ap.add_argument("--relays", metavar="N[,N...]",
                     help="instead: N relays replaying the clean stream in one `echo-relay serve` against N "
                          "`echo-relay run` processes (scripts/bench_relays.py), e.g. 1,2,4,8,16")
@@ -440,22 +330,68 @@ def variant_list(args: argparse.Namespace) -> tuple[list[tuple[str, list[str]]],
         label, _, rest = v.partition("=")
         variants.append((label, split_overrides(rest)))
     unavailable: list[str] = []
-    for name in [m for m in args.models.split(",") if m]:
+    for spec in [m for m in args.models.split(",") if m]:
+        name, label, overrides = model_variant(spec)
         if model_available(name):
-            variants.append((f"model {name}", [f"asr.model={name}"]))
+            variants.append((label, overrides))
         else:
             unavailable.append(name)
             print(f"model {name}: not available offline (echo-relay models pull {name}); skipped", file=sys.stderr)
     return variants, unavailable
 
 
-def replay(stream: Path, work: Path, slug: str, overrides: list[str], speed: float
+def model_variant(spec: str) -> tuple[str, str, list[str]]:
+    """"base:auto" -> ("base", "model base (auto language)", ["asr.model=base", "asr.language=null"])."""
+    name, _, language = spec.partition(":")
+    if not language:
+        return name, f"model {name}", [f"asr.model={name}"]
+    if language == "auto":
+        return name, f"model {name} (auto language)", [f"asr.model={name}", "asr.language=null"]
+    return name, f"model {name} (language {language})", [f"asr.model={name}", f"asr.language={language}"]
+
+
+def decode_lost(asr_overrides: list[str], audios: list[np.ndarray]) -> list[str]:
+    """The relay engine's texts of lost stretches (hard_audio.count_heard_offline), gate off."""
+    return [t for t, _ in relay_decode(audios, [f"lost{i}" for i in range(len(audios))], asr_overrides)]
+
+
+def asr_key(overrides: list[str]) -> tuple[str, ...]:
+    """The overrides that change what the ASR writes (asr.*): runs with the same key share an offline decode."""
+    return tuple(kv for kv in overrides if kv.startswith("asr."))
+
+
+def set_offline(clips: list[Clip], overrides: list[str],
+                cache: dict[tuple[str, ...], list[tuple[str, float, float]]]) -> None:
+    """The clips' offline ceiling for this run's ASR settings (decoded once per asr_key)."""
+    key = asr_key(overrides)
+    if key not in cache:
+        print(f"offline pass ({', '.join(key) or 'default ASR settings'}) ...", file=sys.stderr)
+        offline_pass(clips, list(key))
+        cache[key] = [(c.offline_text, c.offline_decode_s, c.raw_fw_s) for c in clips]
+    for c, (text, decode_s, raw_s) in zip(clips, cache[key], strict=True):
+        c.offline_text, c.offline_decode_s, c.raw_fw_s = text, decode_s, raw_s
+
+
+def set_hard_offline(pieces: list[hard_audio.Item], overrides: list[str],
+                     cache: dict[tuple[str, ...], list[str]]) -> None:
+    """The hard stream's offline texts for this run's ASR settings (decoded once per asr_key)."""
+    speech = [p for p in pieces if p.is_speech]
+    key = asr_key(overrides)
+    if key not in cache:
+        print(f"hard stream offline pass ({', '.join(key)}) ...", file=sys.stderr)
+        cache[key] = [t for t, _ in relay_decode([p.decode_audio() for p in speech], [p.name for p in speech],
+                                                 list(key))]
+    for p, text in zip(speech, cache[key], strict=True):
+        p.offline_text = text
+
+
+def replay(stream: Path, work: Path, slug: str, overrides: list[str], speed: float, control_port: int | None = None
            ) -> tuple[list[dict[str, object]], float, Path] | None:
     """Run the relay over one stream: (JSONL records, peak RSS MB, log path), or None when it failed."""
     out, log = work / f"{slug}.jsonl", work / f"{slug}.log"
     out.unlink(missing_ok=True)
     print(f"replaying {stream.name} through echo-relay run ({slug}) ...", file=sys.stderr)
-    peak, rc = run_relay(stream, out, overrides, speed, log)
+    peak, rc = run_relay(stream, out, overrides, speed, log, control_port)
     if rc != 0:
         print(f"echo-relay exited {rc}; see {log}", file=sys.stderr)
         return None
@@ -484,14 +420,17 @@ def main() -> int:
     stream, hard_stream = work / "stream.wav", work / "hard.wav"
     if args.relays:
         return relays_main(args, norm, work)
-    if args.stream in ("clean", "both"):
+    clean_offline: dict[tuple[str, ...], list[tuple[str, float, float]]] = {}
+    hard_offline: dict[tuple[str, ...], list[str]] = {}
+    if args.stream in ("clean", "both", "all"):
         clips = load_clips(args.set)
         print(f"{len(clips)} clips, {sum(len(c.audio) for c in clips) / SR:.1f} s of speech; offline pass ...",
               file=sys.stderr)
-        offline_pass(clips, [])
+        set_offline(clips, [], clean_offline)
         build_stream(clips, args.gap, stream)
-    if args.stream in ("hard", "both"):
+    if args.stream in ("hard", "both", "all"):
         pieces = prepare_hard(hard_stream, args.long_minutes)
+        hard_offline[()] = [p.offline_text for p in pieces if p.is_speech]
     variants, args.unavailable = variant_list(args)
     results: list[Result] = []
     hard_results: list[hard_audio.HardResult] = []
@@ -501,6 +440,7 @@ def main() -> int:
             run = replay(stream, work, slug, overrides, args.speed)
             if run is None:
                 return 1
+            set_offline(clips, overrides, clean_offline)
             res = analyse(label, clips, run[0], norm)
             res.peak_rss_mb = run[1]
             if args.cpu:
@@ -511,13 +451,23 @@ def main() -> int:
             run = replay(hard_stream, work, f"{slug}_hard", overrides, args.speed)
             if run is None:
                 return 1
+            set_hard_offline(pieces, overrides, hard_offline)
             hres = hard_audio.analyse_hard(label, pieces, run[0], lambda ref, hyp: wer(norm, ref, hyp),
                                            asr_margins(overrides))
-            hard_audio.count_heard_offline(pieces, hres, lambda audios: [t for t, _ in relay_decode(
-                audios, [f"lost{i}" for i in range(len(audios))], [])], lambda t: " ".join(norm(t).split()))
+            hard_audio.count_heard_offline(pieces, hres, functools.partial(decode_lost, list(asr_key(overrides))),
+                                           lambda t: " ".join(norm(t).split()))
             hres.peak_rss_mb = run[1]
             hres.lost_lines = hard_audio.lost_lines(run[2].read_text(errors="replace"))
             hard_results.append(hres)
+    ml_results: list[multilingual_audio.MlResult] = []
+    if args.stream in ("multilingual", "all"):
+        ml = multilingual_runs(args, work)
+        if ml is None:
+            return 1
+        ml_results = ml
+    ladder = ladder_section(results, hard_results, dict(variants), norm) \
+        if len(variants) > 1 and (results or hard_results) else []
+    targets = issue23_targets(results, hard_results, ml_results, dict(variants), args.speed)
     if results:
         print(table(results, len(clips)))
         for r in results:
@@ -527,9 +477,18 @@ def main() -> int:
         for h in hard_results:
             print(f"\n{h.label} (hard stream, per category):\n{hard_audio.category_table(h)}")
             print("\n".join(f"relay log: {line}" for line in h.lost_lines))
+    if ladder:
+        print("\n" + "\n".join(ladder))
+    if ml_results:
+        print("\n" + "\n".join(multilingual_section(ml_results, args)))
+    if targets:
+        print("\n" + targets_table(targets))
     if args.write:
         cmd = "python scripts/bench.py " + shlex.join(sys.argv[1:])
-        args.write.write_text(render_markdown(results, clips, hard_results, pieces, cmd, args))
+        text = render_markdown(results, clips, hard_results, pieces, cmd, args)
+        extra = [*ladder, *multilingual_section(ml_results, args)] if ml_results else ladder
+        args.write.write_text("\n".join([text, *extra, *(["## Targets (issue 23)\n", targets_table(targets), ""]
+                                                          if targets else [])]))
         print(f"wrote {args.write}", file=sys.stderr)
     return 0
 
@@ -602,6 +561,177 @@ def hard_section(hard_results: list[hard_audio.HardResult], pieces: list[hard_au
         out += ["Hallucinated echoes:\n", hard_audio.hallucination_table(h), "",
                 "Echoes of speech no reference covers (not hallucinations):\n", hard_audio.unreferenced_table(h), "",
                 "Per item:\n", hard_audio.item_table(h), ""]
+    return out
+
+
+# ------------------------------------------------------------------ issue 23: model ladder, multilingual streams
+LATENCY_MARGIN_S = 0.05  # issue 23: base's p50 and p95 within this of tiny.en's on the clean stream
+NO_ECHO_CATEGORIES = ("noise only", "music")  # hard-stream pieces where base must echo nothing (music: its tails)
+LANGUAGE_ANALYZER = "perception.analyzers=[{analyzer: language}]"
+
+
+def jsonl_has_language() -> bool:
+    """Whether the relay's JSONL record carries the echo's `language` (pipeline/sink/base.py Outgoing)."""
+    import dataclasses
+
+    from pipeline.sink.base import Outgoing
+    return any(f.name == "language" for f in dataclasses.fields(Outgoing))
+
+
+def multilingual_runs(args: argparse.Namespace, work: Path) -> list[multilingual_audio.MlResult] | None:
+    """Build the multilingual streams, decode every clip offline with its language given, replay each stream in
+    its own `echo-relay run` (one conversation each) with the model and auto language, following its events."""
+    mla = multilingual_audio
+    overrides = [f"asr.model={args.ml_model}", "asr.language=null", *split_overrides(args.ml_set)]
+    if not model_available(args.ml_model):
+        print(f"--stream multilingual: model {args.ml_model} is not available offline "
+              "(scripts/install.sh --dev installs base)", file=sys.stderr)
+        return None
+    langs = [] if args.ml_languages == "-" else [x for x in args.ml_languages.split(",") if x] or mla.languages()
+    streams = mla.single_streams(langs, args.gap)
+    pair = [x for x in args.ml_mix.split(",") if x]
+    if pair:
+        streams.append(mla.mixed_stream(pair, args.gap))
+    print(f"multilingual streams: {mla.describe(streams)}; offline pass, language given ...", file=sys.stderr)
+    by_lang: dict[str, dict[str, hard_audio.Item]] = {}
+    for st in streams:
+        for it in st.speech:
+            by_lang.setdefault(it.category, {}).setdefault(it.name, it)
+    offline: dict[str, str] = {}
+    for lang, items in by_lang.items():
+        decoded = relay_decode([it.audio for it in items.values()], list(items),
+                               [*overrides, f"asr.language={lang}"])
+        offline.update((name, text) for name, (text, _) in zip(items, decoded, strict=True))
+    run_overrides = overrides if jsonl_has_language() else [*overrides, LANGUAGE_ANALYZER]
+    results = []
+    for st in streams:
+        for it in st.speech:
+            it.offline_text = offline[it.name]
+        path = work / f"{st.slug}.wav"
+        write_wav(path, hard_audio.assemble(st.pieces))
+        port = relay_events.free_port()
+        collector = relay_events.EventCollector(port, ("language", "perception")).start()
+        run = replay(path, work, st.slug, run_overrides, args.speed, control_port=port)
+        events = collector.stop()
+        if run is None:
+            return None
+        if not collector.connected:
+            print(f"{st.label}: the relay's event stream was not reachable ({collector.error or 'no connection'});"
+                  " the lock is derived from the echoes", file=sys.stderr)
+        res = mla.analyse_ml(st, run[0], events, asr_margins(run_overrides))
+        res.peak_rss_mb = run[1]
+        results.append(res)
+    return results
+
+
+def run_model(overrides: list[str]) -> tuple[str, str]:
+    """(asr.model, asr.language or "auto") of a run."""
+    asr = bench_settings(overrides).asr
+    return asr.model, asr.language or "auto"
+
+
+def ladder_section(results: list[Result], hard_results: list[hard_audio.HardResult],
+                   overrides_of: dict[str, list[str]], norm) -> list[str]:
+    """Markdown: every run side by side (the model ladder), clean and hard stream."""
+    out = ["# Model ladder\n", "Each model against its own offline decode (same engine and settings, whole clip, "
+           "gate off). \"vs own offline\" is the streamed text's WER with that decode as the reference: what "
+           "streaming costs the model.\n"]
+    if results:
+        out += ["| run | model | language | p50 | p95 | mid-sentence splits / utt | splits / utt | streamed WER "
+                "| offline WER | vs own offline | missing | CPU in silence | peak RSS |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in results:
+            model, language = run_model(overrides_of.get(r.label, []))
+            lat = r.latencies or [float("nan")]
+            own = [wer(norm, str(c["offline_text"]), str(c["text"])) for c in r.per_clip]
+            cpu = f"{r.cpu_silence_pct:.2f} %" if r.cpu_silence_pct is not None else "–"
+            n = len(r.per_clip) or 1
+            out.append(f"| {r.label} | {model} | {language} | {pct(lat, 50):.2f} s | {pct(lat, 95):.2f} s "
+                       f"| {r.mid_splits / n:.2f} | {r.splits / n:.2f} | {100 * statistics.mean(r.wers):.1f} % "
+                       f"| {100 * statistics.mean(r.offline_wers):.1f} % | {100 * statistics.mean(own):.1f} % "
+                       f"| {r.missing} | {cpu} | {r.peak_rss_mb:.0f} MB |")
+        out.append("")
+    if hard_results:
+        out += ["| run (hard stream) | streamed WER, mean of items | offline WER, mean of items "
+                "| streamed WER, by words | offline WER, by words | "
+                + " | ".join(f"echoes in {c}" for c in NO_ECHO_CATEGORIES) + " | other hallucinated echoes "
+                "| p50 | p95 | peak RSS |", "|" + "---|" * (9 + len(NO_ECHO_CATEGORIES))]
+        for h in hard_results:
+            cells = hard_audio.summary_cells(h.items, len(h.hallucinations))
+            per_cat = [sum(c == cat for c, _ in h.hallucinations) for cat in NO_ECHO_CATEGORIES]
+            out.append(f"| {h.label} | {' | '.join(cells[1:5])} | {' | '.join(map(str, per_cat))} "
+                       f"| {len(h.hallucinations) - sum(per_cat)} | {cells[10]} | {cells[11]} "
+                       f"| {h.peak_rss_mb:.0f} MB |")
+        out.append("")
+    return out
+
+
+Target = tuple[str, str, bool | None]
+
+
+def issue23_targets(results: list[Result], hard_results: list[hard_audio.HardResult],
+                    ml_results: list[multilingual_audio.MlResult], overrides_of: dict[str, list[str]],
+                    speed: float = 1.0) -> list[Target]:
+    """(target, figure, met) of issue 23's targets this run measured."""
+    rows: list[Target] = []
+    default_model = run_model([])[0]
+    base = next((r for r in results if run_model(overrides_of.get(r.label, []))[0] == default_model), None)
+    for r in results:
+        model = run_model(overrides_of.get(r.label, []))[0]
+        if base is None or model == default_model or not r.latencies or not base.latencies:
+            continue
+        d50 = pct(r.latencies, 50) - pct(base.latencies, 50)
+        d95 = pct(r.latencies, 95) - pct(base.latencies, 95)
+        rows.append((f"clean stream, {r.label}: p50 and p95 within {LATENCY_MARGIN_S} s of {base.label} "
+                     f"({default_model})",
+                     f"p50 {pct(r.latencies, 50):.2f} s ({d50:+.2f}), p95 {pct(r.latencies, 95):.2f} s ({d95:+.2f})",
+                     None if speed != 1.0 else d50 <= LATENCY_MARGIN_S + 1e-9 and d95 <= LATENCY_MARGIN_S + 1e-9))
+    for h in hard_results:
+        n = sum(c in NO_ECHO_CATEGORIES for c, _ in h.hallucinations)
+        rows.append((f"hard stream, {h.label}: 0 echoes on noise-only and music-only audio", f"{n} echoes", n == 0))
+    if ml_results:
+        rows += multilingual_audio.target_rows(ml_results)
+    return rows
+
+
+def targets_table(rows: list[Target]) -> str:
+    verdict = {True: "yes", False: "**no**", None: "n/a"}
+    return "| target | figure | met |\n|---|---|---|\n" + "\n".join(
+        f"| {t} | {f} | {verdict[ok]} |" for t, f, ok in rows)
+
+
+def multilingual_section(ml_results: list[multilingual_audio.MlResult], args: argparse.Namespace) -> list[str]:
+    mla = multilingual_audio
+    if not ml_results:
+        return []
+    sources = sorted({r.language_source for r in ml_results})
+    out = ["# Multilingual streams\n",
+           f"Streams: {mla.describe([r.stream for r in ml_results])}; clips of tests/data/speech/multilingual "
+           f"(English: LibriSpeech dev-clean) joined by {args.gap} s of digital silence, built and analysed by "
+           "scripts/multilingual_audio.py (method in its docstring). Each stream replayed at speed "
+           f"{args.speed} through its own `echo-relay run --sink jsonl:` (one conversation, one lock) with "
+           f"asr.model={args.ml_model}, asr.language=null{', ' + args.ml_set if args.ml_set else ''}, the "
+           "benchmark following its event stream (GET /events) for the `language` events. Offline: the same "
+           "engine on each whole clip with the language given. Utterance languages from: "
+           f"{', '.join(sources)} (record = the JSONL record's `language`; perception = the `language` "
+           "analyzer's result in the record, for a relay that does not write the field).\n"]
+    if args.speed != 1.0:
+        out.append(f"Replayed at speed {args.speed}, not in real time: latencies are meaningless.\n")
+    out.append("Latencies on these clips are indicative (some end at their last word, some with a breath after it: "
+               "scripts/multilingual_audio.py); the latency target is on the clean stream.\n")
+    out += [mla.single_table(ml_results), ""]
+    for r in ml_results:
+        if r.stream.mixed:
+            out += [f"## {r.stream.label}\n", mla.mixed_summary(r) + "\n", mla.mixed_table(r), "",
+                    mla.events_table(r), ""]
+    out += ["## Language events, single-language streams\n"]
+    for r in ml_results:
+        if not r.stream.mixed and r.events:
+            out += [f"{r.stream.label}:\n", mla.events_table(r), ""]
+    if not any(r.events for r in ml_results if not r.stream.mixed):
+        out += ["None received: the lock is derived from the echoes (scripts/multilingual_audio.py).\n"]
+    out += ["## Per clip\n", mla.clip_table(ml_results), "", "## Echoes outside speech\n",
+            mla.hallucination_table(ml_results), ""]
     return out
 
 

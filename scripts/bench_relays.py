@@ -9,7 +9,7 @@ file source into its own JSONL sink, exactly as a user's relays would run:
 
 Two start patterns: synchronised (every relay starts at once, so every utterance of every relay ends
 at the same moment: the worst case) and staggered (each relay starts at a random offset in
-[0, --stagger-s), seed 0). Per relay, latency and WER are measured as in bench.py (`analyse`): the
+[0, --stagger-s), seed 0). Per relay, latency and WER are measured as in bench.py (bench_measure.py `analyse`): the
 last echo of a clip minus the clip's true speech end, on the relay's own stream clock. CPU is the
 processes' CPU time over the wall time of the run (100 % = one core); peak RSS is the serve
 process's VmHWM, or the sum of every run process's VmHWM.
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import bench
+import bench_measure
 import hard_audio
 
 START_TIMEOUT_S = 120.0
@@ -42,7 +42,7 @@ class RelaysRun:
     system: str  # "serve" | "processes"
     mode: str  # "sync" | "staggered"
     n: int
-    results: list[Any] = field(default_factory=list)  # bench.Result per relay
+    results: list[Any] = field(default_factory=list)  # bench_measure.Result per relay
     failed: int = 0
     cpu_pct: float = 0.0
     peak_rss_mb: float = 0.0
@@ -109,15 +109,15 @@ def run_serve(stream: Path, n: int, mode: str, work: Path, overrides: list[str],
     port = free_port()
     tag = f"serve-{mode}-{n}"
     cfg = work / f"{tag}.yaml"
-    bench.write_overrides(cfg, [f"control.port={port}", f"serve.max_relays={max(n, 1)}",
+    bench_measure.write_overrides(cfg, [f"control.port={port}", f"serve.max_relays={max(n, 1)}",
                                 "control.rate_limit_per_s=1000", f"serve.file_roots=[{json.dumps(str(work))}]",
                                 *overrides])
     log = work / f"{tag}.log"
     base = f"http://127.0.0.1:{port}"
     run = RelaysRun("serve", mode, n)
     with log.open("w") as lf:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--config", str(cfg)], cwd=bench.REPO,
-                                stdout=lf, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--config", str(cfg)],
+                                cwd=bench_measure.REPO, stdout=lf, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + START_TIMEOUT_S
             while True:
@@ -144,7 +144,7 @@ def run_serve(stream: Path, n: int, mode: str, work: Path, overrides: list[str],
                     raise RuntimeError(f"POST /v1/relays: {status} {body}")
                 ids.append(body["id"])
             while True:
-                run.peak_rss_mb = max(run.peak_rss_mb, bench.read_hwm(proc.pid))
+                run.peak_rss_mb = max(run.peak_rss_mb, bench_measure.read_hwm(proc.pid))
                 status, body = http("GET", base + "/v1/relays")
                 phases = [r["phase"] for r in body["relays"]]
                 if all(p in ("ended", "failed") for p in phases):
@@ -152,7 +152,7 @@ def run_serve(stream: Path, n: int, mode: str, work: Path, overrides: list[str],
                     break
                 time.sleep(POLL_S)
             run.cpu_pct = 100.0 * (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
-            run.peak_rss_mb = max(run.peak_rss_mb, bench.read_hwm(proc.pid))
+            run.peak_rss_mb = max(run.peak_rss_mb, bench_measure.read_hwm(proc.pid))
             metrics = http("GET", base + "/metrics")[1]
             run.batches, run.batch_mean, run.batch_hist = batch_stats(str(metrics))
         finally:
@@ -179,7 +179,7 @@ def run_processes(stream: Path, n: int, mode: str, work: Path, overrides: list[s
                   ) -> tuple[list[list[dict[str, Any]]], RelaysRun]:
     tag = f"procs-{mode}-{n}"
     cfg = work / f"{tag}.yaml"
-    bench.write_overrides(cfg, overrides)
+    bench_measure.write_overrides(cfg, overrides)
     run = RelaysRun("processes", mode, n)
     outs = [work / f"{tag}-{i}.jsonl" for i in range(n)]
     procs: list[subprocess.Popen[bytes]] = []
@@ -193,12 +193,12 @@ def run_processes(stream: Path, n: int, mode: str, work: Path, overrides: list[s
             outs[i].unlink(missing_ok=True)
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "pipeline", "run", "--config", str(cfg), "--source", f"file:{stream}",
-                 "--sink", f"jsonl:{outs[i]}", "--no-control", "--no-view"], cwd=bench.REPO,
+                 "--sink", f"jsonl:{outs[i]}", "--no-control", "--no-view"], cwd=bench_measure.REPO,
                 stdout=logs[i], stderr=subprocess.STDOUT))
         while any(p.poll() is None for p in procs):
             for i, p in enumerate(procs):
                 if p.poll() is None:
-                    peaks[i] = max(peaks[i], bench.read_hwm(p.pid))
+                    peaks[i] = max(peaks[i], bench_measure.read_hwm(p.pid))
                     cpu[i] = max(cpu[i], cpu_seconds(p.pid))
             time.sleep(POLL_S)
     finally:
@@ -227,7 +227,7 @@ def bench_relays(clips: list[Any], stream: Path, work: Path, norm: Any, ns: list
                 print(f"relays: {system} {mode} N={n} ...", file=sys.stderr)
                 runner = run_serve if system == "serve" else run_processes
                 records, run = runner(stream, n, mode, work, overrides, stagger_s)
-                run.results = [bench.analyse(f"{system}-{mode}-{n}-{i}", clips, recs, norm)
+                run.results = [bench_measure.analyse(f"{system}-{mode}-{n}-{i}", clips, recs, norm)
                                for i, recs in enumerate(records)]
                 runs.append(run)
                 print(row(run), file=sys.stderr)

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench import SENTENCE_END, load_clips, normalizer  # noqa: E402
+from bench_measure import SENTENCE_END, load_clips, normalizer  # noqa: E402
 
 from pipeline.asr import make_asr_engine  # noqa: E402
 from pipeline.config import load_settings  # noqa: E402

@@ -4,6 +4,7 @@
 #   scripts/install.sh --multilingual  also the multilingual Whisper base (asr.model: base, ~145 MB)
 #   scripts/install.sh --dev           the multilingual base (the tests relay other languages) and the test and
 #                                      lint tools
+#   scripts/install.sh --turn          also Smart Turn v3.2 (the pipecat-ai wheel, without its dependencies)
 # System packages: libportaudio2 (sounddevice's PortAudio, for microphones) and, with --dev, tmux (the
 # terminal-view test runs the relay in it), chromium + chromium-driver (the live-page test drives the page
 # in headless Chromium), systemd (tests/test_deploy.py runs `systemd-analyze verify` on the unit file) and
@@ -13,11 +14,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="models"
+turn=0
 for arg in "$@"; do
   case "$arg" in
     --dev) extras="models,multilingual,dev" ;;
     --multilingual) [[ "$extras" == *multilingual* ]] || extras="$extras,multilingual" ;;
-    *) echo "usage: scripts/install.sh [--dev] [--multilingual]" >&2; exit 2 ;;
+    --turn) turn=1 ;;  # Smart Turn v3.2 for scripts/pause_dataset.py: the pipecat-ai wheel alone (see below)
+    *) echo "usage: scripts/install.sh [--dev] [--multilingual] [--turn]" >&2; exit 2 ;;
   esac
 done
 
@@ -52,4 +55,11 @@ if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m p
   cat "$log" >&2; rm -f "$log"; echo "error: installing echo-relay failed (pip output above)" >&2; exit 1
 fi
 rm -f "$log"
+if (( turn )); then
+  # The `turn` extra's requirement (pyproject.toml), without its dependencies: the model file is all echo-relay
+  # takes from it (scripts/smart_turn.py), and the full set is 27 packages (numba, llvmlite, aiohttp,
+  # openai, Pillow, ...) and pins soxr~=1.0 (docs/turn-end.md).
+  spec=$(.venv/bin/python -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["turn"][0])')
+  .venv/bin/python -m pip install -q --no-deps "$spec" || { echo "error: installing $spec failed" >&2; exit 1; }
+fi
 echo "echo-relay installed in .venv ($(.venv/bin/echo-relay --version))" >&2

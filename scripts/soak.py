@@ -4,7 +4,7 @@ then an account of every utterance and of the process's resources.
 
     python scripts/soak.py --minutes 20 --seed 1
 
-What runs (in-process, one event loop, `pipeline.app.build_relay`):
+What runs (in-process, one event loop, `pipeline.wiring.build_relay`):
 - source: every clip of tests/data/speech laid end to end (1.5 s of silence between), played in a
   loop by the real file source at `--speed` times real time (default 16) until `--minutes` of stream
   time have passed;
@@ -66,11 +66,11 @@ from faults import (  # noqa: E402
     relay_settings,
 )
 
-from pipeline.app import build_relay  # noqa: E402
 from pipeline.asr.base import AsrEngine  # noqa: E402
 from pipeline.frames import Pcm, Transcript, UtteranceMeta  # noqa: E402
 from pipeline.metrics import Metrics  # noqa: E402
 from pipeline.testing.fake_daily import FakeRoom  # noqa: E402
+from pipeline.wiring import build_relay  # noqa: E402
 
 PERSONA = "Soak Persona"
 ASR_DEADLINE_S = 1.0

@@ -14,6 +14,13 @@ from typing import Any
 
 import pytest
 
+# ml_error (CER for ja/zh, WER with Whisper's basic normaliser otherwise) is scripts/lang_scoring.py's, so that the
+# benchmark (scripts/bench.py --stream multilingual) and the tests measure the same thing (pytest's pythonpath: ".").
+from scripts.lang_scoring import CHARACTER_SCORED
+from scripts.lang_scoring import error_rate as ml_error
+
+__all__ = ["CHARACTER_SCORED", "ml_error"]  # re-exported: `from conftest import ml_error`
+
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 SPEECH = TESTS / "data" / "speech"
@@ -21,6 +28,10 @@ SPEECH = TESTS / "data" / "speech"
 # Tests must never reach a real Tavus / Daily / Hugging Face: make any accidental attempt fail fast.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.pop("TAVUS_API_KEY", None)
+# Defaults read from the environment even with no config file (pipeline/config.py ENV_DEFAULTS): a token or
+# key of the machine running the suite must not change what the tests see.
+os.environ.pop("ECHO_RELAY_TOKEN", None)
+os.environ.pop("OPENAI_API_KEY", None)
 
 
 @cache
@@ -61,7 +72,6 @@ def wer(ref: str, hyp: str) -> float:
 
 # ------------------------------------------------------------------ other languages (tests/data/speech/multilingual)
 MULTILINGUAL = SPEECH / "multilingual"
-CHARACTER_SCORED = ("ja", "zh")  # no spaces between words: scored by character error rate (the clips' README)
 
 
 @cache
@@ -78,19 +88,6 @@ def ml_clips(language: str | None = None) -> list[str]:
 
 def ml_row(name: str) -> dict[str, str]:
     return ml_manifest()[name.removeprefix("multilingual/")]
-
-
-def ml_error(language: str, ref: str, hyp: str) -> float:
-    """WER with Whisper's basic (language-neutral) normaliser, or CER for Japanese and Chinese."""
-    import jiwer
-    from whisper_normalizer.basic import BasicTextNormalizer
-
-    norm = BasicTextNormalizer()
-    r, h = " ".join(norm(ref).split()), " ".join(norm(hyp).split())
-    if language in CHARACTER_SCORED:
-        r, h = r.replace(" ", ""), h.replace(" ", "")
-        return float(jiwer.cer(r, h)) if r else float(bool(h))
-    return float(jiwer.wer(r, h)) if r else float(bool(h))
 
 
 @pytest.fixture

@@ -27,8 +27,10 @@ import asyncio
 import contextlib
 import csv
 import functools
+import os
 import random
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -278,6 +280,21 @@ class ReferenceAsr(AsrEngine):
                           dropped_reason=None if text else "no_reference")
 
 
+class NumberedAsr(AsrEngine):
+    """`asr.engine: tests.faults:NumberedAsr` for CLI runs that test the machinery, not the recognition: no model
+    to load, each utterance's transcript is "utterance N" (its position in the run)."""
+
+    name = "numbered"
+    model_name = "numbered"
+
+    def __init__(self, settings: Any = None) -> None:
+        self.count = 0
+
+    async def transcribe(self, audio: Pcm, meta: UtteranceMeta) -> Transcript:
+        self.count += 1
+        return Transcript(text=f"utterance {self.count}", final_punct_prob=None, decode_s=0.0)
+
+
 # ---------------------------------------------------------------------------------- transforms
 class InjectedStepError(RuntimeError):
     pass
@@ -429,6 +446,59 @@ class CancelIgnoringStep:
                 return text
             except caught:
                 self.swallowed += 1
+
+
+async def _raise_later(exc: BaseException) -> None:
+    await asyncio.sleep(0)
+    raise exc
+
+
+# How a step can try to stop the machinery it runs on (issue 27, pipeline/loop.py): each returns the step's
+# input unchanged, so every utterance should still be delivered.
+MACHINERY_ACTIONS: dict[str, Callable[[asyncio.AbstractEventLoop, set[Any]], None]] = {
+    "stop": lambda loop, keep: loop.stop(),
+    "stop_soon": lambda loop, keep: keep.add(loop.call_soon(loop.stop)),
+
+    "exit_task": lambda loop, keep: keep.add(loop.create_task(_raise_later(SystemExit(4)))),
+    "interrupt_task": lambda loop, keep: keep.add(loop.create_task(_raise_later(KeyboardInterrupt()))),
+    "exit_callback": lambda loop, keep: keep.add(loop.call_soon(sys.exit, 5)),
+}
+
+
+class MachineryStep:
+    """An async step that tries to stop the event loop it runs on (`action`, one of MACHINERY_ACTIONS) on the
+    `utterances` given (all when empty), then returns its input. `fired` counts the attempts."""
+
+    def __init__(self, action: str = "stop", utterances: list[str] | None = None) -> None:
+        if action not in MACHINERY_ACTIONS:
+            raise ValueError(f"action must be one of {sorted(MACHINERY_ACTIONS)}")
+        self.action = action
+        self.utterances = set(utterances or ())
+        self.fired = 0
+        self._keep: set[Any] = set()  # tasks and handles it made (a task must not be garbage-collected)
+
+    async def __call__(self, text: str, meta: UtteranceMeta) -> str:
+        if not self.utterances or meta.utterance_id in self.utterances:
+            self.fired += 1
+            MACHINERY_ACTIONS[self.action](asyncio.get_running_loop(), self._keep)
+        await asyncio.sleep(0)
+        return text
+
+
+class ThreadExitStep:
+    """A sync step whose call on the chosen `utterances` starts a thread calling os._exit(code): what no event
+    loop can contain (docs/reliability.md). Other utterances pass unchanged."""
+
+    def __init__(self, code: int = 9, utterances: list[str] | None = None) -> None:
+        self.code = code
+        self.utterances = set(utterances or ())
+
+    def __call__(self, text: str, meta: UtteranceMeta) -> str:
+        if meta.utterance_id in self.utterances:
+            thread = threading.Thread(target=os._exit, args=(self.code,), daemon=True)
+            thread.start()
+            thread.join()
+        return text
 
 
 # ---------------------------------------------------------------------------------------- sinks
@@ -649,9 +719,9 @@ def relay_settings(source_spec: str, **dotted: Any) -> Any:
 
 async def run_relay(settings: Any, *, sink: Sink, asr: AsrEngine, metrics: Metrics, source: Source | None = None,
                     timeout_s: float = 60.0, during: Callable[[Any], Any] | None = None) -> Any:
-    """Build (pipeline.app.build_relay), start and run a relay to the end of its source; returns it.
+    """Build (pipeline.wiring.build_relay), start and run a relay to the end of its source; returns it.
     `during(relay)` (a coroutine function) runs alongside, e.g. to stop it or inject room faults."""
-    from pipeline.app import build_relay
+    from pipeline.wiring import build_relay
 
     relay = build_relay(settings, metrics=metrics, source=source, sink=sink, asr=asr)
     await relay.start()

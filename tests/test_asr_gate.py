@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ from pipeline.asr.gate import (
     gate,
     has_repetition,
     is_annotation,
+    is_credit,
     is_doubled,
     is_phantom,
     normalize_phrase,
@@ -150,3 +153,77 @@ def test_order_of_reasons() -> None:
 ])
 def test_is_doubled(text: str, doubled: bool) -> None:
     assert is_doubled(text.split()) is doubled
+
+
+# ------------------------------------------------------------------------------- other languages
+QUIET = {"no_speech_prob": 0.3, "avg_logprob": -0.5, "audio_dbfs": -55.0}
+LOUD = {"no_speech_prob": 0.1, "avg_logprob": -0.3, "audio_dbfs": -15.0}
+
+
+@pytest.mark.parametrize("text", [
+    "Sous-titres réalisés par la communauté d'Amara.org",
+    "Subtítulos realizados por la comunidad de Amara.org",
+    "Sottotitoli creati dalla comunità Amara.org",
+    "Ondertitels ingediend door de Amara.org gemeenschap",
+    "Legendas pela comunidade Amara.org",
+    "Napisy stworzone przez społeczność Amara.org",
+    "字幕由Amara.org社区提供",
+    "字幕由 优优独播剧场 提供",  # the pattern, not a fixed string
+    "Untertitel im Auftrag des ZDF, 2017",
+    "Untertitel im Auftrag des ZDF für funk, 2021. Untertitel im Auftrag des ZDF für funk, 2021.",
+    "Untertitelung des ZDF, 2020",
+    "Sous-titrage ST' 501",
+    "Субтитры сделал DimaTorzok",
+    "Редактор субтитров А.Синецкая Корректор А.Егорова",
+    "请不吝点赞 订阅 转发 打赏支持明镜与点点栏目",
+    "中文字幕志愿者 李宗盛",
+    "Subtitles by the Amara.org community",
+    "SOUS-TITRES RÉALISÉS PAR LA COMMUNAUTÉ D'AMARA.ORG",  # case folded
+])
+def test_subtitle_credits_are_dropped_at_any_level(text: str) -> None:
+    assert is_credit(text, G.phantom_patterns)
+    assert gate(text, settings=G, **LOUD) == "phantom"
+
+
+@pytest.mark.parametrize("text", [
+    "ご視聴ありがとうございました", "ご視聴ありがとうございました。ご視聴ありがとうございました。",
+    "시청해주셔서 감사합니다.",
+    "Продолжение следует...", "Спасибо за просмотр!", "Vielen Dank fürs Zuschauen!", "Merci d'avoir regardé.",
+    "¡Gracias por ver el video!", "Obrigado por assistir.", "Grazie per la visione!", "Bedankt voor het kijken.",
+    "谢谢观看", "谢谢 观看!", "MUZIEK.", "ПЕЧАЛЬНАЯ МУЗЫКА", "Thanks for watching. Bye.", "Gracias. Gracias.",
+])
+def test_phantom_lines_of_other_languages_on_near_silence(text: str) -> None:
+    assert gate(text, settings=G, **QUIET) == "phantom"
+
+
+@pytest.mark.parametrize("text", ["ご視聴ありがとうございました", "Продолжение следует.", "Gracias.", "Merci.",
+                                  "Vielen Dank fürs Zuschauen!", "Musik."])
+def test_phantom_lines_said_at_speech_level_are_kept(text: str) -> None:
+    assert gate(text, settings=G, **LOUD) is None
+
+
+@pytest.mark.parametrize("text", [
+    "Les sous-titres sont trop petits.", "Me gustan los subtítulos en español.", "Ich brauche Untertitel.",
+    "Gracias por venir, fue un placer.", "字幕太小了。", "Merci beaucoup pour votre aide.",
+    "Bonjour. Sous-titres réalisés par la communauté d'Amara.org",  # real speech before a credit: kept whole
+    "La música me gusta.", "Спасибо, я понял.",
+])
+def test_speech_near_the_phantom_lines_is_kept(text: str) -> None:
+    assert not is_credit(text, G.phantom_patterns)
+    assert gate(text, settings=G, **QUIET) is None
+    assert gate(text, settings=G, **LOUD) is None
+
+
+def test_phantom_patterns_are_checked_at_load(tmp_path: Path) -> None:
+    from pipeline.config import ConfigError, load_settings
+
+    path = tmp_path / "config.yaml"
+    path.write_text("asr:\n  gate:\n    phantom_patterns: ['subtitles (by']\n")
+    with pytest.raises(ConfigError) as ei:
+        load_settings(path, env={})
+    assert ei.value.key is not None and ei.value.key.startswith("asr.gate.phantom_patterns"), ei.value
+    assert "not a regular expression" in str(ei.value)
+    s = GateSettings(phantom_patterns=[r"hello world"], phantom_phrases_by_language={"xx": ["blub"]})
+    assert gate("Hello, world!", settings=s, **LOUD) == "phantom"
+    assert gate("Blub.", settings=s, **QUIET) == "phantom"
+    assert gate("Merci.", settings=s, **QUIET) is None  # the defaults are replaced

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import protocol
-from pipeline.app import build_relay
 from pipeline.config import load_settings
 from pipeline.frames import UtteranceMeta
+from pipeline.wiring import build_relay
 from tests.conftest import REPO, clip
 
 CLIP = "deepspeech-examples/4507-16021-0012.wav"  # "Why should one halt on the way?" (2.7 s)

@@ -29,7 +29,6 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from pipeline import config as cfg
-from pipeline.app import check_stages
 from pipeline.config import (
     MAX_CONFIG_BYTES,
     MAX_YAML_ALIASES,
@@ -42,6 +41,7 @@ from pipeline.config import (
     redacted_dump,
     secret_values,
 )
+from pipeline.wiring import check_stages
 from tests.conftest import REPO
 
 HANG_GUARD_S = 120  # a subprocess that has not finished by then hangs: a generous guard, not a timing claim
@@ -679,6 +679,7 @@ def test_config_check_prints_no_secret(tmp_path: Path) -> None:
     path.write_text(
         "transform:\n  steps:\n    - step: webhook\n"
         f"      url: https://user:{url_pw}@hook.example/x?token={query}\n"
+        "    - step: webhook\n      url: https://hook.example/y\n"  # user info and a header: one step each (issue 27)
         "      headers: {Authorization: 'Bearer ${HOOK_TOKEN}'}\n"
         "control:\n  token: ${ECHO_RELAY_TOKEN}\n"
         f"tavus:\n  conversation_url: https://x.daily.co/room?t={query}\n", encoding="utf-8")

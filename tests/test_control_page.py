@@ -40,13 +40,13 @@ from faults import (
     word_recall,
 )
 
-from pipeline.app import build_relay
 from pipeline.config import Settings
 from pipeline.control import server as control_server
 from pipeline.control.api import InterruptOutcome
 from pipeline.control.server import ControlServer, max_event_streams, start_control_server
 from pipeline.events import MAX_SUBSCRIBERS, Event, EventBus
 from pipeline.metrics import Metrics
+from pipeline.wiring import build_relay
 from tests.conftest import wer
 
 CLIP = "mfa/61-70968-0000.flac"  # one long sentence (~5 s): several interim decodes while it is spoken

@@ -34,7 +34,6 @@ import numpy as np
 import pytest
 
 from pipeline import protocol
-from pipeline.app import build_relay
 from pipeline.config import Settings, load_settings
 from pipeline.dsp import wav_bytes
 from pipeline.relay import Relay
@@ -43,6 +42,7 @@ from pipeline.source.file import decode_file
 from pipeline.testing import fake_daily
 from pipeline.testing.fake_daily import FakeRoom
 from pipeline.testing.fake_tavus import FAKE_REPLICA_ID, FakeTavusServer
+from pipeline.wiring import build_relay
 from tests.conftest import REPO, clip, reference, wer
 
 FAKE_DAILY = "pipeline.testing.fake_daily"

@@ -183,7 +183,7 @@ async def test_a_send_waits_while_the_replica_rejoins() -> None:
     room = FakeRoom.create()
     replica = room.add_replica(PERSONA)
     sink = await ready_sink(room, sink__daily__replica_timeout_s=3.0)
-    first_id = sink.connection.replica_id if sink.connection else None
+    first_id = sink.connection.tracker.replica_id if sink.connection else None
     replica.leave()
     await wait_for(lambda: not sink.is_ready())
     assert REPLICA_ABSENT in (sink.blocked_reason() or "")
@@ -193,7 +193,7 @@ async def test_a_send_waits_while_the_replica_rejoins() -> None:
     replica.rejoin(delay_s=0.05)  # back under a new participant id, recognised by its name
     await asyncio.wait_for(task, 3)
     assert texts(room) == ["after the rejoin"]
-    assert sink.connection is not None and sink.connection.replica_id not in (None, first_id)
+    assert sink.connection is not None and sink.connection.tracker.replica_id not in (None, first_id)
     await sink.close()
 
 
@@ -543,7 +543,7 @@ async def test_replica_events_update_room_state_and_reach_subscribers() -> None:
     await wait_for(lambda: not sink.room.replica_speaking)
     conn = sink.connection
     assert conn is not None
-    assert conn.unknown_events == 4 and conn.duplicate_events == 1
+    assert conn.tracker.unknown_events == 4 and conn.tracker.duplicate_events == 1
     assert sink.stats()["unknown_room_events"] == 4 and sink.stats()["duplicate_room_events"] == 1
     utterances = [e for e in events if e.kind == "utterance"]
     assert len(utterances) == 1 and utterances[0].text == "Hello there." and utterances[0].role == "replica"

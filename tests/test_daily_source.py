@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.app import build_relay
 from pipeline.config import Settings, set_dotted
 from pipeline.frames import SAMPLE_RATE, AudioFrame
 from pipeline.metrics import Metrics
@@ -18,6 +17,7 @@ from pipeline.sink.daily import DailySink
 from pipeline.source.base import SourceError
 from pipeline.source.daily import DailySource
 from pipeline.testing.fake_daily import FakeRoom
+from pipeline.wiring import build_relay
 
 FAKE = "pipeline.testing.fake_daily"
 PERSONA = "Echo Persona"

@@ -24,10 +24,11 @@ from typing import Any, BinaryIO, cast
 import pytest
 from faults import ReferenceAsr, Track, check_invariants, make_track, relay_settings, run_relay, words
 
-from pipeline.app import EXIT_OK, EXIT_OUTPUT, EXIT_REMOTE, EXIT_RUNTIME, StartupError, build_relay, run_daemon
+from pipeline.app import EXIT_OK, EXIT_OUTPUT, EXIT_REMOTE, EXIT_RUNTIME, StartupError, run_daemon
 from pipeline.metrics import Metrics
 from pipeline.sink.base import Outgoing, Sink, SinkError, SinkOutputError
 from pipeline.sink.jsonl import JsonlSink, open_append
+from pipeline.wiring import build_relay
 
 REPO = Path(__file__).resolve().parent.parent
 CLIPS = ("deepspeech-examples/2830-3980-0043.wav", "deepspeech-examples/4507-16021-0012.wav",

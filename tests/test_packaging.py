@@ -102,7 +102,7 @@ def test_wheel_carries_the_package_data(installed: Installed) -> None:
     assert not expected - names, sorted(expected - names)
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     text = zipfile.ZipFile(installed.wheel).read(entry_points).decode()
-    assert re.search(r"^echo-relay = pipeline\.cli:main$", text, re.M), text
+    assert re.search(r"^echo-relay = pipeline\.entry:main$", text, re.M), text  # signals first (pipeline/signals.py)
 
 
 def test_installed_package_is_the_wheel_not_the_checkout(installed: Installed) -> None:

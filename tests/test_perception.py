@@ -29,7 +29,6 @@ import numpy as np
 import pytest
 
 import pipeline.plugins
-from pipeline.app import build_relay, check_stages
 from pipeline.config import ConfigError, PerceptionAnalyzer, PerceptionSettings, Settings, load_settings
 from pipeline.control.server import start_control_server
 from pipeline.dsp import wav_bytes
@@ -38,12 +37,13 @@ from pipeline.frames import SAMPLE_RATE, UtteranceMeta
 from pipeline.metrics import Metrics
 from pipeline.perception import builtins, features
 from pipeline.perception.base import VideoFrame
-from pipeline.perception.stage import MAX_RESULT_BYTES, judge
+from pipeline.perception.calls import MAX_RESULT_BYTES, judge
 from pipeline.perception.stage import build_perception as _build_perception
 from pipeline.plugins import PERCEPTION_GROUP
 from pipeline.relay import Relay
 from pipeline.source.file import decode_file
 from pipeline.testing.fake_daily import FakeRoom
+from pipeline.wiring import build_relay, check_stages
 from tests import perception_analyzers
 from tests.conftest import REPO, clip, reference, wer
 

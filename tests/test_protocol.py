@@ -182,6 +182,43 @@ def test_sentence_end_then_closing_quote() -> None:
     assert len(pieces) > 1 and "".join(pieces) == text and all(p.endswith("。」") for p in pieces)
 
 
+@pytest.mark.parametrize("offset", range(6))
+def test_devanagari_conjuncts_are_never_split(offset: int) -> None:
+    """No space, no sentence end: the cut falls between graphemes, and "क्षि" (4 code points, a conjunct of two
+    consonants and a vowel sign) is one grapheme. Every alignment of the limit against the conjuncts is tried."""
+    text = "अ" * offset + "क्षि" * 2000
+    pieces = texts(protocol.text_echoes(text, "c", "i", max_bytes=1024))
+    assert len(pieces) > 1 and "".join(pieces) == text
+    assert all(p.endswith("क्षि") for p in pieces) and all(p.lstrip("अ").startswith("क्षि") for p in pieces)
+
+
+@pytest.mark.parametrize("conjunct", ["க்ஷ", "ಕ್ಷ", "ക്ഷ", "క్ష"])  # Tamil, Kannada, Malayalam, Telugu
+def test_conjuncts_the_grapheme_rules_leave_open_are_not_cut(conjunct: str) -> None:
+    """Unicode's conjunct rule (GB9c) covers Malayalam and Telugu but not Tamil or Kannada, whose \\X splits the
+    conjunct after the virama: the cut steps back before it instead."""
+    text = ("x" + conjunct) * 1500
+    pieces = texts(protocol.text_echoes(text, "c", "i", max_bytes=1024))
+    assert len(pieces) > 1 and "".join(pieces) == text
+    virama, second = conjunct[1], conjunct[2]
+    assert not any(p.endswith(virama) or p.startswith(second) for p in pieces), [p[-3:] for p in pieces]
+
+
+def test_cjk_without_marks_is_cut_between_graphemes_and_at_ascii_marks() -> None:
+    text = "我很好?你呢" * 400  # Whisper's ASCII "?" between ideographs ends a sentence too
+    pieces = texts(protocol.text_echoes(text, "c", "i", max_bytes=1024))
+    assert len(pieces) > 1 and "".join(pieces) == text and all(p.endswith("?") for p in pieces[:-1])
+    text = "漢字かなカナ" * 1000  # nothing to cut at but graphemes
+    pieces = texts(protocol.text_echoes(text, "c", "i", max_bytes=1024))
+    assert len(pieces) > 1 and "".join(pieces) == text
+
+
+def test_a_no_break_space_at_a_grapheme_cut_is_never_a_piece_of_its_own() -> None:
+    """Found by test_split_property: a grapheme cut right before a trailing no-break space sent it alone."""
+    text = "ok.👩\u200d👩\u200d👧\u200d👦0\x07𐀀𐀀\x07\x80𐀀𐀀\xa0"
+    pieces = texts(protocol.text_echoes(text, None, "inf-1", done=False, max_bytes=480))
+    assert all(p.strip() for p in pieces) and "".join(pieces) == text.rstrip("\xa0")
+
+
 def test_json_escapes_are_counted() -> None:
     text = '"\\\x01\x02' * 1000  # escaped as \" \\ \u0001 \u0002: 2+2+6+6 bytes per 4 characters
     msgs = protocol.text_echoes(text, "c", "i", max_bytes=LIMIT)
@@ -213,7 +250,7 @@ def test_refuses_a_limit_too_small_for_one_grapheme() -> None:
 FRAGMENTS = ["hello", "world", "ok.", "3.14", "e.g.", "wait...", "Really?!", "“Quoted.”", " ", "  ", "\n", "\r\n",
              "\t", FAMILY, "🏳️\u200d🌈", "🇯🇵", "👍🏽", "e\u0301", "a\u0308\u0301", "今日は", "晴れです", "。", "！",
              "？", "「はい。」", "שלום", "مرحبا", "؟", "नमस्ते", "।", '"', "\\", "\x00", "\x1f", "\x7f", "\u2028",
-             "\u00a0", "…", "‼"]
+             "\u00a0", "…", "‼", "क्षि", "க்ஷ", "ಕ್ಷ", "¿", "¡", "你好吗?"]
 
 
 @settings(max_examples=150, deadline=None)

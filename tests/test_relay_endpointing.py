@@ -13,12 +13,13 @@ import asyncio
 import itertools
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 from faults import FaultyAsr, RecordingSink, check_invariants, real_engine, relay_settings, run_relay
 
 from pipeline.asr.base import AsrEngine
-from pipeline.dsp import envelope_db, window_center
+from pipeline.dsp import envelope_db, wav_bytes, window_center
 from pipeline.frames import SAMPLE_RATE, AudioFrame, Pcm, Transcript, UtteranceMeta
 from pipeline.metrics import Metrics
 from pipeline.source.base import Source
@@ -146,3 +147,47 @@ async def test_a_long_sentence_is_decoded_piece_by_piece_and_echoed_whole() -> N
     ref_pairs = Counter(itertools.pairwise(normalize(reference(LONG_SENTENCE)).split()))
     doubled = Counter(itertools.pairwise(words)) - ref_pairs
     assert not [pair for pair, n in doubled.items() if ref_pairs[pair]], doubled  # nothing twice at a join
+
+
+ONE_SENTENCE = "clapclap/librispeech_dev_clean/2086-149220-0000.flac"  # 12 s, one sentence, clause pauses of 0.2-0.5 s
+
+
+def _with_silence_after(name: str, tmp_path: Path) -> Path:
+    """The clip followed by 2.5 s of silence (a turn's end: the clip's own file stops 0.5 s after the speech)."""
+    path = tmp_path / "turn.wav"
+    audio = np.concatenate([decode_file(clip(name)), np.zeros(int(2.5 * SAMPLE_RATE), np.int16)])
+    path.write_bytes(wav_bytes(audio, SAMPLE_RATE))
+    return path
+
+
+async def _echoes_of(path: Path, **dotted: object) -> tuple[list, Metrics]:  # type: ignore[type-arg]
+    metrics = Metrics()
+    sink = RecordingSink()
+    settings = relay_settings(f"file:{path}", **dotted)
+    asr = CountingAsr(FaultyAsr(real_engine(), metrics=metrics))
+    relay = await run_relay(settings, sink=sink, source=LockstepSource(FileSource(path, settings.source), asr),
+                            asr=asr, metrics=metrics, timeout_s=60)
+    check_invariants(relay, sink.sent)
+    return sink.sent, metrics
+
+
+async def test_the_turn_end_rule_keeps_a_sentence_with_clause_pauses_whole_and_ends_it_at_its_end(
+        tmp_path: Path) -> None:
+    """Its pauses inside (one ends "... within small compass." at p 0.93) leave the sentence in one echo; at its
+    end the turn-end rule finishes it after endpoint.turn_pause_ms of silence, where the graded policy alone
+    waits endpoint.likely_pause_ms (stream clock; the lockstep source takes decode time out)."""
+    path = _with_silence_after(ONE_SENTENCE, tmp_path)
+    sent, metrics = await _echoes_of(path)
+    assert len(sent) == 1, [o.text for o in sent]
+    assert wer(reference(ONE_SENTENCE), sent[0].text) <= 0.1, sent[0].text
+    assert metrics.value("echo_relay_utterances_total", {"reason": "sentence_end"}) == 1
+    assert metrics.value("echo_relay_turn_decisions_total", {"rule": "turn"}) == 1
+    waited = sent[0].emitted_at_s - sent[0].audio_end_s
+    settings = relay_settings("file:x")
+    # one idle batch of blocks (source.idle_block_ms) may be released before the echo is handed over
+    assert waited <= (settings.endpoint.turn_pause_ms + settings.source.idle_block_ms + 40) / 1000, waited
+
+    graded, graded_metrics = await _echoes_of(path, endpoint__turn_rule=False)
+    assert [o.text for o in graded] == [o.text for o in sent]
+    assert graded_metrics.value("echo_relay_turn_decisions_total", {"rule": "turn"}) == 0
+    assert graded[0].emitted_at_s - graded[0].audio_end_s >= settings.endpoint.likely_pause_ms / 1000 - 0.04

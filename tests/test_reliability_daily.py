@@ -28,9 +28,10 @@ from faults import (
     word_recall,
 )
 
-from pipeline.app import EXIT_OK, EXIT_RUNTIME, build_relay, run_daemon
+from pipeline.app import EXIT_OK, EXIT_RUNTIME, run_daemon
 from pipeline.metrics import Metrics
 from pipeline.testing.fake_daily import FakeRoom
+from pipeline.wiring import build_relay
 
 FAKE = "pipeline.testing.fake_daily"
 PERSONA = "Echo Persona"

@@ -36,7 +36,7 @@ from pipeline.config import Settings, set_dotted, validate_tree
 from pipeline.control.server import ControlServer, create_serve_app, start_control_server
 from pipeline.dsp import speech_bounds
 from pipeline.frames import SAMPLE_RATE, Pcm, Transcript, UtteranceMeta
-from pipeline.serve import RelayPool
+from pipeline.serve import RelayPhase, RelayPool
 from pipeline.testing.fake_daily import FakeRoom
 from tests.conftest import wait_until_ready
 
@@ -758,3 +758,10 @@ def test_file_roots_in_a_config_file_are_relative_to_it(tmp_path: Path) -> None:
     cfg.parent.mkdir()
     cfg.write_text("serve:\n  file_roots: [data, /srv/audio]\n", encoding="utf-8")
     assert load_settings(cfg, env={}).serve.file_roots == [str(tmp_path / "conf" / "data"), "/srv/audio"]
+
+
+def test_a_relay_takes_messages_until_it_drains() -> None:
+    """The control API's 409 rule (RelayPhaseView.takes_messages, pipeline/control/api.py): a draining relay
+    still delivers what it has but takes nothing new; an ended or failed one takes nothing."""
+    assert {p for p in RelayPhase if p.takes_messages} == {RelayPhase.STARTING, RelayPhase.RUNNING}
+    assert {p for p in RelayPhase if p.active} == {RelayPhase.STARTING, RelayPhase.RUNNING, RelayPhase.DRAINING}

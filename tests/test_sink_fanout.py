@@ -32,7 +32,6 @@ from faults import (
 )
 
 from pipeline import protocol
-from pipeline.app import build_relay
 from pipeline.config import ConfigError, Settings, load_settings, set_dotted
 from pipeline.metrics import Metrics
 from pipeline.sink import make_sink
@@ -42,6 +41,7 @@ from pipeline.sink.daily import DailySink
 from pipeline.sink.fanout import FanoutSink
 from pipeline.sink.jsonl import JsonlSink
 from pipeline.testing.fake_daily import FakeRoom
+from pipeline.wiring import build_relay
 from tests.conftest import REPO, clip
 
 FAKE = "pipeline.testing.fake_daily"

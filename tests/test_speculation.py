@@ -64,6 +64,17 @@ def test_join_mends_a_period_the_pause_put_mid_sentence(head: str, tail: str, te
     assert join(Transcript(head), Transcript(tail)).text == text
 
 
+@pytest.mark.parametrize(("head", "tail", "text"), [
+    ("今日は晴れです。", "明日は雨です。", "今日は晴れです。明日は雨です。"),  # Japanese writes no spaces
+    ("我在这一个讲堂中", "便须常常随喜", "我在这一个讲堂中便须常常随喜"),
+    ("ฉันไปตลาด", "เขาอยู่บ้าน", "ฉันไปตลาด เขาอยู่บ้าน"),  # Thai: a space where the speaker paused
+    ("그는 이리저리 피하면서", "길 한 옆으로 걸어갔다.", "그는 이리저리 피하면서 길 한 옆으로 걸어갔다."),
+    ("मैं घर जा रहा हूँ।", "तुम कहाँ हो?", "मैं घर जा रहा हूँ। तुम कहाँ हो?"),
+    ("¿Qué pasó?", "¡Nada!", "¿Qué pasó? ¡Nada!")])
+def test_join_in_other_scripts(head: str, tail: str, text: str) -> None:
+    assert join(Transcript(head), Transcript(tail)).text == text
+
+
 @pytest.mark.parametrize("rest", [Transcript("", dropped_reason="no_speech", decode_s=0.1),
                                   Transcript("  ", decode_s=0.1)])
 def test_join_when_the_rest_holds_no_words_keeps_the_beginning(rest: Transcript) -> None:

@@ -21,7 +21,7 @@ from pipeline.transform.builtins import (
     StripAnnotations,
 )
 
-META = UtteranceMeta(utterance_id="u1", audio_start_s=0.0, audio_end_s=1.0)
+META = UtteranceMeta(utterance_id="u1", audio_start_s=0.0, audio_end_s=1.0, language="en")  # English text
 
 
 def test_builtin_names() -> None:
@@ -76,6 +76,47 @@ def test_filler_words_custom_lists() -> None:
         FillerWords(words=[1, 2])  # type: ignore[list-item]
 
 
+def meta_in(language: str | None) -> UtteranceMeta:
+    return UtteranceMeta(utterance_id="u1", audio_start_s=0.0, audio_end_s=1.0, language=language)
+
+
+@pytest.mark.parametrize(("language", "text", "expected"), [
+    ("es", "Eh, creo que sí.", "Creo que sí."),
+    ("es", "Pues, ehm, no sé, eh.", "Pues, no sé."),
+    ("es", "Está bueno, ¿eh?", "Está bueno, ¿eh?"),  # a question tag, not a hesitation
+    ("es", "Este libro es, o sea, muy bueno.", "Este libro es, o sea, muy bueno."),  # "este" = this
+    ("es", "Um, uh, hola.", "Um, uh, hola."),  # English fillers are not Spanish ones
+    ("de", "Ähm, ich glaube, äh, ja.", "Ich glaube ja."),
+    ("de", "Also, er kommt morgen.", "Also, er kommt morgen."),  # "also" = so, "er" = he
+    ("de", "Ähhh, hmmm, gut.", "Gut."),
+    ("fr", "Euh, je pense que oui, hum.", "Je pense que oui."),
+    ("fr", "Ben, c'est bon.", "Ben, c'est bon."),
+    ("pt", "Comprei um carro, ahn, ontem.", "Comprei um carro ontem."),  # "um" = a
+    ("it", "Ehm, i ragazzi sono qui.", "I ragazzi sono qui."),
+    ("nl", "Uhm, ik weet het niet.", "Ik weet het niet."),
+    ("ru", "Э, я думаю, эмм, да.", "Я думаю да."),
+    ("pt-BR", "Hum, acho que sim.", "Acho que sim."),  # a region: the language's list
+    ("en", "Um, I think so.", "I think so."),
+    ("ja", "えーと、そうですね。", "えーと、そうですね。"),  # no list: the text as it came
+    (None, "Um, I think so.", "Um, I think so."),  # language unknown: nothing language-specific
+])
+def test_filler_words_per_language(language: str | None, text: str, expected: str) -> None:
+    assert FillerWords()(text, meta_in(language)) == expected
+
+
+def test_filler_words_languages_option() -> None:
+    step = FillerWords(languages={"es": ["eh", "este"], "de": []})
+    assert step("Este, eh, vale.", meta_in("es")) == "Vale."
+    assert step("Äh, ja.", meta_in("de")) == "Äh, ja."  # an empty list turns it off for that language
+    assert step("Euh, oui.", meta_in("fr")) == "Oui."  # other languages keep their defaults
+    assert FillerWords(languages={"sv": ["öh"]})("Öh, ja.", meta_in("sv")) == "Ja."  # a language added
+    assert FillerWords(words=["like"])("Um, like, sí.", meta_in("es")) == "Um, like, sí."  # words: English
+    with pytest.raises(OptionError):
+        FillerWords(languages=["es"])  # type: ignore[arg-type]
+    with pytest.raises(OptionError):
+        FillerWords(languages={"es": [1]})
+
+
 async def test_filler_only_utterance_is_dropped_by_chain() -> None:
     m = Metrics()
     steps = [TransformStep(step="filler_words"), TransformStep(step="whitespace")]
@@ -83,6 +124,46 @@ async def test_filler_only_utterance_is_dropped_by_chain() -> None:
     out = await chain.run("Um. Uh, hmm.", META)
     assert out.dropped and out.dropped_by is not None and out.dropped_by.step == "filler_words"
     assert m.value("echo_relay_dropped_total", {"stage": "transform", "reason": "empty:filler_words"}) == 1
+
+
+@pytest.mark.parametrize(("language", "text", "expected"), [
+    ("es", "hola. ¿qué tal? ¡muy bien! él vino.", "Hola. ¿Qué tal? ¡Muy bien! Él vino."),
+    ("it", "i ragazzi sono qui. i cani no.", "I ragazzi sono qui. I cani no."),  # "i" is an article
+    ("ca", "tu i jo", "Tu i jo"),  # Catalan "i" = and
+    ("en", "yes i'm here. and i know", "Yes I'm here. And I know"),
+    (None, "so i said", "So i said"),  # the pronoun rule is English: not applied to an unknown language
+    ("ru", "привет. как дела?", "Привет. Как дела?"),
+    ("tr", "istanbul güzel. ırmak", "İstanbul güzel. Irmak"),
+    ("ja", "はい。そうです。", "はい。そうです。"),
+])
+def test_casing_sentence_in_other_languages(language: str | None, text: str, expected: str) -> None:
+    assert Casing("sentence")(text, meta_in(language)) == expected
+
+
+def test_casing_turkish_upper_and_lower() -> None:
+    assert Casing("upper")("istanbul", meta_in("tr")) == "İSTANBUL"
+    assert Casing("lower")("IRMAK İZMİR", meta_in("tr")) == "ırmak izmir"
+    assert Casing("upper")("istanbul", meta_in("en")) == "ISTANBUL"
+
+
+@pytest.mark.parametrize(("language", "text", "expected"), [
+    ("zh", "我很好", "我很好。"), (None, "今日は晴れです", "今日は晴れです。"), ("hi", "मैं ठीक हूँ", "मैं ठीक हूँ।"),
+    ("ur", "میں ٹھیک ہوں", "میں ٹھیک ہوں۔"), ("th", "สวัสดีครับ", "สวัสดีครับ"), ("es", "hola", "hola."),
+    ("zh", "你好吗？", "你好吗？"), ("hi", "ठीक है।", "ठीक है।"), ("ar", "هل أنت بخير؟", "هل أنت بخير؟"),
+    ("zh", "我很好，", "我很好。"),
+])
+def test_cleanup_final_punct_is_the_language_full_stop(language: str | None, text: str, expected: str) -> None:
+    assert Cleanup(final_punct=".")(text, meta_in(language)) == expected
+
+
+def test_max_length_in_scripts_without_spaces() -> None:
+    ja = "今日は晴れです。" * 10 + "明日は雨が降るでしょう"
+    assert MaxLength(max_chars=50)(ja, META) == "今日は晴れです。" * 6  # 48 chars: the last sentence end that fits
+    step = MaxLength(max_chars=10)
+    out = step("क्षि" * 10, META)  # no space, no sentence end: cut between graphemes, never inside "क्षि"
+    assert out is not None and out == "क्षि" * 2 + "…"
+    out = step("漢字かなカナ漢字かなカナ", META)
+    assert out == "漢字かなカナ漢字か…"
 
 
 # ----------------------------------------------------------------------------- regex_replace

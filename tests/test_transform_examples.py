@@ -23,7 +23,8 @@ SHOUT_PROJECT = EXAMPLES / "echo_relay_shout"
 
 
 def meta(**room: Any) -> UtteranceMeta:
-    return UtteranceMeta(utterance_id="u1", audio_start_s=0.0, audio_end_s=1.0, room=dict(room))
+    return UtteranceMeta(utterance_id="u1", audio_start_s=0.0, audio_end_s=1.0, room=dict(room),
+                         language="en")  # English text: the filler step applies English fillers
 
 
 @pytest.fixture

@@ -130,32 +130,41 @@ def test_quiet_speaker_right_after_loud_noise_ends_is_heard_as_by_a_fresh_vad(no
 
 
 # ------------------------------------------------------------------------------ no false echoes
-def write_config(tmp_path: Path, **vad: object) -> Path:
+# asr overrides for the multilingual base with language auto (the `multilingual` extra, in the dev install).
+BASE_AUTO: dict[str, object] = {"model": "base", "language": None, "download": False, "models_dir": "/nonexistent"}
+
+
+def write_config(tmp_path: Path, asr: dict[str, object] | None = None, **vad: object) -> Path:
     tree = yaml.safe_load((REPO / "config.yaml").read_text())
     tree["asr"]["models_dir"] = str(REPO / "models")
+    tree["asr"].update(asr or {})
     tree["vad"].update(vad)
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(tree))
+    path.write_text(yaml.safe_dump(tree, allow_unicode=True))
     return path
 
 
-def run_file(tmp_path: Path, audio: np.ndarray, **vad: object) -> tuple[list[dict[str, object]], str]:
+def run_file(tmp_path: Path, audio: np.ndarray, asr: dict[str, object] | None = None,
+             **vad: object) -> tuple[list[dict[str, object]], str]:
+    """`echo-relay run` on `audio` with config.yaml (asr and vad keys overridden): its JSONL records and log."""
     wav, out = tmp_path / "in.wav", tmp_path / "out.jsonl"
     wav.write_bytes(wav_bytes(audio, SR))
-    proc = cli("run", "--config", str(write_config(tmp_path, **vad)), "--source", f"file:{wav}",
+    proc = cli("run", "--config", str(write_config(tmp_path, asr, **vad)), "--source", f"file:{wav}",
                "--sink", f"jsonl:{out}", "--no-control", "--speed", "0", timeout=600)
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     return records, proc.stderr
 
 
-def test_noise_only_and_music_only_audio_give_no_echo(tmp_path: Path) -> None:
+@pytest.mark.parametrize("asr", [None, BASE_AUTO], ids=["tiny.en", "base-auto-language"])
+def test_noise_only_and_music_only_audio_give_no_echo(tmp_path: Path, asr: dict[str, object] | None) -> None:
     gap = np.zeros(SR, np.int16)
     music = decode_file(MUSIC_01)[int(MUSIC_ONLY_FROM_S * SR):]
     parts = [p for n in NOISE for p in (decode_file(n), gap)] + [music]
     assert len(NOISE) == 6
-    records, stderr = run_file(tmp_path, np.concatenate(parts))
+    records, stderr = run_file(tmp_path, np.concatenate(parts), asr)
     assert [r["text"] for r in records] == [], stderr
+    assert "done:" in stderr  # the run got to the end (its drops are counted there)
 
 
 @pytest.mark.parametrize("pause_s", [0.3, 1.0])

@@ -13,14 +13,24 @@ Reasons, checked in this order:
   probability, as in openai/whisper and faster-whisper);
 - ``low_logprob``: ``avg_logprob < gate.min_avg_logprob`` whatever the no-speech probability;
 - ``repetition``: zlib compression ratio of the text above ``gate.max_compression_ratio`` (a loop);
-- ``phantom``: the text is a known near-silence hallucination (``gate.phantom_phrases``, compared
-  after normalization, also when repeated: "Thank you. Thank you.") and the audio is quieter than
-  ``gate.phantom_max_dbfs``; text made only of non-speech annotations (``[Music]``, ``(upbeat
-  music)``, ``*coughs*``, ``♪``) is never speech to relay and is dropped as ``phantom`` at any level.
+- ``phantom``, at any level: text made only of non-speech annotations (``[Music]``, ``(upbeat music)``,
+  ``*coughs*``, ``♪``), or only of subtitle credits and channel promotions (``gate.phantom_patterns``:
+  "Sous-titres réalisés par la communauté d'Amara.org", "Untertitel im Auftrag des ZDF", "字幕由…提供"): Whisper
+  learnt them from subtitled video, and nobody in a conversation speaks them;
+- ``phantom``, on near-silence only (audio quieter than ``gate.phantom_max_dbfs``): text made only of known
+  near-silence hallucinations, in any language (``gate.phantom_phrases`` and
+  ``gate.phantom_phrases_by_language``: "Thank you.", "ご視聴ありがとうございました", "Продолжение следует"), also
+  repeated or several of them ("Thank you. Thank you.", "Thanks for watching. Bye."). At speech level they are
+  kept: somebody may really say them.
+
+Phrases and patterns are compared after `normalize_phrase` (NFKC, case folding, punctuation and symbols as
+spaces), sentence by sentence (`pipeline.text.split_sentences`, every script's marks); a phrase also matches
+without its spaces, since Whisper spaces CJK text at random ("谢谢 观看").
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 import zlib
@@ -30,6 +40,7 @@ from pipeline.config import GateSettings
 from pipeline.dsp import SILENCE_DBFS as SILENCE_DBFS  # re-exported: the engines and tests import from here
 from pipeline.dsp import rms_dbfs as rms_dbfs
 from pipeline.frames import GateReason
+from pipeline.text import split_sentences
 
 DROP_REASONS = ("empty", "no_speech", "low_logprob", "repetition", "phantom")
 
@@ -45,8 +56,8 @@ def compression_ratio(text: str) -> float:
 
 
 def normalize_phrase(text: str) -> str:
-    """Lowercase, drop punctuation and symbols, collapse whitespace: "Thank you!!" -> "thank you"."""
-    text = unicodedata.normalize("NFKC", text).lower()
+    """Case-fold, drop punctuation and symbols, collapse whitespace: "Thank you!!" -> "thank you"."""
+    text = unicodedata.normalize("NFKC", text).casefold()
     kept = [ch if not unicodedata.category(ch).startswith(("P", "S")) else " " for ch in text]
     return " ".join("".join(kept).split())
 
@@ -58,21 +69,49 @@ def is_annotation(text: str) -> bool:
 
 
 def is_phantom(text: str, phrases: Iterable[str]) -> bool:
-    """True when `text` is one of `phrases` (normalized), possibly repeated ("bye bye bye")."""
-    norm = normalize_phrase(text)
-    if not norm:
-        return False
-    for phrase in phrases:
-        p = normalize_phrase(phrase)
-        if not p:
-            continue
-        if norm == p:
-            return True
-        # The phrase repeated: "thank you thank you" is still only the phrase.
-        n = len(p) + 1
-        if (len(norm) + 1) % n == 0 and f"{norm} " == f"{p} " * ((len(norm) + 1) // n):
+    """True when `text` is made only of `phrases` (normalized), each sentence one of them, possibly repeated
+    ("bye bye bye", "Thank you. Thank you.", "Thanks for watching. Bye.")."""
+    keys = _phrase_keys(tuple(phrases))
+    sentences = [_key(s) for s in split_sentences(text)]
+    return bool(sentences) and all(s and _repeats_one_of(s, keys) for s in sentences)
+
+
+def is_credit(text: str, patterns: Iterable[str]) -> bool:
+    """True when every sentence of `text` is a subtitle credit (one of `patterns` matches all of it, normalized)."""
+    compiled = _compiled(tuple(patterns))
+    sentences = [normalize_phrase(s) for s in split_sentences(text)]
+    return bool(compiled) and bool(sentences) and all(
+        s and any(rx.fullmatch(s) for rx in compiled) for s in sentences)
+
+
+def _key(text: str) -> str:
+    return normalize_phrase(text).replace(" ", "")
+
+
+@functools.lru_cache(maxsize=16)
+def _phrase_keys(phrases: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(k for k in map(_key, phrases) if k)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(patterns: tuple[str, ...]) -> tuple[re.Pattern[str], ...]:
+    return tuple(re.compile(p, re.IGNORECASE) for p in patterns)
+
+
+def _repeats_one_of(key: str, keys: frozenset[str]) -> bool:
+    """`key` is one of `keys`, or one of them said several times over ("byebyebye")."""
+    if key in keys:
+        return True
+    n = len(key)
+    for period in range(1, n // 2 + 1):
+        if n % period == 0 and key[:period] in keys and key == key[:period] * (n // period):
             return True
     return False
+
+
+def all_phantom_phrases(settings: GateSettings) -> tuple[str, ...]:
+    """`gate.phantom_phrases` and every language's `gate.phantom_phrases_by_language`."""
+    return (*settings.phantom_phrases, *(p for ps in settings.phantom_phrases_by_language.values() for p in ps))
 
 
 def is_doubled(words: Sequence[str], min_words: int = 3) -> bool:
@@ -126,8 +165,8 @@ def gate(text: str, *, no_speech_prob: float, avg_logprob: float, audio_dbfs: fl
     cr = compression_ratio(text) if compression_ratio_value is None else compression_ratio_value
     if cr > settings.max_compression_ratio:
         return "repetition"
-    if is_annotation(text):
+    if is_annotation(text) or is_credit(text, settings.phantom_patterns):
         return "phantom"
-    if audio_dbfs < settings.phantom_max_dbfs and is_phantom(text, settings.phantom_phrases):
+    if audio_dbfs < settings.phantom_max_dbfs and is_phantom(text, all_phantom_phrases(settings)):
         return "phantom"
     return None

@@ -2,7 +2,7 @@
 status, health/readiness and Prometheus metrics. See docs/control-api.md.
 
 `pipeline.control.server` (FastAPI, uvicorn) is imported lazily by the daemon, so importing this
-package stays cheap; the contract with the relay lives in `pipeline.control.api`.
+package stays cheap; its contracts with the relay and with serve's pool live in `pipeline.control.api`.
 """
 
 from pipeline.control.api import QueueFull, RelayHandle

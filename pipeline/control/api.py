@@ -1,8 +1,16 @@
-"""Contract between the control API and the running relay (implemented by `pipeline.relay.Relay`)."""
+"""Contracts of the control API (pipeline/control/server.py) with what it serves.
+
+- `RelayHandle`: one running relay (`run`; implemented by `pipeline.relay.Relay`);
+- `RelayPoolHandle`: the relays of `serve` (implemented by `pipeline.serve.RelayPool`), each a `PooledRelay`,
+  created from a `RelayRequest`; a request the pool refuses raises `RelayRequestError`.
+
+The server depends on these, never on their implementations, which import them (no import cycle).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.frames import Pcm
@@ -52,3 +60,95 @@ class RelayHandle(Protocol):
     def readiness(self) -> dict[str, bool]:
         """{'model_loaded': ..., 'sink_ready': ...}: ready when all are true."""
         ...
+
+
+# ------------------------------------------------------------------------------------- serve
+class RelayRequestError(Exception):
+    """A request the pool refuses: `field` names what is wrong, `status` is the HTTP status."""
+
+    def __init__(self, field: str | None, message: str, status: int = 422) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field, self.message, self.status = field, message, status
+
+
+class AtCapacity(RelayRequestError):
+    def __init__(self, active: int, limit: int) -> None:
+        super().__init__(None, f"at capacity: {active} relays running (serve.max_relays = {limit}); "
+                               "send this conversation to another instance", status=503)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayRequest:
+    """What POST /v1/relays asks for (pipeline/control/models.py `CreateRelayRequest` is its HTTP form)."""
+
+    source: str | None = None  # SPEC as in `run`; None: the configuration's (daily with a Tavus shortcut)
+    sink: str | None = None
+    config: Mapping[str, Any] = field(default_factory=dict)  # overrides: nested sections or dotted keys
+    conversation_url: str | None = None  # Tavus shortcut: join this conversation's room
+    persona_id: str | None = None  # Tavus shortcut: create a conversation with this persona
+
+
+class RelayPhaseView(Protocol):
+    """Where a pooled relay is in its lifecycle (`pipeline.serve.RelayPhase`)."""
+
+    @property
+    def value(self) -> str:
+        """Its name in the API: starting, running, draining, ended, failed."""
+        ...
+
+    @property
+    def takes_messages(self) -> bool:
+        """Whether POST /send_text_message and /interrupt are still served (409 once not)."""
+        ...
+
+
+class PooledRelay(Protocol):
+    """One relay of the pool (`pipeline.serve.ManagedRelay`)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def phase(self) -> RelayPhaseView: ...
+
+    @property
+    def relay(self) -> RelayHandle: ...
+
+    def describe(self, *, detail: bool = False) -> dict[str, Any]:
+        """JSON-able: id, phase, error, created_at, source, sink, conversation_id, ledger, latency; with
+        `detail`, also room, ended and the relay's status."""
+        ...
+
+
+class MetricsText(Protocol):
+    def render(self) -> bytes:
+        """Prometheus text exposition format."""
+        ...
+
+
+class RelayPoolHandle(Protocol):
+    """What `serve`'s control API serves: relays created, listed and deleted; readiness and metrics."""
+
+    @property
+    def active(self) -> int:
+        """Relays starting, running or draining (counted against serve.max_relays)."""
+        ...
+
+    @property
+    def metrics(self) -> MetricsText: ...
+
+    async def create(self, request: RelayRequest) -> PooledRelay:
+        """Build and start a relay. Raises RelayRequestError (4xx) or AtCapacity (503)."""
+        ...
+
+    def get(self, relay_id: str) -> PooledRelay:
+        """Raises RelayRequestError (404) for an unknown id."""
+        ...
+
+    def list(self) -> Sequence[PooledRelay]: ...
+
+    async def delete(self, relay_id: str) -> dict[str, Any]:
+        """Stop the relay, wait for its drain, forget it; its final state (as `describe()`)."""
+        ...
+
+    def readiness(self) -> dict[str, bool]: ...

@@ -333,7 +333,7 @@ class Guard:
             await error_response(400, "Content-Length: not a number", field="Content-Length",
                                  headers={"Connection": "close"})(scope, receive, send)
             return
-        head_bytes = len(scope.get("raw_path") or b"") + sum(len(k) + len(v) + 4 for k, v in scope.get("headers") or [])
+        head_bytes = request_head_bytes(scope)
         if head_bytes > MAX_HEAD_BYTES:  # h11 only limits a head still arriving; one read may bring more
             await self._refuse(scope, receive, send, declared, error_response(
                 431, f"headers: request line and headers are {head_bytes} bytes, over {MAX_HEAD_BYTES}",
@@ -489,6 +489,16 @@ class Guard:
         count_request(self.metrics, endpoint if endpoint in KNOWN_PATHS else "other", str(status))
 
 
+def request_head_bytes(scope: Scope) -> int:
+    """The size of the request line and headers as they came in: `METHOD SP target SP HTTP/x.y CRLF`, where
+    the target is the path *with* its query string (a 100 KB query was served when only the path counted,
+    issue 27), each `name: value CRLF`, and the blank line."""
+    query = scope.get("query_string") or b""
+    target = len(scope.get("raw_path") or scope.get("path", "").encode("utf-8")) + (1 + len(query) if query else 0)
+    line = len(str(scope.get("method", ""))) + 1 + target + 1 + len(f"HTTP/{scope.get('http_version', '1.1')}") + 2
+    return line + sum(len(k) + len(v) + 4 for k, v in scope.get("headers") or []) + 2
+
+
 def endpoint_of(path: str) -> str:
     """A request path as a bounded metric label: relay ids become {id}, static files /static."""
     if path.startswith(STATIC_PREFIX):
@@ -578,7 +588,7 @@ class ConnectionLimits:
             log.debug("control API connection: %s", what)
 
 
-def _raw_error(status: int, error: str, field: str | None, headers: dict[str, str] | None = None) -> bytes:
+def raw_error(status: int, error: str, field: str | None, headers: dict[str, str] | None = None) -> bytes:
     """A complete HTTP/1.1 error response, for connections that never reached h11's request cycle."""
     body = json_bytes(error_body(error, field, [{"field": field, "message": error.removeprefix(f"{field}: "),
                                                  "type": HTTPStatus(status).name.lower()}] if field else None))
@@ -605,7 +615,7 @@ class GuardedH11Protocol(H11Protocol):
         self.idle_since = time.monotonic()
         self._head_timer: asyncio.TimerHandle | None = None
         if not self.limits.admit(self):
-            transport.write(_raw_error(
+            transport.write(raw_error(
                 503, f"server busy: control.max_connections ({self.limits.max_connections}) connections all "
                      "have a request in progress; retry later", None, {"retry-after": "1"}))
             transport.close()
@@ -638,7 +648,7 @@ class GuardedH11Protocol(H11Protocol):
         count_request(self.limits.metrics, CONNECTION_ENDPOINT, "400")
         error = (f"request: {msg.rstrip('.').lower()} (malformed, or request line and headers over "
                  f"{MAX_HEAD_BYTES} bytes)")
-        self.transport.write(_raw_error(400, error, "request"))
+        self.transport.write(raw_error(400, error, "request"))
         self.transport.close()
 
     def close_quietly(self) -> None:
@@ -662,7 +672,7 @@ class GuardedH11Protocol(H11Protocol):
             return
         if self.conn.trailing_data[0]:  # part of a request head is waiting in h11's buffer
             self.limits.note("408", "closed a connection whose request head did not arrive in time")
-            self.transport.write(_raw_error(
+            self.transport.write(raw_error(
                 408, f"request: request line and headers not received within control.header_timeout_s "
                      f"({self.limits.header_timeout_s:g} s)", "request"))
         with contextlib.suppress(h11.LocalProtocolError):

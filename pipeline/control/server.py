@@ -45,7 +45,8 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 
 from pipeline.config import Settings
-from pipeline.control.api import QueueFull, RelayHandle
+from pipeline.control.api import QueueFull, RelayHandle, RelayPoolHandle, RelayRequest, RelayRequestError
+from pipeline.control.descriptors import ACCEPT_BACKLOG, DescriptorLimitError, GuardedListener, fit_connections
 from pipeline.control.errors import FieldError, error_response, validation_items
 from pipeline.control.guard import (
     CORS_MAX_AGE_S,
@@ -79,7 +80,6 @@ from pipeline.control.models import (
 )
 from pipeline.events import MAX_SUBSCRIBERS, Event, Subscription, TooManySubscribers
 from pipeline.metrics import ControlMetrics, Metrics
-from pipeline.serve import RelayPhase, RelayPool, RelayRequest, RelayRequestError
 
 log = logging.getLogger(__name__)
 
@@ -485,7 +485,7 @@ def create_app(handle: RelayHandle, metrics: Metrics, settings: Settings) -> Fas
     return app
 
 
-def create_serve_app(pool: RelayPool, settings: Settings) -> FastAPI:
+def create_serve_app(pool: RelayPoolHandle, settings: Settings) -> FastAPI:
     """`serve`'s application: relays created, listed and deleted under /v1/relays, each with the
     endpoints of `run` under /v1/relays/{relay_id}/."""
     app = _new_app(settings, "Control API of `echo-relay serve`: many relays in one process, one ASR model. "
@@ -500,7 +500,7 @@ def create_serve_app(pool: RelayPool, settings: Settings) -> FastAPI:
 
     def live_relay_of(relay_id: str = relay_id_param) -> RelayHandle:
         managed = pool.get(relay_id)
-        if managed.phase not in (RelayPhase.STARTING, RelayPhase.RUNNING):
+        if not managed.phase.takes_messages:
             raise FieldError("relay_id", f"relay {relay_id} is {managed.phase.value}: it takes no more messages",
                              status_code=409, type_="relay_" + managed.phase.value)
         return managed.relay
@@ -669,14 +669,19 @@ async def start_control_server(handle: RelayHandle | None, metrics: ControlMetri
     guarded = Guard(inner, token=token, max_body_bytes=ctl.max_body_bytes,
                      limiter=RateLimiter(ctl.rate_limit_per_s), metrics=metrics, browser=browser,
                      max_in_flight=ctl.max_connections - HEALTH_RESERVED_CONNECTIONS)
-    limits = ConnectionLimits(ctl.max_connections, ctl.header_timeout_s, metrics)
-    sock = _bind(ctl.host, ctl.port)
+    try:  # issue 27: the connections must fit under the open-file limit (pipeline/control/descriptors.py)
+        max_connections = fit_connections(ctl.max_connections).max_connections
+    except DescriptorLimitError as too_few:
+        raise ControlServerError(str(too_few)) from None
+    guarded.max_in_flight = max_connections - HEALTH_RESERVED_CONNECTIONS
+    limits = ConnectionLimits(max_connections, ctl.header_timeout_s, metrics)
+    sock = GuardedListener.wrap(_bind(ctl.host, ctl.port), metrics)
     port = int(sock.getsockname()[1])
     config = uvicorn.Config(
         guarded, host=ctl.host, port=port, http=protocol_class(limits), ws="none", lifespan="off",
         log_config=None, access_log=False, proxy_headers=False, server_header=False,
         timeout_keep_alive=ctl.keep_alive_s, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
-        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S, backlog=ACCEPT_BACKLOG,
     )
     server = _EmbeddedServer(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]), name="control-api")

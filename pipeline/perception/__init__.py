@@ -3,7 +3,8 @@
 - `base`: what an analyzer is (`Analyzer`, `VideoAnalyzer`, `VideoFrame`);
 - `features`: pure DSP (level, YIN pitch, pauses) the built-ins are made of;
 - `builtins`: `loudness`, `pitch`, `pauses`, `speaking_rate`, `language`, and `frame_stats` for video;
-- `stage`: running them per utterance (timeouts, budget, outcomes); `video`: the camera path.
+- `calls`: one analyzer call (its verdict and accounting) and building configured analyzers;
+- `stage`: running them per utterance (timeouts, budget, outcomes); `video`: the camera path, held by the stage.
 """
 
 from pipeline.perception.base import Analyzer, VideoAnalyzer, VideoFrame

@@ -7,8 +7,9 @@
 
 The latest result of each analyzer (with `frame_at_s`, the stream time of the frame it describes) is
 attached to every utterance that closes afterwards (`meta.perception[name]`) and sent as a `video` event.
-A failing call (outcomes as for audio analyzers, pipeline/perception/stage.py) keeps the previous result
-with `on_error: pass` and clears it with `on_error: drop`, so a stale view is never attached.
+A failing call (outcomes as for audio analyzers, pipeline/perception/stage.py; one call is
+pipeline/perception/calls.py) keeps the previous result with `on_error: pass` and clears it with
+`on_error: drop`, so a stale view is never attached.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pipeline.frames import UtteranceMeta
 from pipeline.metrics import VIDEO_FRAME_OUTCOMES
 from pipeline.perception.base import VideoFrame
 from pipeline.perception.builtins import VIDEO_BUILTINS
-from pipeline.perception.stage import (
+from pipeline.perception.calls import (
     FAILURES,
     BoundAnalyzer,
     Verdict,

@@ -46,6 +46,7 @@ from pipeline.daily_room import (
     RoomConnection,
     RoomError,
     RoomEvent,
+    RoomTracker,
     resolve_daily_module,
 )
 from pipeline.logs import bind_log_context
@@ -125,15 +126,20 @@ class DailySink(Sink):
         """The RoomConnection after start() (the Daily source listens in it)."""
         return self._conn
 
+    @property
+    def _tracker(self) -> RoomTracker | None:
+        """What is known of the room (pipeline/daily_room/tracker.py), once start() created the connection."""
+        return self._conn.tracker if self._conn is not None else None
+
     def stats(self) -> dict[str, int]:
-        conn = self._conn
+        tracker = self._tracker
         return {"delivered": self.delivered, "given_up": self.given_up,
-                "unknown_room_events": conn.unknown_events if conn is not None else 0,
-                "duplicate_room_events": conn.duplicate_events if conn is not None else 0}
+                "unknown_room_events": tracker.unknown_events if tracker is not None else 0,
+                "duplicate_room_events": tracker.duplicate_events if tracker is not None else 0}
 
     def is_ready(self) -> bool:
-        conn = self._conn
-        return bool(conn is not None and conn.ready and conn.network_ok)
+        tracker = self._tracker
+        return bool(tracker is not None and tracker.ready and tracker.network_ok)
 
     def owned_conversation(self) -> str | None:
         if self.created_conversation and self.settings.sink.daily.end_conversation_on_exit:
@@ -141,18 +147,18 @@ class DailySink(Sink):
         return None
 
     def blocked_reason(self) -> str | None:
-        conn = self._conn
+        tracker = self._tracker
         if self.phase is SinkPhase.CLOSED:
             return "the Daily sink is closed"
-        if self.phase is SinkPhase.NEW or conn is None:
+        if self.phase is SinkPhase.NEW or tracker is None:
             return "the Daily room was not joined yet"
-        if conn.ended.is_set():
-            return f"the conversation ended ({conn.ended_reason})"
+        if tracker.ended.is_set():
+            return f"the conversation ended ({tracker.ended_reason})"
         now = time.monotonic()
-        if not conn.ready:
+        if not tracker.ready:
             return self._not_ready_reason(now)
-        if not conn.network_ok:
-            down = now - (conn.net_down_since or now)
+        if not tracker.network_ok:
+            down = now - (tracker.net_down_since or now)
             return f"the Daily connection has been down for {down:.1f} s"
         if self._retrying:
             return f"sends are failing and being retried (last error: {self._retrying})"
@@ -163,7 +169,7 @@ class DailySink(Sink):
         Works before start(): subscriptions are attached when the room connection exists."""
         self._subscribers.append(callback)
         if self._conn is not None:
-            return self._conn.subscribe(callback)
+            return self._conn.tracker.subscribe(callback)
 
         def unsubscribe() -> None:
             if callback in self._subscribers:
@@ -196,9 +202,10 @@ class DailySink(Sink):
                               metrics=self.metrics, unsubscribe_media=True, state=self.room)
         self.room.conversation_id = conversation.conversation_id
         self._conn = conn
-        conn.subscribe(self._on_room_event)
+        tracker = conn.tracker
+        tracker.subscribe(self._on_room_event)
         for cb in self._subscribers:
-            conn.subscribe(cb)
+            tracker.subscribe(cb)
         try:
             await conn.join(conversation.url, conversation.meeting_token, timeout_s=sd.join_timeout_s)
         except RoomError as exc:
@@ -207,7 +214,7 @@ class DailySink(Sink):
             raise SinkError(str(exc)) from None
         self.phase = SinkPhase.OPEN
         self._watcher = asyncio.create_task(self._watch_replica(), name="daily-sink-replica-watch")
-        if not conn.ready:
+        if not tracker.ready:
             log.info("waiting up to %g s for the replica %r to join (sink.daily.replica_timeout_s); "
                      "echoes wait until then", sd.replica_timeout_s, conversation.persona_name)
 
@@ -243,34 +250,34 @@ class DailySink(Sink):
 
     def _refusal(self, out: Outgoing) -> str | None:
         """Why a message must fail at once (closed, ended, long-unready room), or None."""
-        conn = self._conn
+        tracker = self._tracker
         if self.phase is SinkPhase.CLOSED:
             return "the Daily sink is closed"
-        if conn is None:
+        if tracker is None:
             return "the Daily sink was not started"
-        if self.ended.is_set() or conn.ended.is_set():
-            return f"the conversation ended ({self.ended_reason or conn.ended_reason})"
+        if self.ended.is_set() or tracker.ended.is_set():
+            return f"the conversation ended ({self.ended_reason or tracker.ended_reason})"
         now = time.monotonic()
         if out.event == "interrupt":
-            return None if conn.ready and conn.network_ok else \
+            return None if tracker.ready and tracker.network_ok else \
                 f"nothing to interrupt: {self.blocked_reason() or 'the room is not ready'}"
         sd = self.settings.sink.daily
-        if not conn.ready and conn.not_ready_since is not None \
-                and now - conn.not_ready_since >= sd.replica_timeout_s:
+        if not tracker.ready and tracker.not_ready_since is not None \
+                and now - tracker.not_ready_since >= sd.replica_timeout_s:
             return self._not_ready_reason(now)
-        if conn.ready and not conn.network_ok and conn.net_down_since is not None \
-                and now - conn.net_down_since >= sd.send_deadline_s:
-            return f"the Daily connection has been down for {now - conn.net_down_since:.0f} s " \
+        if tracker.ready and not tracker.network_ok and tracker.net_down_since is not None \
+                and now - tracker.net_down_since >= sd.send_deadline_s:
+            return f"the Daily connection has been down for {now - tracker.net_down_since:.0f} s " \
                    "(sink.daily.send_deadline_s)"
         return None
 
     def _not_ready_reason(self, now: float) -> str:
-        conn = self._conn
-        assert conn is not None
-        waited = now - (conn.not_ready_since or now)
-        if not conn.state.joined:
+        tracker = self._tracker
+        assert tracker is not None
+        waited = now - (tracker.not_ready_since or now)
+        if not tracker.state.joined:
             return f"not joined to the Daily room for {waited:.1f} s"
-        return (f"the replica {conn.replica_name!r} is not in the Daily room (waited {waited:.1f} s of "
+        return (f"the replica {tracker.replica_name!r} is not in the Daily room (waited {waited:.1f} s of "
                 f"sink.daily.replica_timeout_s={self.settings.sink.daily.replica_timeout_s:g}); check that "
                 "the conversation is live and the persona's name matches")
 
@@ -303,6 +310,7 @@ class DailySink(Sink):
     async def _send_echo(self, conn: RoomConnection, message: dict[str, Any]) -> str | None:
         """Send one echo: None when delivered, else why it was given up."""
         sd = self.settings.sink.daily
+        tracker = conn.tracker
         backoff = sd.retry_initial_s
         attempts = 0
         first_ready_at: float | None = None
@@ -311,23 +319,23 @@ class DailySink(Sink):
             while True:
                 if self.phase is SinkPhase.CLOSED:
                     return "the Daily sink was closed before it could be delivered"
-                if conn.ended.is_set():
-                    return f"the conversation ended ({conn.ended_reason})"
+                if tracker.ended.is_set():
+                    return f"the conversation ended ({tracker.ended_reason})"
                 now = time.monotonic()
-                if not conn.ready:
+                if not tracker.ready:
                     first_ready_at = None
-                    since = conn.not_ready_since if conn.not_ready_since is not None else now
-                    # close() wakes the waiters (conn.notify()): stop waiting once the sink is closed
-                    if not await conn.wait_until(lambda: conn.ready or conn.ended.is_set() or self._closed(),
-                                                 since + sd.replica_timeout_s - now):
+                    since = tracker.not_ready_since if tracker.not_ready_since is not None else now
+                    # close() wakes the waiters (tracker.notify()): stop waiting once the sink is closed
+                    if not await tracker.wait_until(lambda: tracker.ready or tracker.ended.is_set() or self._closed(),
+                                                    since + sd.replica_timeout_s - now):
                         return self._not_ready_reason(time.monotonic())
                     continue
                 if first_ready_at is None:
                     first_ready_at = now
                 deadline = first_ready_at + sd.send_deadline_s
-                if not conn.network_ok:
-                    if not await conn.wait_until(lambda: conn.network_ok or not conn.ready or conn.ended.is_set()
-                                                 or self._closed(), deadline - now):
+                if not tracker.network_ok:
+                    if not await tracker.wait_until(lambda: tracker.network_ok or not tracker.ready
+                                                    or tracker.ended.is_set() or self._closed(), deadline - now):
                         return (f"the Daily connection stayed down past sink.daily.send_deadline_s="
                                 f"{sd.send_deadline_s:g} s")
                     continue
@@ -342,7 +350,7 @@ class DailySink(Sink):
                         log.info("delivered after %d attempts: %s", attempts, label)
                     return None
                 self._retrying = error
-                if conn.ended.is_set() or self._closed():
+                if tracker.ended.is_set() or self._closed():
                     continue  # the check above says why it stops
                 now = time.monotonic()
                 if now >= deadline:
@@ -350,7 +358,7 @@ class DailySink(Sink):
                             f"(sink.daily.send_deadline_s={sd.send_deadline_s:g}); last error: {error}")
                 self.metrics.send_retries.inc()
                 log.warning("send failed (%s); retrying in %.2f s: %s", error, min(backoff, deadline - now), label)
-                await conn.wait_until(lambda: conn.ended.is_set() or self._closed(), min(backoff, deadline - now))
+                await tracker.wait_until(lambda: tracker.ended.is_set() or self._closed(), min(backoff, deadline - now))
                 backoff = min(backoff * 2, sd.retry_max_s)
         finally:
             self._retrying = None
@@ -359,25 +367,25 @@ class DailySink(Sink):
     def _on_room_event(self, event: RoomEvent) -> None:
         if event.kind == "ended" and not self.ended.is_set():
             self.ended_reason = event.detail
-            self.ended_with_error = ended_with_error(self._conn.shutdown_reason if self._conn else None)
+            self.ended_with_error = ended_with_error(self._tracker.shutdown_reason if self._tracker else None)
             log.log(logging.ERROR if self.ended_with_error else logging.WARNING,
                     "the conversation ended: %s", event.detail)
             self.ended.set()
 
     async def _watch_replica(self) -> None:
         """Say clearly when the replica has not shown up, even if nothing is being sent."""
-        conn = self._conn
-        assert conn is not None
+        tracker = self._tracker
+        assert tracker is not None
         timeout = self.settings.sink.daily.replica_timeout_s
         while self.phase is SinkPhase.OPEN:
-            await conn.wait_until(lambda: not conn.ready or conn.ended.is_set(), None)
-            if conn.ended.is_set():
+            await tracker.wait_until(lambda: not tracker.ready or tracker.ended.is_set(), None)
+            if tracker.ended.is_set():
                 return
-            since = conn.not_ready_since or time.monotonic()
-            if not await conn.wait_until(lambda: conn.ready or conn.ended.is_set(),
+            since = tracker.not_ready_since or time.monotonic()
+            if not await tracker.wait_until(lambda: tracker.ready or tracker.ended.is_set(),
                                          since + timeout - time.monotonic()):
                 log.error("%s; echoes fail until it is ready", self._not_ready_reason(time.monotonic()))
-                await conn.wait_until(lambda: conn.ready or conn.ended.is_set(), None)
+                await tracker.wait_until(lambda: tracker.ready or tracker.ended.is_set(), None)
 
     # ------------------------------------------------------------------------------ close
     async def close(self, drain_timeout_s: float = 10.0) -> None:
@@ -390,7 +398,7 @@ class DailySink(Sink):
                 await self._watcher
         conn = self._conn
         if conn is not None:
-            conn.notify()  # a send waiting for the room re-checks and sees the sink closed
+            conn.tracker.notify()  # a send waiting for the room re-checks and sees the sink closed
             if was_open:
                 await conn.close()
         self._room_released.set()

@@ -1,7 +1,7 @@
 """Daily source: one remote participant's microphone from the Daily room, as 16 kHz mono int16 frames.
 
 - The room: the `room` given to the constructor, else the one `room_from()` returns when the source
-  starts (the wiring in `pipeline.app.build_relay` points it at the Daily sink's `connection`), else
+  starts (the wiring in `pipeline.wiring.build_relay` points it at the Daily sink's `connection`), else
   our own join of `tavus.conversation_url` (+ `tavus.meeting_token`). A shared room is reference-
   counted: closing the source does not leave it while the sink still uses it.
 - The participant: `source.daily.participant` (a user name or a participant id), else the first remote
@@ -122,7 +122,7 @@ class DailySource(Source):
                 await conn.close()
                 raise SourceError(str(exc)) from None
             self._conn = conn
-        self._unsubscribe = self._conn.subscribe(self._on_room_event)
+        self._unsubscribe = self._conn.tracker.subscribe(self._on_room_event)
         self._gap_task = asyncio.create_task(self._fill_gaps(), name="daily-source-gaps")
         self._select()
         if self._pid is None:
@@ -161,7 +161,7 @@ class DailySource(Source):
     # ------------------------------------------------------------------------------ participants
     def _matches(self, p: dict[str, Any]) -> bool:
         conn = self._conn
-        if conn is None or conn.is_replica(p):
+        if conn is None or conn.tracker.is_replica(p):
             return False
         pid, name = p.get("id"), participant_name(p)
         if self._selector:
@@ -171,9 +171,9 @@ class DailySource(Source):
 
     def _select(self) -> None:
         conn = self._conn
-        if conn is None or self._closed or (self._pid is not None and self._pid in conn.participants):
+        if conn is None or self._closed or (self._pid is not None and self._pid in conn.tracker.participants):
             return
-        for p in conn.remote_participants():
+        for p in conn.tracker.remote_participants():
             if self._matches(p):
                 self._attach(p)
                 return
@@ -204,7 +204,7 @@ class DailySource(Source):
         self._video = callback, color_format
         conn = self._conn
         if conn is not None and self._pid is not None:
-            current = conn.participants.get(self._pid)
+            current = conn.tracker.participants.get(self._pid)
             if current is not None:
                 self._capture_video(current)
 

@@ -26,11 +26,39 @@ from typing import Any
 
 from pipeline.frames import UtteranceMeta
 from pipeline.text import SENTENCE_END as _SENTENCE_END
+from pipeline.text import cut_at_grapheme, full_stop, sentence_end_offsets
 from pipeline.transform.base import OptionError
 from pipeline.transform.webhook import WebhookStep
 
-# Only true hesitation sounds: never words that carry meaning ("like", "you know", "so", "well").
-DEFAULT_FILLERS: tuple[str, ...] = ("um", "uh", "uhm", "erm", "er", "ah", "hmm", "hm", "mm")
+# Only true hesitation sounds, per language (Whisper's codes): never words that carry meaning, in that language
+# or as a loanword ("like", "you know", "so", "well"; German "also", Spanish "este", "o sea", "pues", French
+# "ben", "bah", Italian "cioè", Russian "ну"). A sound that is a filler in one language is often a word in another
+# (Portuguese "um" is "a/one", Spanish and Italian "eh" closes a question, German "er" is "he"), so each language
+# gets only its own list. Languages missing here (Chinese, Japanese and Korean among them: their hesitations
+# are syllables of words, which a whole-word match cannot tell apart) keep their text.
+DEFAULT_FILLERS: tuple[str, ...] = ("um", "uh", "uhm", "erm", "er", "ah", "hmm", "hm", "mm")  # English
+FILLERS_BY_LANGUAGE: dict[str, tuple[str, ...]] = {
+    "en": DEFAULT_FILLERS,
+    "de": ("äh", "ähm", "öh", "öhm", "hm", "hmm"),
+    "es": ("eh", "ehm", "em", "mmm", "hmm"),
+    "fr": ("euh", "heu", "hum", "hmm"),
+    "it": ("ehm", "uhm", "mmh", "hmm"),
+    "pt": ("ahn", "hã", "hmm", "hum"),
+    "nl": ("eh", "ehm", "uh", "uhm", "hmm"),
+    "pl": ("yyy", "eee", "hmm"),
+    "ru": ("э", "эм", "хм", "гм"),
+    "uk": ("е", "ем", "хм", "гм"),
+}
+# Letters a hesitation is drawn out on ("ummm", "hmmmm", "ähhh", "эээ"); never "r" ("err" is a word).
+_STRETCHY = "mhey" + "эме"  # Latin m h e y, Cyrillic э м е
+
+
+def language_base(code: str | None) -> str | None:
+    """A language code without its region or script ("pt-BR" -> "pt", "zh_Hant" -> "zh"), lower case."""
+    if not code or not code.strip():
+        return None
+    return code.strip().replace("_", "-").split("-")[0].lower()
+
 
 _CLOSERS = "\"'”’)]»"
 
@@ -88,20 +116,40 @@ def _one_word_opener(left: str) -> bool:
     return len(words) == 1 and "'" not in words[0] and "’" not in words[0]
 
 
+def _filler_regex(fillers: list[str], stretch: bool) -> re.Pattern[str]:
+    alts = []
+    for f in sorted({f.lower() for f in fillers}, key=len, reverse=True):
+        rx = _phrase_regex(f)
+        if stretch and f[-1] in _STRETCHY:
+            rx += re.escape(f[-1]) + "*"
+        alts.append(rx)
+    # Not inside a word, after a number ("5 mm") or as a question tag ("¿eh?").
+    return re.compile(r"(?<![\w'’-])(?<!\d\s)(?<![¿¡])(?P<filler>" + "|".join(alts) + r")(?![\w'’-])"
+                      r"(?P<punct>[,;:.!?…—–]*)\s*", re.IGNORECASE)
+
+
 _EMPTY_BRACKETS = re.compile(r"\s*(?:\(\s*\)|\[\s*\])")
 
 
 class FillerWords:
-    """Remove hesitation fillers and the punctuation ASR put around them.
+    """Remove hesitation fillers and the punctuation ASR put around them, in the utterance's language.
 
-    - `words`: the fillers (default `um uh uhm erm er ah hmm hm mm`); replaces the default list.
-    - `extra`: fillers added to the default list (e.g. `["you know", "i mean"]`).
-    - `stretch` (default true): fillers ending in a hum or breath may be drawn out, so `um` also
-      matches `ummm`, `hmm` matches `hmmmm`, `uh` matches `uhhh` (`er` is never stretched: `err`
-      is a word).
+    The language is `meta.language` (the conversation's language; the ASR's for one utterance before it is
+    locked). Each language has its own list (`FILLERS_BY_LANGUAGE`): English "um uh uhm erm er ah hmm hm mm",
+    German "äh ähm öh öhm hm hmm", Spanish "eh ehm em mmm hmm", French "euh heu hum hmm", ... An utterance in a
+    language without a list, or of unknown language, keeps its text: another language's fillers are never
+    applied ("um" is Portuguese for "a", "er" German for "he").
+
+    - `words`: the English fillers; replaces the default English list (kept from before languages).
+    - `extra`: fillers added to the English list (e.g. `["you know", "i mean"]`).
+    - `languages`: `{code: [fillers]}`, a language's own list, replacing its default (`{es: [eh, este]}`); an empty
+      list turns the step off for that language; a code without a default adds that language.
+    - `stretch` (default true): fillers ending in a hum or a vowel may be drawn out, so `um` also matches
+      `ummm`, `hmm` matches `hmmmm`, `äh` matches `ähhh` (`er` is never stretched: `err` is a word).
 
     Matching is whole-word and case-insensitive; `uh-huh` and `mm-hmm` (which mean "yes") are
-    kept, and so is a filler right after a number (`5 mm`). Punctuation around a removed filler:
+    kept, so is a filler right after a number (`5 mm`) and a Spanish question tag (`¿eh?`). Punctuation around a
+    removed filler:
 
     - sentence start: `"Um, I think so."` -> `"I think so."` (the next word is capitalized when the
       filler was);
@@ -116,27 +164,33 @@ class FillerWords:
     inline = True
 
     def __init__(self, words: list[str] | None = None, extra: list[str] | None = None,
-                 stretch: bool = True) -> None:
-        fillers = _str_list("words", words) if words is not None else list(DEFAULT_FILLERS)
-        fillers += _str_list("extra", extra)
-        if not fillers:
+                 stretch: bool = True, languages: dict[str, Any] | None = None) -> None:
+        lists: dict[str, list[str]] = {lang: list(f) for lang, f in FILLERS_BY_LANGUAGE.items()}
+        english = _str_list("words", words) if words is not None else list(DEFAULT_FILLERS)
+        if words is not None and not english:
             raise OptionError("words", "words is empty; remove the step instead")
-        alts = []
-        for f in sorted({f.lower() for f in fillers}, key=len, reverse=True):
-            rx = _phrase_regex(f)
-            if stretch and f[-1] in "mh":
-                rx += re.escape(f[-1]) + "*"
-            alts.append(rx)
-        self.words = fillers
-        self._rx = re.compile(
-            r"(?<![\w'’-])(?<!\d\s)(?P<filler>" + "|".join(alts) + r")(?![\w'’-])"
-            r"(?P<punct>[,;:.!?…—–]*)\s*", re.IGNORECASE)
+        lists["en"] = english + _str_list("extra", extra)
+        if languages is not None:
+            if not isinstance(languages, dict):
+                raise OptionError("languages", f"languages must map language codes to filler lists (got "
+                                               f"{languages!r})")
+            for code, fillers in languages.items():
+                lang = language_base(str(code)) if isinstance(code, str) else None
+                if lang is None:
+                    raise OptionError("languages", f"languages: {code!r} is not a language code")
+                lists[lang] = _str_list(f"languages.{code}", fillers)
+        self.words = lists["en"]
+        self.languages = lists
+        self._rx = {lang: _filler_regex(f, stretch) for lang, f in lists.items() if f}
 
     def __call__(self, text: str, meta: UtteranceMeta | None = None) -> str:
+        rx = self._rx.get(language_base(meta.language if meta is not None else None) or "")
+        if rx is None:
+            return text  # a language without fillers, or not known: nothing language-specific
         out: list[str] = []  # text kept so far
         pos = 0
         capitalize_next = False
-        for m in self._rx.finditer(text):
+        for m in rx.finditer(text):
             chunk = text[pos:m.start()]
             if chunk and capitalize_next:
                 chunk, capitalize_next = _capitalize_first(chunk), False
@@ -318,7 +372,9 @@ class Cleanup:
     - `fix_punct_spacing` (default true): remove spaces before `, . ; : ! ? …` ("so , yes" -> "so, yes");
     - `capitalize` (default false): upper-case the first letter;
     - `final_punct` (default none): a mark such as `"."` appended when the text does not already end
-      with `. ! ? …` (closing quotes/brackets are looked through).
+      a sentence (`. ! ? …`, `。！？`, `।`, `؟`, ...; closing quotes/brackets are looked through). `"."` stands
+      for the language's full stop (`meta.language`, else the script of the last letter): `。` after Chinese
+      or Japanese, `।` after Hindi, `۔` after Urdu, nothing after Thai.
     """
 
     inline = True
@@ -344,7 +400,10 @@ class Cleanup:
             body = text.rstrip(_CLOSERS)
             if not body:
                 return text
-            text = body.rstrip(",;:—–- ") + self.final_punct + text[len(body):]
+            mark = self.final_punct
+            if mark == ".":
+                mark = full_stop(body, meta.language if meta is not None else None)
+            text = body.rstrip(",;:—–-、， ") + mark + text[len(body):]
         return text
 
 
@@ -352,13 +411,16 @@ class Cleanup:
 class Casing:
     """Change letter case. `mode`: `lower`, `upper`, or `sentence` (default).
 
-    `sentence` only *raises* letters: the first letter of each sentence and the pronoun `I`
-    (`i`, `i'm`, `i've`, ...); everything else is left as ASR wrote it, so names stay capitalized.
+    `sentence` only *raises* letters: the first letter of each sentence (in any cased script, after Spanish
+    `¿ ¡` and opening quotes: "¿qué?" -> "¿Qué?") and, in English text only (`meta.language` "en"), the pronoun
+    `I` (`i`, `i'm`, `i've`, ...: "i" is a word of its own in Italian and Catalan); everything else is left as
+    ASR wrote it, so names stay capitalized. Turkish and Azerbaijani text gets their dotted and dotless i
+    (`i` <-> `İ`, `ı` <-> `I`).
     """
 
     inline = True
-    _SENTENCE_START = re.compile(r"(^|[.!?…][\"'”’)\]]*\s+)([a-z])")
     _PRONOUN_I = re.compile(r"(?<![\w'’])i(?=(?:['’](?:m|ve|ll|d))?(?![\w'’]))")
+    _FIRST_LETTER = re.compile(r"[\s\"'“‘«‹(\[¿¡]*(\w)")
 
     def __init__(self, mode: str = "sentence") -> None:
         if mode not in ("lower", "upper", "sentence"):
@@ -366,12 +428,24 @@ class Casing:
         self.mode = mode
 
     def __call__(self, text: str, meta: UtteranceMeta | None = None) -> str:
+        lang = language_base(meta.language if meta is not None else None)
+        dotted = lang in _DOTTED_I_LANGUAGES
         if self.mode == "lower":
-            return text.lower()
+            return (text.replace("I", "ı").replace("İ", "i") if dotted else text).lower()
         if self.mode == "upper":
-            return text.upper()
-        text = self._PRONOUN_I.sub("I", text)
-        return self._SENTENCE_START.sub(lambda m: m.group(1) + m.group(2).upper(), text)
+            return (text.replace("i", "İ") if dotted else text).upper()
+        if lang == "en":
+            text = self._PRONOUN_I.sub("I", text)
+        chars = list(text)
+        for start in (0, *sentence_end_offsets(text)):
+            m = self._FIRST_LETTER.match(text, start)
+            if m and m.group(1).islower():
+                c = m.group(1)
+                chars[m.start(1)] = "İ" if dotted and c == "i" else "I" if dotted and c == "ı" else c.upper()
+        return "".join(chars)
+
+
+_DOTTED_I_LANGUAGES = frozenset({"tr", "az"})
 
 
 def lowercase() -> Casing:
@@ -409,15 +483,15 @@ class MaxLength:
             return text
         if self.mode == "drop":
             return None
-        head = text[:self.max_chars]
-        ends = [i for i, c in enumerate(head)
-                if c in _SENTENCE_END and (i + 1 == len(text) or text[i + 1].isspace())]
-        if ends and ends[-1] + 1 >= self.max_chars // 2:
-            return head[:ends[-1] + 1]
+        # Sentence ends of every script (CJK 。 needs no space after it: pipeline/text.py).
+        ends = [e for e in sentence_end_offsets(text) if e <= self.max_chars]
+        if ends and ends[-1] >= self.max_chars // 2:
+            return text[:ends[-1]].rstrip()
         room = self.max_chars - len(self.ellipsis)
         cut = text[:room + 1].rfind(" ")
-        body = text[:cut] if cut > 0 else text[:room]
-        return body.rstrip(" ,;:—–-") + self.ellipsis
+        # No space (CJK, a long Thai phrase): cut between graphemes, never inside one ("क्षि" stays whole).
+        body = text[:cut] if cut > 0 else cut_at_grapheme(text, room)
+        return body.rstrip(" ,;:—–-、，") + self.ellipsis
 
 
 # -------------------------------------------------------------------------- strip_annotations

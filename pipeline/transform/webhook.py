@@ -24,6 +24,9 @@ Hostile or broken services (issue 11: one 50 MB reply became 13,427 echoes) are 
   timeouts are per operation, so a reply trickling in a byte at a time never trips them;
 - the text is then bounded by the chain (`transform.max_text_chars`, reason `too_long`).
 
+Credentials: `url` may carry user info (sent as `Authorization: Basic`) or `headers` an `Authorization`,
+never both (refused at config check: httpx would send the URL's and drop the header without a word).
+
 One `httpx.AsyncClient` per step is created on first use and reused (keep-alive); the chain's
 `aclose()` closes it.
 """
@@ -60,6 +63,15 @@ def _safe_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+def url_has_userinfo(url: str) -> bool:
+    """True when `url` carries credentials (`scheme://user[:password]@host`)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.username is not None or parts.password is not None
+
+
 class WebhookStep:
     """POST each utterance to `url`; the reply is the new text (see the module docstring).
 
@@ -76,6 +88,12 @@ class WebhookStep:
             raise OptionError("url", f"url must be an http:// or https:// URL (got {url!r})")
         if headers is not None and not isinstance(headers, Mapping):
             raise OptionError("headers", "headers must be a mapping of header name to value")
+        if url_has_userinfo(url) and any(str(k).strip().lower() == "authorization" for k in headers or {}):
+            # httpx turns user info into `Authorization: Basic`, silently replacing the configured header
+            # (issue 27): refused, so the request never carries a credential the operator did not mean.
+            raise OptionError("url", "url has user info (user:password@) and headers has Authorization: two "
+                                     "credentials for one request, and the URL's would replace the header; "
+                                     "keep one of them")
         if not isinstance(request_timeout_s, int | float) or request_timeout_s <= 0:
             raise OptionError("request_timeout_s", "request_timeout_s must be a number > 0")
         if (isinstance(max_reply_bytes, bool) or not isinstance(max_reply_bytes, int)

@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline.asr.gate import compression_ratio, has_repetition, is_doubled
 from pipeline.asr.whisper.prompts import PromptBook
+from pipeline.asr.whisper.sentence_ends import sentence_end_tokens
 from pipeline.asr.whisper.window import (
     ENCODE_MAX_FRAMES,
     FULL_WINDOW_S,
@@ -201,27 +202,31 @@ class WindowDecoder:
 
     def _final_punct_prob(self, result: Any, tokens: list[int], tok: Any, encoded: Any, prompt: list[int],
                           lang: str, greedy: bool) -> float | None:
-        # The token that produced the final character (normally the last one).
-        idx = len(tokens) - 1
-        while idx >= 0 and not tok.decode([tokens[idx]]).strip():
-            idx -= 1
-        if idx < 0 or tok.decode([tokens[idx]]).strip()[-1:] not in tuple(SENTENCE_END):
+        # The steps that wrote the final mark (one token, or several byte tokens: "！", "।"; sentence_ends.py).
+        ends = sentence_end_tokens(tok.tokenizer, tok.eot)
+        steps = ends.final_mark_steps(tokens)
+        if steps is None:
             return None
-        logits = None
-        if greedy and result.logits and len(result.logits[0]) > idx:
-            logits = result.logits[0][idx]
+        first, last = steps
+        logits: Any = None
+        if greedy and result.logits and len(result.logits[0]) > last:
+            logits = result.logits[0]
         else:
-            # Beam search returns no per-step logits: one forced-prefix pass gives that step's
-            # distribution (suppress_blank off, otherwise the first free step would drop EOT).
+            # Beam search returns no per-step logits: one forced-prefix pass gives those steps'
+            # distributions (suppress_blank off, otherwise the first free step would drop EOT).
             forced = self.model.model.generate(
-                encoded, [prompt + tokens[:idx]], beam_size=1,
-                max_length=min(FORCED_PASS_MAX_LENGTH, 2 * (len(prompt) + idx + 2)), return_logits_vocab=True,
+                encoded, [prompt + tokens[:last]], beam_size=1,
+                max_length=min(FORCED_PASS_MAX_LENGTH, 2 * (len(prompt) + last + 2)), return_logits_vocab=True,
                 suppress_blank=False, suppress_tokens=self.prompts.suppressed(lang))[0]
-            if forced.logits and len(forced.logits[0]) > idx:
-                logits = forced.logits[0][idx]
+            if forced.logits and len(forced.logits[0]) > last:
+                logits = forced.logits[0]
         if logits is None:
             return None
-        return sentence_end_prob(logits, tokens[idx])
+        # The written mark's own probability (its tokens' product): the mass over every sentence-end token
+        # separated clip ends from mid-clip cuts no better on base's multilingual clips and raised more cuts
+        # over endpoint.likely_prob (scripts/sentence_end_probs.py); for a one-token mark it is that token's
+        # softmax, as the English endpointing thresholds were measured with.
+        return ends.final_mark_prob(tokens, logits, first, last, "token")
 
     def decode_long(self, audio: np.ndarray, language: str | None = None) -> Decode:
         """Audio longer than one window: faster-whisper's own multi-window loop, in `language` (the
