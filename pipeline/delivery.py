@@ -33,13 +33,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import protocol
+from pipeline import langcodes, protocol
 from pipeline.asr import coverage
 from pipeline.config import Settings
 from pipeline.control.api import InterruptOutcome, QueueFull
 from pipeline.dsp import resample
 from pipeline.events import EventBus
 from pipeline.frames import SAMPLE_RATE, Pcm, Transcript, Utterance, UtteranceMeta
+from pipeline.language import Heard, LanguageTracker
 from pipeline.logs import log_context
 from pipeline.metrics import Metrics
 from pipeline.perception import PerceptionRun
@@ -136,8 +137,11 @@ class Delivery:
     """The delivery queue, its one task (`run()`), interrupts and the ledger."""
 
     def __init__(self, settings: Settings, *, sink: Sink, chain: TransformChain, metrics: Metrics,
-                 now_s: Callable[[], float], events: EventBus | None = None, paced: bool = True) -> None:
+                 now_s: Callable[[], float], events: EventBus | None = None, paced: bool = True,
+                 language: LanguageTracker | None = None) -> None:
         self.settings, self.sink, self.chain, self.metrics = settings, sink, chain, metrics
+        # The conversation's language: each transcript, in the order of speech, is its evidence.
+        self.language = language or LanguageTracker(settings.asr.detect, settings.asr.language)
         self._paced = paced  # the stream clock follows wall time: end of speech -> sent is a latency
         self.events = events or EventBus(metrics, now_s)
         self._now_s = now_s  # the stream clock (emitted_at_s)
@@ -289,6 +293,7 @@ class Delivery:
                 return
             meta.asr_text, meta.confidence, meta.language = tr.text, tr.confidence, tr.language
             meta.language_probability = tr.language_probability
+            self._observe_language(tr, meta)
             if item.perception is not None:  # waits at most perception.budget_ms (pipeline/perception/stage.py)
                 failed = await item.perception.collect(meta)
                 if failed is not None:
@@ -310,7 +315,8 @@ class Delivery:
                 return
             text = outcome.text
         if item.origin is Origin.SPEECH:
-            self.events.emit("transcript", utterance_id=meta.utterance_id, asr_text=meta.asr_text, text=text)
+            self.events.emit("transcript", utterance_id=meta.utterance_id, asr_text=meta.asr_text, text=text,
+                             language=meta.language)
         if self._interrupted(item):
             return
         inference_id = item.inference_id or protocol.new_inference_id()
@@ -323,6 +329,35 @@ class Delivery:
         else:
             messages = protocol.text_echoes(text, self.sink.conversation_id, inference_id, item.done, limit)
         await self._send(item, messages, text)
+
+    def _observe_language(self, tr: Transcript, meta: UtteranceMeta) -> None:
+        """Give the transcript's language detection to the conversation's tracker; a lock or a switch is an
+        event, a log line and a metric."""
+        detected = tr.detected
+        change = self.language.observe(Heard(detected[0] if detected else None, detected[1] if detected else None,
+                                             max(0.0, meta.audio_end_s - meta.audio_start_s)))
+        meta.language_locked = self.language.locked
+        label = meta.language if meta.language in langcodes.NAMES else "unknown" if meta.language is None else "other"
+        self.metrics.utterances_by_language.labels(language=label).inc()  # a bounded set of label values
+        if change is None:
+            return
+        self.metrics.language_changes.labels(reason=change.reason).inc()
+        log.info("conversation language %s: %s (p=%.2f%s)", change.reason, change.language, change.probability,
+                 f", was {change.previous}" if change.previous else "")
+        self.events.emit("language", utterance_id=meta.utterance_id, language=change.language,
+                         probability=change.probability, previous=change.previous, reason=change.reason,
+                         text_language=self.text_language)
+
+    @property
+    def text_language(self) -> str | None:
+        """The language of the echoes: the conversation's, or English under asr.task translate."""
+        return "en" if self.settings.asr.task == "translate" else self.language.language
+
+    def language_status(self) -> dict[str, Any]:
+        """The conversation's language for /status: `code` (of the echoes), the spoken one, its probability."""
+        t = self.language
+        return {"code": self.text_language, "spoken": t.language, "probability": t.probability,
+                "locked": t.locked, "state": t.state.value, "task": self.settings.asr.task}
 
     async def _transcript(self, item: QueuedEcho) -> Transcript | None:
         assert item.transcript is not None
@@ -395,6 +430,7 @@ class Delivery:
         meta = item.meta
         return Outgoing("echo", message, utterance_id=meta.utterance_id, audio_start_s=meta.audio_start_s,
                         audio_end_s=meta.audio_end_s, asr_text=meta.asr_text, text=text,
+                        language=meta.language, language_probability=meta.language_probability,
                         perception=meta.perception if item.perception is not None else None)
 
     async def _emit(self, out: Outgoing) -> str | None:

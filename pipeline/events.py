@@ -11,7 +11,9 @@ Kinds and their fields (docs/control-api.md "Event stream" is the reference for 
     partial          utterance_id, text                interim decode while the person speaks (only
                                                        made while a subscriber asked for them)
     speech_ended     utterance_id, start_s, end_s, reason
-    transcript       utterance_id, asr_text, text      final text before / after the transform chain
+    transcript       utterance_id, asr_text, text, language   final text before / after the transform chain
+    language         utterance_id, language, probability, previous, reason, text_language
+                                                       the conversation's language locked or switched
     echo             utterance_id, outcome, text, latency_s, reason
                      outcome: delivered | dropped | undeliverable
     interrupt        sent, dropped, detail

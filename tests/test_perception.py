@@ -129,7 +129,10 @@ def test_speaking_rate_and_language_read_the_asr_result() -> None:
     meta = UtteranceMeta(utterance_id="u", audio_start_s=1.0, audio_end_s=3.0, asr_text="one two three four five",
                          language="de", language_probability=0.91)
     assert builtins.speaking_rate(np.zeros(0, np.int16), meta) == {"words": 5, "speech_s": 2.0, "words_per_second": 2.5}
-    assert builtins.language(np.zeros(0, np.int16), meta) == {"language": "de", "probability": 0.91, "detected": True}
+    assert builtins.language(np.zeros(0, np.int16), meta) == {"language": "de", "probability": 0.91, "detected": True,
+                                                              "locked": False}
+    meta.language_locked = True
+    assert builtins.language(np.zeros(0, np.int16), meta)["locked"] is True  # type: ignore[index]
     meta.asr_text, meta.language_probability = "", None
     assert builtins.speaking_rate(np.zeros(0, np.int16), meta) is None
     assert builtins.language(np.zeros(0, np.int16), meta)["detected"] is False  # type: ignore[index]

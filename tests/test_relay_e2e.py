@@ -58,7 +58,8 @@ def assert_valid_echo(rec: dict[str, object]) -> None:
     assert props["modality"] == "text" and props["text"] == rec["text"] and props["done"] is True
     assert isinstance(props["inference_id"], str) and props["inference_id"]
     assert set(rec) == {"event", "seq", "utterance_id", "audio_start_s", "audio_end_s", "emitted_at_s", "asr_text",
-                        "text", "message"}
+                        "text", "language", "language_probability", "message"}
+    assert (rec["language"], rec["language_probability"]) == ("en", None)  # tiny.en: English, not detected
 
 
 SHORT_CLIPS = ["deepspeech-examples/2830-3980-0043.wav", "realtimestt_ljspeech/LJ001-0002.wav",

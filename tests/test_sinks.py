@@ -22,13 +22,13 @@ from pipeline.sink.console import ConsoleSink
 from pipeline.sink.jsonl import JsonlSink
 
 FIELDS = {"event", "seq", "utterance_id", "audio_start_s", "audio_end_s", "emitted_at_s", "asr_text", "text",
-          "message"}
+          "language", "language_probability", "message"}
 
 
 def _echo(seq: int) -> Outgoing:
     msg = protocol.echo_text(f"Hello {seq}.", "c1", f"inf-{seq}")
     return Outgoing("echo", msg, utterance_id=f"u{seq}", audio_start_s=1.0, audio_end_s=2.5, asr_text="hello",
-                    text=f"Hello {seq}.", seq=seq, emitted_at_s=2.9)
+                    text=f"Hello {seq}.", seq=seq, emitted_at_s=2.9, language="de", language_probability=0.97)
 
 
 async def test_jsonl_records(tmp_path: Path) -> None:
@@ -40,6 +40,7 @@ async def test_jsonl_records(tmp_path: Path) -> None:
     first = json.loads(path.read_text().splitlines()[0])
     assert set(first) == FIELDS
     assert first["message"]["properties"]["done"] is True and first["emitted_at_s"] == 2.9
+    assert (first["language"], first["language_probability"]) == ("de", 0.97)
     await sink.send(Outgoing("interrupt", protocol.interrupt("c1"), seq=2, emitted_at_s=3.0))
     await sink.close()
     lines = [json.loads(x) for x in path.read_text().splitlines()]

@@ -108,7 +108,7 @@ def test_conversations_full_cycle(fake: FakeTavusServer, capsys: pytest.CaptureF
     assert fake.requests[-1].json == {
         "persona_id": pid, "replica_id": FAKE_REPLICA_ID, "conversation_name": "demo",
         "callback_url": "https://example.test/hook", "require_auth": True,
-        "properties": {"max_call_duration": 120}}
+        "properties": {"max_call_duration": 120, "language": "english"}}  # asr.language en (the default)
     assert out.splitlines()[0] == f"Created conversation {cid} (active)"
     assert f"conversation_url: https://tavus.daily.co/{cid}" in out
     assert f"meeting_token: {fake.conversation(cid)['meeting_token']}" in out
@@ -143,7 +143,8 @@ def test_conversations_json_equals_server_json(fake: FakeTavusServer,
     created = json.loads(out)
     cid = created["conversation_id"]
     assert created["status"] == "ended" and created["replica_id"] == FAKE_REPLICA_ID
-    assert fake.requests[-1].json == {"persona_id": pid, "conversation_name": "echo-relay", "test_mode": True}
+    assert fake.requests[-1].json == {"persona_id": pid, "conversation_name": "echo-relay", "test_mode": True,
+                                      "properties": {"language": "english"}}
 
     code, out, _ = run(capsys, "conversations", "list", "--json")
     assert code == 0 and json.loads(out) == direct_get(fake, "/v2/conversations")
@@ -168,7 +169,7 @@ def test_conversation_defaults_come_from_config(fake: FakeTavusServer,
     assert code == 0
     assert fake.requests[-1].json == {
         "persona_id": pid, "replica_id": FAKE_REPLICA_ID, "conversation_name": "cfg",
-        "properties": {"max_call_duration": 300, "participant_left_timeout": 5}}
+        "properties": {"max_call_duration": 300, "participant_left_timeout": 5, "language": "english"}}
 
 
 def test_conversation_create_without_persona(fake: FakeTavusServer,

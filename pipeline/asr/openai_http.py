@@ -5,6 +5,10 @@ faster-whisper-server/speaches, whisper.cpp's server, vLLM, ...) as a 16 kHz mon
 multipart form, with ``model``, ``language``, ``prompt`` (`asr.initial_prompt`, then the
 utterance's committed beginning, `UtteranceMeta.context`, as OpenAI's docs describe the prompt: the
 preceding text) and ``response_format`` fields, and ``Authorization: Bearer`` when an API key is set.
+``language`` is the conversation's (`UtteranceMeta.language`, pipeline/language.py) or ``asr.language``; none
+under auto before the lock, so the server detects it. ``asr.task: translate`` posts to the
+``/audio/translations`` endpoint beside the configured ``/audio/transcriptions`` one (OpenAI's any language ->
+English; it takes no ``language`` field), and the text is English.
 
 - Start (`load`): the server is probed (``GET {base}/models``, see `probe_url`), retried as below.
   Any HTTP answer means it is reachable (whisper.cpp's server answers 404 there); no answer, or a
@@ -47,6 +51,7 @@ from pipeline.asr.gate import compression_ratio, gate, rms_dbfs
 from pipeline.config import AsrSettings
 from pipeline.dsp import wav_bytes
 from pipeline.frames import Pcm, Transcript, UtteranceMeta
+from pipeline.langcodes import check_code
 from pipeline.retry import RetryPolicy, retry_after
 
 if TYPE_CHECKING:
@@ -121,6 +126,10 @@ class OpenAIHttpEngine(AsrEngine):
         self.speculative = self.http.speculative
         self.retry = RetryPolicy(self.http.retries, BACKOFF_BASE_S, BACKOFF_MAX_S)
         self.probe_url = probe_url(self.http.url)
+        self.translate = settings.task == "translate"
+        # The config refuses translate with a url that does not end in /audio/transcriptions (AsrSettings).
+        self.url = (self.http.url.rstrip("/").removesuffix("/transcriptions") + "/translations" if self.translate
+                    else self.http.url)
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._random = random.Random()
@@ -236,8 +245,9 @@ class OpenAIHttpEngine(AsrEngine):
     async def _post(self, wav: bytes, meta: UtteranceMeta) -> dict[str, Any]:
         client = self._ensure_client()
         data: dict[str, str] = {"model": self.http.model, "response_format": self.response_format}
-        if self.settings.language:
-            data["language"] = self.settings.language
+        language = meta.language or self.settings.language
+        if language and not self.translate:
+            data["language"] = language
         prompt = " ".join(t for t in (self.settings.initial_prompt, meta.context) if t)
         if prompt:
             data["prompt"] = prompt
@@ -279,7 +289,7 @@ class OpenAIHttpEngine(AsrEngine):
     async def _send(self, client: httpx.AsyncClient, data: dict[str, str], files: dict[str, Any]) -> httpx.Response:
         self._in_flight += 1
         try:
-            return await client.post(self.http.url, data=data, files=files)
+            return await client.post(self.url, data=data, files=files)
         finally:
             self._in_flight -= 1
 
@@ -330,11 +340,20 @@ class OpenAIHttpEngine(AsrEngine):
         if reason is not None:
             log.debug("ASR dropped utterance %s (%s): %r", meta.utterance_id, reason, text)
             extra["dropped_text"] = text
-        language = body.get("language") if isinstance(body.get("language"), str) else self.settings.language
+        language = _language_code(body.get("language")) or meta.language or self.settings.language
+        # The server detected it (no language was sent): its probability, when the answer carries one (not
+        # OpenAI's; faster-whisper-based servers may), lets the conversation's language lock (pipeline/language.py).
+        prob = body.get("language_probability")
+        detected = (language, float(prob)) if (
+            language and not (meta.language or self.settings.language) and isinstance(prob, (int, float))
+            and not isinstance(prob, bool)) else None
+        if self.translate:
+            language = "en"
         return Transcript(
             text="" if reason else text,
             confidence=confidence,
             language=language,
+            detected=detected,
             no_speech_prob=no_speech,
             avg_logprob=avg_logprob,
             final_punct_prob=None,  # the API gives no token probabilities
@@ -342,3 +361,13 @@ class OpenAIHttpEngine(AsrEngine):
             dropped_reason=reason,
             extra=extra,
         )
+
+
+def _language_code(value: Any) -> str | None:
+    """A server's `language` as a code: OpenAI's verbose_json names it ("english"), others give the code."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        return check_code(value)
+    except ValueError:
+        return None

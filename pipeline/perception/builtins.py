@@ -97,11 +97,12 @@ speaking_rate.after_asr = True  # type: ignore[attr-defined]
 
 def language(audio: Pcm, meta: UtteranceMeta) -> Result:
     """What the ASR says the language is: language (ISO code), probability (of the detection; None when
-    the language was fixed by asr.language or an English-only model), detected (whether Whisper chose it)."""
+    the language was fixed by asr.language or an English-only model), detected (whether Whisper weighed it),
+    locked (the conversation's language was locked or fixed: pipeline/language.py)."""
     if meta.language is None:
         return None
     return {"language": meta.language, "probability": meta.language_probability,
-            "detected": meta.language_probability is not None}
+            "detected": meta.language_probability is not None, "locked": meta.language_locked}
 
 
 language.after_asr = True  # type: ignore[attr-defined]

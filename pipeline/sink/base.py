@@ -38,11 +38,14 @@ class Outgoing:
     emitted_at_s: float = 0.0  # stream clock when handed to the sink (set by the relay's delivery)
     latency_s: float | None = None  # end of speech -> handed to the sink, when that is a latency (paced source)
     perception: dict[str, Any] | None = None  # analyzer results by name; None when no analyzer is configured
+    language: str | None = None  # of the text (the conversation's; English under asr.task translate)
+    language_probability: float | None = None  # the detector's; None when the language is fixed
 
     def record(self) -> dict[str, Any]:
         record = {"event": self.event, "seq": self.seq, "utterance_id": self.utterance_id,
                   "audio_start_s": round(self.audio_start_s, 3), "audio_end_s": round(self.audio_end_s, 3),
                   "emitted_at_s": round(self.emitted_at_s, 3), "asr_text": self.asr_text, "text": self.text,
+                  "language": self.language, "language_probability": self.language_probability,
                   "message": self.message}
         if self.perception is not None:
             record["perception"] = self.perception

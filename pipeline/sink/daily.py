@@ -52,7 +52,7 @@ from pipeline.daily_room import (
 from pipeline.logs import bind_log_context
 from pipeline.protocol import ECHO, INTERRUPT
 from pipeline.sink.base import Outgoing, Sink, SinkError
-from pipeline.tavus.provision import ProvisionError, end_conversation, provision
+from pipeline.tavus.provision import ProvisionError, conversation_language, end_conversation, provision
 
 if TYPE_CHECKING:
     from pipeline.config import Settings
@@ -187,7 +187,9 @@ class DailySink(Sink):
             raise SinkError(str(exc)) from None
         try:
             conversation = await provision(self.settings.tavus, replica_name=sd.replica_name,
-                                           client_factory=self._tavus_factory)
+                                           client_factory=self._tavus_factory,
+                                           language=conversation_language(self.settings.tavus, self.settings.asr,
+                                                                          self.settings.transform.output_language))
         except ProvisionError as exc:
             raise SinkError(str(exc)) from None
         self.conversation_id = conversation.conversation_id

@@ -32,6 +32,7 @@ from pipeline.tavus.client import (
     TavusConnectionError,
     TavusError,
 )
+from pipeline.tavus.provision import conversation_language
 
 _EPILOG = ("The API key comes from TAVUS_API_KEY (or tavus.api_key: ${TAVUS_API_KEY} in the config),\n"
            "the base URL from TAVUS_API_URL or tavus.api_url (default https://tavusapi.com).\n"
@@ -106,6 +107,9 @@ def add_tavus_parser(subparsers: Any) -> argparse.ArgumentParser:
     c.add_argument("--require-auth", action="store_true",
                    help="private room: the answer carries a meeting_token needed to join")
     c.add_argument("--callback-url", metavar="URL", help="URL Tavus posts conversation events (webhooks) to")
+    c.add_argument("--language", metavar="NAME",
+                   help="properties.language: a full name (spanish) or multilingual (default: what `run` "
+                        "would send: tavus.language, else from asr.language / asr.task)")
     c.add_argument("--max-call-duration", type=_positive_int, metavar="S",
                    help="end the conversation after S seconds (Tavus default: 3600; "
                         "default here: tavus.max_call_duration)")
@@ -155,6 +159,8 @@ def run_tavus(args: argparse.Namespace, settings: Any, *, out: TextIO | None = N
         print(f"Bad Tavus settings: {exc}", file=err)
         return 2
     try:
+        if (args.tavus_resource, args.tavus_action) == ("conversations", "create") and args.language is None:
+            args.language = conversation_language(tavus, settings.asr, settings.transform.output_language)
         return asyncio.run(_dispatch(client, args, tavus, out, err))
     except TavusAuthError as exc:
         if exc.status == 401:
@@ -251,6 +257,7 @@ async def _create_conversation(client: TavusClient, args: argparse.Namespace, ta
         "max_call_duration": args.max_call_duration or tavus.max_call_duration,
         "participant_left_timeout": tavus.participant_left_timeout,
         "participant_absent_timeout": tavus.participant_absent_timeout,
+        "language": args.language,
     }
     body = await client.create_conversation(
         persona_id,

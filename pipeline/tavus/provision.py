@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from pipeline import langcodes
 from pipeline.daily_room import redact_url
 
 if TYPE_CHECKING:
-    from pipeline.config import TavusSettings
+    from pipeline.config import AsrSettings, TavusSettings
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +108,32 @@ def _api_key(tavus: TavusSettings) -> str | None:
     return tavus.api_key.get_secret_value() if tavus.api_key is not None else None
 
 
+def conversation_language(tavus: TavusSettings, asr: AsrSettings, written: str | None = None) -> str:
+    """Tavus's `properties.language` for a conversation the relay creates (shared/reference B.4: a full name or
+    `multilingual`): `tavus.language` when set, else the language the transform chain writes (`written`: the
+    last `transform.steps[i].output_language`), else `english` under asr.task translate (the echoes are
+    English), the configured asr.language's name, the one name of a one-language asr.languages, or
+    `multilingual` for auto (the lock comes later than the conversation, which cannot be changed then)."""
+    if tavus.language:
+        return tavus.language
+    if written is not None:
+        return langcodes.name(written)
+    if asr.task == "translate":
+        return langcodes.name("en")
+    if asr.language is not None:
+        return langcodes.name(asr.language)
+    if asr.languages is not None and len(asr.languages) == 1:
+        return langcodes.name(asr.languages[0])
+    return langcodes.MULTILINGUAL
+
+
 async def provision(tavus: TavusSettings, *, replica_name: str | None = None,
-                    client_factory: Callable[..., Any] | None = None) -> Conversation:
+                    client_factory: Callable[..., Any] | None = None, language: str | None = None) -> Conversation:
     """Join `tavus.conversation_url` as given, or create a conversation (see the module docstring).
 
     `replica_name` (`sink.daily.replica_name`) names the replica in the room; when set, the
-    persona is not looked up for a given conversation. Raises `ProvisionError`.
+    persona is not looked up for a given conversation. `language` is the created conversation's
+    `properties.language` (`conversation_language`; None: not sent). Raises `ProvisionError`.
     """
     api_key = _api_key(tavus)
     if tavus.conversation_url:
@@ -138,6 +159,8 @@ async def provision(tavus: TavusSettings, *, replica_name: str | None = None,
             properties = {k: getattr(tavus, k) for k in
                           ("max_call_duration", "participant_left_timeout", "participant_absent_timeout")
                           if getattr(tavus, k) is not None}
+            if language is not None:
+                properties["language"] = language
             conversation = await client.create_conversation(
                 persona_id, replica_id=tavus.replica_id, conversation_name=tavus.conversation_name,
                 test_mode=True if tavus.test_mode else None, properties=properties or None)

@@ -77,6 +77,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from pipeline.langcodes import MULTILINGUAL, NAMES
+
 FAKE_REPLICA_ID = "r0fake0000a1"
 """A replica id the fake knows by default (pass `replicas=` to change the set)."""
 
@@ -98,6 +100,11 @@ _PROPERTY_FIELDS: dict[str, type | tuple[type, ...]] = {
     "language": str, "recording_s3_bucket_name": str, "recording_s3_bucket_region": str,
     "aws_assume_role_arn": str,
 }
+
+
+# properties.language values (shared/reference B.4: a language's full name, or `multilingual`). Tavus names
+# about thirty; the fake accepts the English names of Whisper's languages (pipeline/langcodes.py).
+TAVUS_LANGUAGES = frozenset({*NAMES.values(), MULTILINGUAL})
 
 
 def _now_iso() -> str:
@@ -632,6 +639,11 @@ class FakeTavusServer:
             value = (body.get("properties") or {}).get(name)
             if value is not None and value < 1:
                 raise _BadRequest(f"properties.{name} must be positive")
+        language = (body.get("properties") or {}).get("language")
+        if language is not None and language not in TAVUS_LANGUAGES:
+            # Invented wording; the reference (B.4) says a full name or `multilingual`: a code such as "es" is
+            # refused here so the relay's mapping is checked.
+            raise _BadRequest(f"Invalid language {language!r}: expected a full language name or 'multilingual'")
         conv = self._new_conversation(body)
         return JSONResponse(self._public_conversation(conv, created=True))
 

@@ -212,6 +212,9 @@ class BoundStep:
     timeout_s: float = 2.0
     on_error: OnError = "pass"
     index: int = 0
+    # The language of the text the step returns (a translation step): the chain sets UtteranceMeta.language to it
+    # (transform.steps[i].output_language, else the callable's own `output_language` attribute; None: unchanged).
+    output_language: str | None = None
     is_async: bool | None = None
     inline: bool | None = None
     _pending: int = field(default=0, init=False, repr=False)  # threads still running this step
@@ -221,6 +224,9 @@ class BoundStep:
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.output_language is None:
+            declared = getattr(self.fn, "output_language", None)
+            self.output_language = declared if isinstance(declared, str) and declared else None
         if self.is_async is None:
             self.is_async = _is_async_callable(self.fn)
         if self.inline is None:
@@ -480,6 +486,8 @@ class TransformChain:
                 return self._drop(outcome, drop, meta, level=logging.INFO)
             outcome.timings.append(StepTiming(step.name, dt, "ok"))
             current = result
+            if step.output_language is not None and step.output_language != meta.language:
+                meta.language, meta.language_probability = step.output_language, None  # written, not detected
         outcome.text = current
         return outcome
 
@@ -643,7 +651,8 @@ def build_chain(settings: TransformSettings, metrics: Metrics | None = None,
         except PluginError as exc:
             raise ConfigError(str(exc), f"{key}.step") from None
         fn = instantiate_step(obj, cfg.options, cfg.step, key)
-        bound.append(BoundStep(name=display, fn=fn, timeout_s=cfg.timeout_s, on_error=cfg.on_error, index=i))
+        bound.append(BoundStep(name=display, fn=fn, timeout_s=cfg.timeout_s, on_error=cfg.on_error, index=i,
+                               output_language=cfg.output_language))
     chain = TransformChain(bound, metrics, max_text_chars=settings.max_text_chars)
     described = [f"{s.name}(timeout={s.timeout_s:g}s, on_error={s.on_error}, "
                  f"{'async' if s.is_async else 'inline' if s.inline else 'thread'})" for s in bound]

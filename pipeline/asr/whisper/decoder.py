@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import ctranslate2
@@ -34,6 +35,8 @@ from pipeline.asr.whisper.window import (
     pad_features,
 )
 from pipeline.config import AsrSettings
+from pipeline.frames import SAMPLE_RATE
+from pipeline.language import restrict
 from pipeline.text import SENTENCE_END
 
 if TYPE_CHECKING:
@@ -93,9 +96,24 @@ def sentence_end_prob(logits: Any, token: int) -> float:
     return min(1.0, max(float(p[token] / p.sum()), 1e-9))
 
 
+ENGLISH = "en"  # what asr.task translate writes
+
+
+@dataclass(frozen=True, slots=True)
+class LanguageChoice:
+    """The language one window is decoded in, the detector's probability of it, and the detector's own top
+    language (restricted to asr.languages) with its probability: the tracker's evidence (pipeline/language.py)."""
+
+    language: str
+    probability: float | None = None
+    detected: tuple[str, float] | None = None
+
+
 class WindowDecoder:
     """Decodes batches of windows with one loaded model. `fixed_language` is asr.language (or "en" for an
-    English-only model); None lets the model detect each window's language."""
+    English-only model); None (auto) detects every window's language: a request without a language is decoded
+    in the detected one, a request with one (the conversation's lock) in it unless the detector is sure of
+    another on enough speech (asr.detect.switch_*: that utterance is in its own language)."""
 
     def __init__(self, model: WhisperModel, prompts: PromptBook, settings: AsrSettings,
                  fixed_language: str | None) -> None:
@@ -121,7 +139,8 @@ class WindowDecoder:
         t0 = time.perf_counter()
         encoded = self._encode(pad_features([r.features for r in requests], window_s))
         t1 = time.perf_counter()
-        langs, lang_probs = self._languages(encoded, requests)
+        choices = self._languages(encoded, requests)
+        langs = [c.language for c in choices]
         timestamps = requests[0].timestamps  # part of the batch key
         prompts = [self.prompts.prompt(lang, r.context, timestamps=timestamps)
                    for lang, r in zip(langs, requests, strict=True)]
@@ -147,8 +166,8 @@ class WindowDecoder:
         t2 = time.perf_counter()
         decodes: list[Decode] = []
         encoder_out: np.ndarray | None = None  # per-item encoder output, only for beam search's punct pass
-        for i, (r, result, lang, lang_prob, prompt) in enumerate(
-                zip(requests, results, langs, lang_probs, prompts, strict=True)):
+        for i, (r, result, lang, choice, prompt) in enumerate(
+                zip(requests, results, langs, choices, prompts, strict=True)):
             tok = self.prompts.tokenizer(lang)
             tokens = list(result.sequences_ids[0])
             n_tok = len(tokens)
@@ -164,8 +183,7 @@ class WindowDecoder:
             if timestamps:
                 d.segments = timestamp_segments(tokens, tok.timestamp_begin, r.features.shape[-1] / FRAMES_PER_S,
                                                 tok.decode)
-            d.extra["language"] = lang
-            d.extra["language_probability"] = lang_prob
+            self._describe_language(d, choice)
             d.extra["batch"] = len(requests)
             reason = degenerate_reason(text, truncated=truncated, compression=cr, window_s=window_s,
                                        max_compression_ratio=self.settings.gate.max_compression_ratio)
@@ -183,17 +201,31 @@ class WindowDecoder:
             decodes.append(d)
         return decodes
 
-    def _languages(self, encoded: Any, requests: list[Request]) -> tuple[list[str], list[float | None]]:
-        """Each request's language: its own, else asr.language, else what the model detects; and the
-        probability of a detected one (None for a fixed language)."""
-        fixed = [r.language or self.fixed_language for r in requests]
-        probs: list[float | None] = [None] * len(requests)
-        if None in fixed:
-            for i, candidates in enumerate(self.model.model.detect_language(encoded)):
-                if fixed[i] is None:
-                    token, prob = candidates[0]
-                    fixed[i], probs[i] = str(token)[2:-2], float(prob)
-        return [str(lang) for lang in fixed], probs
+    def _describe_language(self, d: Decode, choice: LanguageChoice) -> None:
+        """The text's language (English under asr.task translate), the spoken one, the detection."""
+        translate = self.settings.task == "translate"
+        d.extra["language"] = ENGLISH if translate else choice.language
+        d.extra["language_probability"] = None if translate else choice.probability
+        d.extra["source_language"] = choice.language
+        if choice.detected is not None:
+            d.extra["detected"] = choice.detected
+
+    def choose(self, distribution: dict[str, float], forced: str | None, audio_s: float) -> LanguageChoice:
+        """One window's language from the detector's distribution (code -> probability), see the class."""
+        dist = restrict(distribution, self.settings.languages)
+        top = max(dist, key=lambda code: dist[code])
+        d = self.settings.detect
+        override = top != forced and dist[top] >= d.switch_probability and audio_s >= d.switch_speech_s
+        language = top if forced is None or override else forced
+        return LanguageChoice(language, round(dist.get(language, 0.0), 4), (top, round(dist[top], 4)))
+
+    def _languages(self, encoded: Any, requests: list[Request]) -> list[LanguageChoice]:
+        """Each request's language: asr.language when it is a code, else (auto) chosen from the detection that
+        runs on every window (one decoder step on the encoder output already computed)."""
+        if self.fixed_language is not None:
+            return [LanguageChoice(self.fixed_language) for _ in requests]
+        return [self.choose({str(token)[2:-2]: float(p) for token, p in candidates}, r.language, r.audio_s)
+                for r, candidates in zip(requests, self.model.model.detect_language(encoded), strict=True)]
 
     def _encode(self, features: np.ndarray) -> Any:
         """Encoder output of a batch of padded features. Encoded a few windows at a time: on CPU the
@@ -234,12 +266,19 @@ class WindowDecoder:
         # softmax, as the English endpointing thresholds were measured with.
         return ends.final_mark_prob(tokens, logits, first, last, "token")
 
-    def decode_long(self, audio: np.ndarray) -> Decode:
-        """Audio longer than one window: faster-whisper's own multi-window loop."""
+    def decode_long(self, audio: np.ndarray, language: str | None = None) -> Decode:
+        """Audio longer than one window: faster-whisper's own multi-window loop, in `language` (the
+        conversation's) or asr.language, else detected on the first window."""
         s = self.settings
         t0 = time.perf_counter()
+        given = language or self.fixed_language
+        choice = LanguageChoice(given) if given else None
+        if self.fixed_language is None:  # auto: the same choice as a window's, on the first 30 s
+            _, _, probs = self.model.detect_language(audio)
+            choice = self.choose(dict(probs), language, len(audio) / SAMPLE_RATE)
         segments, info = self.model.transcribe(
-            audio, language=self.fixed_language, beam_size=s.beam_size, without_timestamps=True,
+            audio, language=choice.language if choice else None, task=s.task, beam_size=s.beam_size,
+            without_timestamps=True,
             condition_on_previous_text=False, vad_filter=False, initial_prompt=s.initial_prompt,
             hotwords=s.hotwords, temperature=(0.0, *TEMPERATURE_FALLBACK),
             compression_ratio_threshold=s.gate.max_compression_ratio, no_speech_threshold=None)
@@ -250,6 +289,6 @@ class WindowDecoder:
         d = Decode(tokens=[t for seg in segs for t in seg.tokens], text=text, avg_logprob=avg,
                    no_speech_prob=nsp, compression_ratio=compression_ratio(text), temperature=0.0,
                    window_s=float(FULL_WINDOW_S), truncated=False, generate_s=time.perf_counter() - t0)
-        d.extra["language"] = info.language
+        self._describe_language(d, choice or LanguageChoice(str(info.language), info.language_probability))
         d.extra["attempts"] = 1
         return d

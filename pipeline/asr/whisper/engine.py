@@ -90,6 +90,9 @@ class FasterWhisperEngine(SyncAsrEngine):
                                       hf_cache_dir=self._hf_cache_dir)
         model = load_whisper_model(self.location.path, s, self.location)
         language = s.language
+        if not model.model.is_multilingual and s.task == "translate":
+            raise AsrError(f"asr.task translate needs a multilingual model; {s.model} is English-only "
+                           f"(asr.model: base is packaged: README \"Languages\")")
         if not model.model.is_multilingual:
             if language not in (None, "en"):
                 log.warning("model %s is English-only; asr.language=%r ignored, using 'en'", s.model,

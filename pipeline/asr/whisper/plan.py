@@ -79,7 +79,8 @@ def looks_like_silence(d: Decode, g: GateSettings) -> bool:
 
 
 def window_plan(features: np.ndarray, duration: float, settings: AsrSettings, *, full_window: bool = False,
-                context: tuple[int, ...] = (), timestamps: bool = False) -> Generator[Request, Decode, Decode]:
+                context: tuple[int, ...] = (), language: str | None = None,
+                timestamps: bool = False) -> Generator[Request, Decode, Decode]:
     """The fallback ladder for one utterance's features: yields each window, returns the decode that stands."""
     short = settings.short_window and not full_window and duration <= SHORT_WINDOW_MAX_S
     first_window = window_s(duration) if short else FULL_WINDOW_S
@@ -89,7 +90,8 @@ def window_plan(features: np.ndarray, duration: float, settings: AsrSettings, *,
     steps += [(FULL_WINDOW_S, t, None) for t in TEMPERATURE_FALLBACK]
     tried: list[Decode] = []
     for window, temperature, budget in steps:
-        d = yield Request(features, window, temperature, budget, context=context, timestamps=timestamps)
+        d = yield Request(features, window, temperature, budget, language=language, context=context,
+                          timestamps=timestamps, audio_s=duration)
         tried.append(d)
         if not d.degenerate_reason:
             break
@@ -117,10 +119,10 @@ def utterance_plan(audio: Pcm, meta: UtteranceMeta, decoder: WindowDecoder) -> P
     features: np.ndarray | None = None
     context = decoder.prompts.context_tokens(meta.context, decoder.fixed_language or "en")
     if len(samples) > FULL_WINDOW_S * SAMPLE_RATE:
-        d = decoder.decode_long(samples)  # several windows, by faster-whisper itself (not batched)
+        d = decoder.decode_long(samples, meta.language)  # several windows, by faster-whisper itself (not batched)
     else:
         features = decoder.features(samples)
-        d = yield from window_plan(features, duration, s, context=context)
+        d = yield from window_plan(features, duration, s, context=context, language=meta.language)
 
     def verdict(d: Decode) -> str | None:
         return gate(d.text, no_speech_prob=d.no_speech_prob, avg_logprob=d.avg_logprob, audio_dbfs=dbfs,
@@ -133,7 +135,8 @@ def utterance_plan(audio: Pcm, meta: UtteranceMeta, decoder: WindowDecoder) -> P
         # with 10 s; "Ask not!", avg_logprob -0.67 with 30 s). Before dropping or mangling speech the
         # VAD found, ask the full window once: Whisper's trained window decides, both ways (0.3 s of
         # crowd noise: "Oh, my God." doubtful in 10 s, no_speech 0.74 with 30 s).
-        full = yield from window_plan(features, duration, s, full_window=True, context=context)
+        full = yield from window_plan(features, duration, s, full_window=True, context=context,
+                                      language=meta.language)
         full.encode_s += d.encode_s
         full.generate_s += d.generate_s
         full.extra["attempts"] = d.extra.get("attempts", 1) + full.extra.get("attempts", 1)
@@ -166,8 +169,9 @@ def second_pass(d: Decode, cov: Coverage, samples: np.ndarray, features: np.ndar
         return gate(x.text, no_speech_prob=x.no_speech_prob, avg_logprob=x.avg_logprob, audio_dbfs=dbfs,
                     settings=s.gate, compression_ratio_value=x.compression_ratio) is None
 
+    spoken = d.extra.get("source_language") or meta.language  # the first pass's language, for both passes
     ts = yield from window_plan(features, duration, s, full_window=d.window_s >= FULL_WINDOW_S, context=context,
-                                timestamps=True)
+                                language=spoken, timestamps=True)
     ts_cov = _coverage(ts, meta, duration)
     passes = ["timestamps"]
     # A tie goes to the timestamped decode: its segment times say where the speech it left out is.
@@ -182,7 +186,7 @@ def second_pass(d: Decode, cov: Coverage, samples: np.ndarray, features: np.ndar
         for a, b in stretches:
             lo, hi = max(0.0, a - PART_PAD_S), min(duration, b + PART_PAD_S)
             part = yield from window_plan(decoder.features(samples[int(lo * SAMPLE_RATE):int(hi * SAMPLE_RATE)]),
-                                          hi - lo, s)
+                                          hi - lo, s, language=spoken)
             passes.append(f"part {lo:.1f}-{hi:.1f} s")
             if kept(part) and not part.degenerate_reason and part.text and not repeats(part.text, best.text):
                 pieces.append((a, part.text))
@@ -218,6 +222,8 @@ def _transcript(d: Decode, reason: str | None, meta: UtteranceMeta, dbfs: float,
         extra["degenerate"] = d.degenerate_reason
     if "punct_s" in d.extra:
         extra["punct_s"] = d.extra["punct_s"]
+    if d.extra.get("source_language") not in (None, d.extra.get("language")):  # asr.task translate
+        extra["source_language"] = d.extra["source_language"]
     if reason is not None:
         extra["dropped_text"] = d.text
         log.debug("ASR dropped utterance %s (%s): %r no_speech_prob=%.2f avg_logprob=%.2f cr=%.2f "
@@ -228,6 +234,7 @@ def _transcript(d: Decode, reason: str | None, meta: UtteranceMeta, dbfs: float,
         confidence=float(min(1.0, math.exp(d.avg_logprob))),
         language=d.extra.get("language"),
         language_probability=d.extra.get("language_probability"),
+        detected=d.extra.get("detected"),
         no_speech_prob=d.no_speech_prob,
         avg_logprob=d.avg_logprob,
         final_punct_prob=None if reason else d.final_punct_prob,

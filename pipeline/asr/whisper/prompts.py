@@ -1,5 +1,6 @@
-"""Whisper's prompt per language: the tokenizer, the start-of-transcript sequence (with `asr.initial_prompt` and
-`asr.hotwords`), the suppressed tokens, and an utterance's committed beginning as previous text.
+"""Whisper's prompt per language: the tokenizer, the start-of-transcript sequence (the spoken language and
+`asr.task`'s token, with `asr.initial_prompt` and `asr.hotwords`),
+the suppressed tokens, and an utterance's committed beginning as previous text.
 
 Built once per language, on first use (a detected language is set up when it is first seen).
 """
@@ -38,7 +39,7 @@ class PromptBook:
         from faster_whisper.transcribe import get_suppressed_tokens
 
         try:
-            tok = Tokenizer(self._model.hf_tokenizer, self._model.model.is_multilingual, task="transcribe",
+            tok = Tokenizer(self._model.hf_tokenizer, self._model.model.is_multilingual, task=self._settings.task,
                             language=language)
         except ValueError as exc:
             raise AsrError(f"asr.language {language!r} is not supported by the model: {exc}") from exc

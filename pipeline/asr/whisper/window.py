@@ -73,9 +73,10 @@ class Request:
     window_s: int
     temperature: float
     budget: int | None  # token budget (None: the model's maximum)
-    language: str | None = None  # None: asr.language, else detected
+    language: str | None = None  # the conversation's (UtteranceMeta.language); None: asr.language, else detected
     context: tuple[int, ...] = ()  # previous-text tokens (the utterance's committed beginning)
     timestamps: bool = False  # Whisper writes segment times (its prompt lacks <|notimestamps|>): asr/coverage.py
+    audio_s: float = 0.0  # seconds of audio in the window (how much speech its language detection heard)
 
     @property
     def key(self) -> tuple[int, float, int, bool]:
