@@ -12,7 +12,6 @@ from pipeline.asr.whisper.decoder import (
     TEMPERATURE_FALLBACK,
     WindowDecoder,
     degenerate_reason,
-    sentence_end_prob,
     timestamp_segments,
 )
 from pipeline.asr.whisper.plan import PART_PAD_S, doubtful, looks_like_silence, utterance_plan, window_plan
@@ -83,13 +82,6 @@ def test_degenerate_reasons(text: str, kwargs: dict[str, object], expected: str 
     args: dict[str, object] = {"truncated": False, "compression": 1.2, "window_s": 10, "max_compression_ratio": 2.4}
     args.update(kwargs)
     assert degenerate_reason(text, **args) == expected  # type: ignore[arg-type]
-
-
-def test_sentence_end_prob_is_the_softmax_of_the_chosen_token() -> None:
-    logits = np.log(np.array([0.7, 0.2, 0.1]))
-    assert sentence_end_prob(logits, 0) == pytest.approx(0.7, rel=1e-5)  # logits arrive as float32
-    assert sentence_end_prob(logits + 100.0, 2) == pytest.approx(0.1, rel=1e-5)  # shift-invariant, no overflow
-    assert 0 < sentence_end_prob(np.array([0.0, -1e4]), 1) <= 1e-9  # clamped above zero
 
 
 # ------------------------------------------------------------------------------------------- plan.py

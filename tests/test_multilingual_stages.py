@@ -85,8 +85,8 @@ def test_final_punct_prob_of_a_mark_written_in_byte_tokens(clip: str, language: 
                                    suppress_tokens=dec.prompts.suppressed(language))[0]
     assert list(res.sequences_ids[0][: len(tokens)]) == tokens
     expected = float(np.prod([softmax(res.logits[0][k])[tokens[k]] for k in range(first, last + 1)]))
-    greedy = dec._final_punct_prob(res, tokens, tok, encoded, prompt, language, True)
-    beam = dec._final_punct_prob(None, tokens, tok, encoded, prompt, language, False)
+    greedy = dec._final_punct_prob(res, tokens, encoded, prompt, language, True)
+    beam = dec._final_punct_prob(None, tokens, encoded, prompt, language, False)
     assert greedy == pytest.approx(max(expected, 1e-9), rel=1e-5)
     assert beam == pytest.approx(max(expected, 1e-9), rel=1e-3)
     last_byte = float(softmax(res.logits[0][last])[tokens[last]])

@@ -47,17 +47,22 @@ def letters(text: str) -> int:
     return sum(1 for c in text if unicodedata.category(c)[0] in "LN")
 
 
+def _words(text: str) -> list[str]:
+    """The words of `text`, lower case, without the punctuation around them."""
+    return [w.strip(".,;:!?\"'()").lower() for w in text.split()]
+
+
 def distinct_letters(text: str) -> int:
     """Letters of the distinct words of `text`: a decoder loop ("illustration buttons illustration buttons ...")
     adds none, so two decodes of the same audio compare by what each has heard."""
-    return sum(letters(w) for w in {w.strip(".,;:!?\"'()").lower() for w in text.split()})
+    return sum(letters(w) for w in set(_words(text)))
 
 
 def repeats(text: str, other: str, share: float = 0.5) -> bool:
     """At least `share` of the words of `text` are already in `other` (a part decoded alone that only says again
     what the decode of the whole wrote: Whisper's segment times were off)."""
-    seen = {w.strip(".,;:!?\"'()").lower() for w in other.split()}
-    words = [w.strip(".,;:!?\"'()").lower() for w in text.split()]
+    seen = set(_words(other))
+    words = _words(text)
     return bool(words) and sum(w in seen for w in words) >= share * len(words)
 
 

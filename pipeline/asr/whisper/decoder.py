@@ -88,15 +88,8 @@ def degenerate_reason(text: str, *, truncated: bool, compression: float, window_
     return None
 
 
-def sentence_end_prob(logits: Any, token: int) -> float:
-    """The softmax probability of `token` in one step's logits (clamped to (0, 1])."""
-    x = np.asarray(logits, dtype=np.float32).astype(np.float64).ravel()
-    x = x - x.max()
-    p = np.exp(x)
-    return min(1.0, max(float(p[token] / p.sum()), 1e-9))
-
-
 ENGLISH = "en"  # what asr.task translate writes
+EOT_TOKEN = "<|endoftext|>"  # Whisper's end of text: the special tokens start here
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +114,9 @@ class WindowDecoder:
         self.prompts = prompts
         self.settings = settings
         self.fixed_language = fixed_language
+        # The sentence-end tables, built at load instead of in the first decode that ends a sentence (~0.1-0.3 s).
+        hf = model.hf_tokenizer
+        self.sentence_ends = sentence_end_tokens(hf, int(hf.token_to_id(EOT_TOKEN)))
 
     def features(self, audio: np.ndarray) -> np.ndarray:
         feats: np.ndarray = self.model.feature_extractor(audio)
@@ -196,7 +192,7 @@ class WindowDecoder:
                     if encoder_out is None:
                         encoder_out = np.array(encoded)
                     item_encoded = ctranslate2.StorageView.from_array(np.ascontiguousarray(encoder_out[i:i + 1]))
-                d.final_punct_prob = self._final_punct_prob(result, tokens, tok, item_encoded, prompt, lang, greedy)
+                d.final_punct_prob = self._final_punct_prob(result, tokens, item_encoded, prompt, lang, greedy)
                 d.extra["punct_s"] = time.perf_counter() - t3
             decodes.append(d)
         return decodes
@@ -238,10 +234,10 @@ class WindowDecoder:
                  for i in range(0, len(features), per_pass)]
         return ctranslate2.StorageView.from_array(np.ascontiguousarray(np.concatenate(parts)))
 
-    def _final_punct_prob(self, result: Any, tokens: list[int], tok: Any, encoded: Any, prompt: list[int],
-                          lang: str, greedy: bool) -> float | None:
+    def _final_punct_prob(self, result: Any, tokens: list[int], encoded: Any, prompt: list[int], lang: str,
+                          greedy: bool) -> float | None:
         # The steps that wrote the final mark (one token, or several byte tokens: "！", "।"; sentence_ends.py).
-        ends = sentence_end_tokens(tok.tokenizer, tok.eot)
+        ends = self.sentence_ends
         steps = ends.final_mark_steps(tokens)
         if steps is None:
             return None

@@ -38,13 +38,13 @@ WARMUP_NOISE_PEAK = 10.0  # int16 units: very low noise, so warm-up exercises th
 def load_whisper_model(path: Path, settings: AsrSettings, location: ModelLocation | None = None) -> WhisperModel:
     """Load a CTranslate2 Whisper directory, or a packaged model split in `location.parts` (joined in memory);
     any failure becomes a one-line AsrError."""
-    files = load_files(location) if location is not None else None
-    if files is None:
-        check_model_dir(path)
     try:
         from faster_whisper import WhisperModel
     except ImportError as exc:  # pragma: no cover - hard dependency
         raise AsrError(f"faster-whisper is not installed: {exc}") from exc
+    files = load_files(location) if location is not None else None
+    if files is None:
+        check_model_dir(path)
     try:
         return WhisperModel(str(path), device=settings.device, compute_type=settings.compute_type,
                             cpu_threads=settings.cpu_threads, num_workers=settings.batch.workers, files=files)
@@ -52,6 +52,9 @@ def load_whisper_model(path: Path, settings: AsrSettings, location: ModelLocatio
         detail = " ".join(str(exc).split()) or type(exc).__name__
         raise AsrError(f"Whisper model at {path} could not be loaded: {detail} (is model.bin complete and a "
                        f"CTranslate2 Whisper conversion for this ctranslate2 version?)") from exc
+    finally:
+        if files is not None:  # the joined parts' open file: read by now, or never to be
+            files["model.bin"].close()
 
 
 class FasterWhisperEngine(SyncAsrEngine):

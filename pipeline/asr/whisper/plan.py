@@ -149,9 +149,12 @@ def utterance_plan(audio: Pcm, meta: UtteranceMeta, decoder: WindowDecoder) -> P
     return _transcript(d, reason, meta, dbfs, time.perf_counter() - t0, cov)
 
 
-def _coverage(d: Decode, meta: UtteranceMeta, duration: float) -> Coverage:
+def _coverage(d: Decode, meta: UtteranceMeta, duration: float,
+              segments: list[tuple[float, float]] | None = None) -> Coverage:
+    """How much of the VAD's speech `d` covers; `segments`: its times (default: the decode's own, if any)."""
     spans = meta.speech_spans or ((0.0, duration),)
-    segments = None if d.segments is None else [(g.start, g.end) for g in d.segments]
+    if segments is None and d.segments is not None:
+        segments = [(g.start, g.end) for g in d.segments]
     return assess(d.text, d.extra.get("language") or meta.language, spans, segments)
 
 
@@ -194,8 +197,7 @@ def second_pass(d: Decode, cov: Coverage, samples: np.ndarray, features: np.ndar
                 if a >= max(g.end for g in ts.segments):
                     best.final_punct_prob = part.final_punct_prob  # it ends the utterance now
         best.text = " ".join(t for _, t in sorted(pieces, key=lambda p: p[0]))
-        best_cov = assess(best.text, best.extra.get("language") or meta.language,
-                          meta.speech_spans or ((0.0, duration),), covered)
+        best_cov = _coverage(best, meta, duration, covered)
     best.extra["second_pass"] = passes
     best.encode_s += d.encode_s
     best.generate_s += d.generate_s
