@@ -396,7 +396,7 @@ class Delivery:
         else:
             spans = [((a - utt.start) / SAMPLE_RATE, (b - utt.start) / SAMPLE_RATE) for a, b in utt.spans()]
             cov = coverage.assess(tr.text, tr.language, spans)
-            seconds, why = (cov.uncovered_s, cov.why()) if cov.short else (0.0, "")
+            seconds, why = (cov.uncovered_s, cov.why()) if cov.left_out else (0.0, "")
             if not tr.text.strip() and cov.speech_s > 0:
                 seconds, why = cov.speech_s, "the decode returned no text"
         if seconds <= 0:

@@ -199,9 +199,9 @@ class AsrFault:
     without occupying the engine (a slow remote engine); `block`: the engine's own thread is blocked for
     `seconds` before decoding (a hung local decode: later utterances wait behind it); `empty`: the real decode's
     text is replaced by nothing (a decoder that skipped all the speech, with no gate verdict); `tail`: only its
-    last quarter of words is kept (a decoder that skipped the first sentences)."""
+    last quarter of words is kept (a decoder that skipped the first sentences); `head`: only its first word."""
 
-    kind: str  # raise | slow | block | empty | tail
+    kind: str  # raise | slow | block | empty | tail | head
     seconds: float = 0.0
 
 
@@ -258,9 +258,10 @@ class FaultyAsr(AsrEngine):
         if fault is not None and fault.kind == "block":
             await loop.run_in_executor(executor, time.sleep, fault.seconds)
         tr = await self.inner.transcribe(audio, meta)
-        if fault is not None and fault.kind in ("empty", "tail"):
+        if fault is not None and fault.kind in ("empty", "tail", "head"):
             words = tr.text.split()
-            text = "" if fault.kind == "empty" else " ".join(words[len(words) - len(words) // 4:])
+            text = {"empty": "", "tail": " ".join(words[len(words) - len(words) // 4:]),
+                    "head": " ".join(words[:1])}[fault.kind]
             extra = {k: v for k, v in tr.extra.items() if not k.startswith("uncovered")}  # the engine's verdict
             tr = dataclasses.replace(tr, text=text, extra=extra)
         return tr

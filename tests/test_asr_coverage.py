@@ -12,8 +12,9 @@ from conftest import manifest
 from pipeline.asr.coverage import (
     DEFAULT_LETTERS_PER_S,
     LOW_COVERAGE,
-    MIN_JUDGED_SPEECH_S,
     UNCOVERED_MIN_S,
+    WORD_SLACK_S,
+    longest_word_s,
     assess,
     distinct_letters,
     expected_rate,
@@ -62,8 +63,36 @@ def test_cjk_is_judged_by_characters() -> None:
     assert assess("我们今天下午去公园散步然后一起吃晚饭好吗", "en", spans).short
 
 
-def test_too_little_speech_is_not_judged_by_rate() -> None:
-    assert not assess("", "en", [(0.0, MIN_JUDGED_SPEECH_S * 0.9)]).short
+def test_too_little_speech_for_the_rate_is_unsure_until_word_times_settle_it() -> None:
+    """1.2 s of speech: a shortfall of letters under UNCOVERED_MIN_S of speech is not `short` by the rate, but
+    `unsure`; counted (`left_out`) unless aligned words say the speech is covered."""
+    slow_yes = assess("Yes.", "en", [(0.2, 0.8)])
+    assert not slow_yes.short and slow_yes.unsure and slow_yes.left_out
+    assert slow_yes.uncovered_s == pytest.approx(0.6 * (1 - slow_yes.ratio))
+    # Its one word, drawn out over the speech: covered, not counted.
+    said = assess("Yes.", "en", [(0.2, 0.8)], words=[(0.25, 0.75, "Yes")])
+    assert not said.unsure and not said.short and not said.left_out and said.uncovered_s < 0.1
+    spans = [(0.2, 1.4)]
+    # "Hello" of "Hello, can you hear me": the word covers 0.2-0.6 s, the rest no word reaches.
+    lost = assess("Hello.", "en", spans, words=[(0.2, 0.5, "Hello")])
+    assert lost.short and lost.left_out and lost.uncovered_s == pytest.approx(1.4 - 0.5 - WORD_SLACK_S)
+    assert "of 1.2 s of speech" in lost.why() and "times cover" in lost.why()
+    # Enough letters: neither unsure nor short, whatever the length.
+    assert not assess("Hello, can you hear me?", "en", spans).left_out
+    # A whole second or more left out counts even when that is less than half the speech.
+    long_spans = [(0.0, 3.0)]
+    assert assess("a", "en", long_spans, words=[(0.0, 0.5, "a"), (1.4, 1.9, "b")]).short
+
+
+def test_one_aligned_word_covers_at_most_its_letters_said_slowly() -> None:
+    """The warping path may stretch a lone word over all of the audio (pipeline/asr/whisper/alignment.py): "I" over
+    all of "I picked it up"."""
+    assert longest_word_s("I", "en") < longest_word_s("Ask", "en") < longest_word_s("Americans", "en")
+    assert longest_word_s("我", "zh") > longest_word_s("a", "en")  # a character takes longer than a letter
+    cov = assess("I", "en", [(0.3, 1.04)], words=[(0.0, 1.04, "I")])
+    assert cov.uncovered_s == pytest.approx(1.04 - 0.3 - longest_word_s("I", "en") - WORD_SLACK_S)
+    assert cov.short
+    assert not assess("And.", "en", [(0.0, 0.6)], words=[(0.0, 0.6, "And")]).short
 
 
 def test_segments_locate_the_speech_a_timestamped_decode_left_out() -> None:

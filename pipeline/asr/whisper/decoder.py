@@ -6,6 +6,7 @@ window avoids, window.py); audio longer than one window goes through `WhisperMod
   plan.py's second pass, for pipeline/asr/coverage.py), no conditioning on earlier
   utterances (each stands alone, except its own committed beginning: prompts.py), no VAD filter (ours already
   segmented).
+- **Alignment requests** (`Request.align`): no generation, the given text's word times (alignment.py).
 - **final_punct_prob**: with greedy decoding CTranslate2 returns the logits of every step
   (`return_logits_vocab=True`, no measurable cost); the softmax at the step that produced the final sentence end
   is the model's confidence that the sentence ended. With beam search the per-step logits are not returned, so
@@ -23,6 +24,7 @@ import ctranslate2
 import numpy as np
 
 from pipeline.asr.gate import compression_ratio, has_repetition, is_doubled
+from pipeline.asr.whisper.alignment import align_words
 from pipeline.asr.whisper.prompts import PromptBook
 from pipeline.asr.whisper.sentence_ends import sentence_end_tokens
 from pipeline.asr.whisper.window import (
@@ -135,6 +137,8 @@ class WindowDecoder:
         t0 = time.perf_counter()
         encoded = self._encode(pad_features([r.features for r in requests], window_s))
         t1 = time.perf_counter()
+        if requests[0].align is not None:
+            return self._align(encoded, requests, t1 - t0)
         choices = self._languages(encoded, requests)
         langs = [c.language for c in choices]
         timestamps = requests[0].timestamps  # part of the batch key
@@ -196,6 +200,17 @@ class WindowDecoder:
                 d.extra["punct_s"] = time.perf_counter() - t3
             decodes.append(d)
         return decodes
+
+    def _align(self, encoded: Any, requests: list[Request], encode_s: float) -> list[Decode]:
+        """Alignment requests (one language: their key): each text's word times, no generation."""
+        t0 = time.perf_counter()
+        tok = self.prompts.tokenizer(requests[0].language or self.fixed_language or ENGLISH)
+        spans = align_words(self.model.model, tok, encoded, [r.align or () for r in requests],
+                            [r.features.shape[-1] for r in requests])
+        align_s = time.perf_counter() - t0
+        return [Decode(tokens=[], text="", avg_logprob=0.0, no_speech_prob=0.0, compression_ratio=0.0,
+                       temperature=0.0, window_s=float(r.window_s), truncated=False, encode_s=encode_s,
+                       generate_s=align_s, words=w) for r, w in zip(requests, spans, strict=True)]
 
     def _describe_language(self, d: Decode, choice: LanguageChoice) -> None:
         """The text's language (English under asr.task translate), the spoken one, the detection."""

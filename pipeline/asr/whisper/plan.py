@@ -7,7 +7,9 @@ utterances. The ladder:
     short window (greedy/beam, token budget) ──degenerate──▶ full 30 s window ──degenerate──▶ 30 s at T=0.2, 0.4
         │                                                                       (best non-repetitive one wins)
         ├─ gate says no_speech / low_logprob, or Whisper doubts it ──▶ the same ladder from the full window
-        └─ too few words for the VAD's speech ──▶ the same ladder with timestamps ──▶ uncovered stretches alone
+        ├─ too few letters, too little speech to tell ──▶ its words aligned to the audio ──half or less──┐
+        └─ too few words for the VAD's speech ──▶ the same ladder with timestamps ◀──────────────────────┘
+                                                     └──▶ uncovered stretches alone
 
 - **Fallback.** A short-window result that looks degenerate (hit the token budget, compression ratio above
   `gate.max_compression_ratio`, or a phrase repeated back to back) is decoded again with the full 30 s window; if
@@ -38,10 +40,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.asr.coverage import UNCOVERED_MIN_S, Coverage, assess, distinct_letters, repeats
+from pipeline.asr.coverage import UNCOVERED_MIN_S, Coverage, Word, assess, distinct_letters, letters, repeats
 from pipeline.asr.gate import gate, normalize_phrase, rms_dbfs
 from pipeline.asr.whisper.decoder import TEMPERATURE_FALLBACK, WindowDecoder
 from pipeline.asr.whisper.window import (
+    FRAMES_PER_S,
     FULL_WINDOW_S,
     SHORT_WINDOW_MAX_S,
     Decode,
@@ -143,19 +146,49 @@ def utterance_plan(audio: Pcm, meta: UtteranceMeta, decoder: WindowDecoder) -> P
         d = full
         reason = verdict(d)
     cov = _coverage(d, meta, duration)
-    if (s.second_pass and meta.decode != "interim" and features is not None and reason is None and cov.short
-            and time.perf_counter() - t0 < s.deadline_s * SECOND_PASS_BUDGET):
-        d, cov = yield from second_pass(d, cov, samples, features, meta, decoder, dbfs, context)
+    if meta.decode != "interim" and features is not None and reason is None:
+        if cov.unsure:
+            cov = yield from word_coverage(d, features, meta, decoder)
+        if s.second_pass and cov.short and time.perf_counter() - t0 < s.deadline_s * SECOND_PASS_BUDGET:
+            first = d
+            d, cov = yield from second_pass(d, cov, samples, features, meta, decoder, dbfs, context)
+            if d is not first and cov.unsure:
+                cov = yield from word_coverage(d, features, meta, decoder)
     return _transcript(d, reason, meta, dbfs, time.perf_counter() - t0, cov)
 
 
 def _coverage(d: Decode, meta: UtteranceMeta, duration: float,
-              segments: list[tuple[float, float]] | None = None) -> Coverage:
-    """How much of the VAD's speech `d` covers; `segments`: its times (default: the decode's own, if any)."""
+              segments: list[tuple[float, float]] | None = None,
+              words: list[Word] | None = None) -> Coverage:
+    """How much of the VAD's speech `d` covers; `segments`: its times (default: the decode's own, if any);
+    `words`: its aligned words' times."""
     spans = meta.speech_spans or ((0.0, duration),)
     if segments is None and d.segments is not None:
         segments = [(g.start, g.end) for g in d.segments]
-    return assess(d.text, d.extra.get("language") or meta.language, spans, segments)
+    return assess(d.text, d.extra.get("language") or meta.language, spans, segments, words)
+
+
+def word_coverage(d: Decode, features: np.ndarray, meta: UtteranceMeta,
+                  decoder: WindowDecoder) -> Generator[Request, Decode, Coverage]:
+    """The coverage of a decode too short for the letter rate to judge (`Coverage.unsure`), by its words' times:
+    its text aligned to the audio (one more request: an encoder pass of its window and one alignment, ~0.02-0.05 s
+    for tiny.en on 2 cores, no generation)."""
+    duration = features.shape[-1] / FRAMES_PER_S
+    language = d.extra.get("source_language") or d.extra.get("language") or meta.language
+    tokens = tuple(decoder.prompts.tokenizer(language or "en").encode(" " + d.text.strip()))
+    words: list[Word] = []
+    if tokens:
+        # The short window whatever `d` was decoded with: the same word times (the path ends at the audio's last
+        # frame) for a sixth of a full window's encoder pass.
+        aligned = yield Request(features, window_s(duration), 0.0, None, language=language, audio_s=duration,
+                                align=tokens)
+        words = [(w.start, w.end, w.text) for w in aligned.words or () if letters(w.text)]
+        d.encode_s += aligned.encode_s
+        d.generate_s += aligned.generate_s
+    cov = _coverage(d, meta, duration, words=words)
+    log.debug("%s: %.1f s of speech, %d letters: aligned words cover %.1f s", meta.utterance_id, cov.speech_s,
+              letters(d.text), cov.speech_s - cov.uncovered_s)
+    return cov
 
 
 def second_pass(d: Decode, cov: Coverage, samples: np.ndarray, features: np.ndarray, meta: UtteranceMeta,
@@ -215,9 +248,11 @@ def _transcript(d: Decode, reason: str | None, meta: UtteranceMeta, dbfs: float,
         "temperature": d.temperature, "audio_dbfs": dbfs, "coverage": round(cov.ratio, 3),
     }
     if reason is None:  # a dropped decode is counted as dropped; what a kept one leaves out is counted here
-        extra["uncovered_s"] = round(cov.uncovered_s, 3) if cov.short else 0.0
-        if cov.short:
+        extra["uncovered_s"] = round(cov.uncovered_s, 3) if cov.left_out else 0.0
+        if cov.left_out:
             extra["uncovered_why"] = cov.why()
+        if cov.timing == "words":
+            extra["coverage_by"] = "words"
     if "second_pass" in d.extra:
         extra["second_pass"] = d.extra["second_pass"]
     if d.degenerate_reason:

@@ -77,13 +77,18 @@ class Request:
     context: tuple[int, ...] = ()  # previous-text tokens (the utterance's committed beginning)
     timestamps: bool = False  # Whisper writes segment times (its prompt lacks <|notimestamps|>): asr/coverage.py
     audio_s: float = 0.0  # seconds of audio in the window (how much speech its language detection heard)
+    # Text tokens to align to the audio (word times, alignment.py) instead of generating: coverage.py's check
+    # of an utterance too short for the letter rate; `language` is then the text's.
+    align: tuple[int, ...] | None = None
 
     @property
-    def key(self) -> tuple[int, float, int, bool]:
+    def key(self) -> tuple[int, float, int, bool, str | None]:
         """Requests with the same key can be decoded in one batch. CTranslate2 batches only prompts of one
         length ("requires the <|startoftranscript|> token to be at the same position"), hence the context length
-        and whether the prompt holds <|notimestamps|>."""
-        return self.window_s, self.temperature, len(self.context), self.timestamps
+        and whether the prompt holds <|notimestamps|>; an alignment batch shares one start sequence, hence its
+        language."""
+        aligned = None if self.align is None else f"align:{self.language}"
+        return self.window_s, self.temperature, len(self.context), self.timestamps, aligned
 
     @property
     def cost(self) -> float:
@@ -92,7 +97,7 @@ class Request:
 
 
 class Segment(NamedTuple):
-    """One segment of a timestamped decode: seconds from the window's start, and its text."""
+    """One segment of a timestamped decode, or one aligned word: seconds from the window's start, and its text."""
 
     start: float
     end: float
@@ -115,6 +120,7 @@ class Decode:
     encode_s: float = 0.0
     generate_s: float = 0.0
     segments: tuple[Segment, ...] | None = None  # a timestamped decode's segments; None without timestamps
+    words: tuple[Segment, ...] | None = None  # an alignment request's word times (Request.align); else None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
