@@ -14,11 +14,11 @@ from pipeline.asr.coverage import (
     LOW_COVERAGE,
     UNCOVERED_MIN_S,
     WORD_SLACK_S,
-    longest_word_s,
     assess,
     distinct_letters,
     expected_rate,
     letters,
+    longest_word_s,
     repeats,
     subtract,
 )
