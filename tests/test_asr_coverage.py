@@ -141,3 +141,11 @@ def test_a_loop_adds_no_distinct_letters_and_a_repeated_part_is_recognised() -> 
     assert repeats("illustration funds.", "and illustration funds")
     assert not repeats("He remained upstairs until after the early dawn.", "and illustration funds")
     assert not repeats("", "anything")
+
+
+def test_a_held_word_covers_all_of_its_aligned_time() -> None:
+    """ "Um..." drawn out over 0.8 s (the hard stream's spontaneous speech): Whisper's ellipsis says the sound was
+    held, so the word is not capped by its letters; the same two letters without it are."""
+    spans = [(0.3, 1.1)]
+    assert not assess("Um...", "en", spans, words=[(0.0, 1.1, "Um...")]).left_out
+    assert assess("Um", "en", spans, words=[(0.0, 1.1, "Um")]).short

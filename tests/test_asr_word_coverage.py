@@ -230,3 +230,11 @@ async def test_without_word_times_the_relay_counts_a_short_decode_by_its_letters
     assert len(delivered) >= 3 and all(len(o.text.split()) == 1 for o in delivered), [o.text for o in delivered]
     assert relay.ledger.uncovered == len(delivered), relay.ledger.as_dict()
     assert metrics.value("echo_relay_uncovered_speech_utterances_total") == len(delivered)
+
+
+def test_punctuation_time_goes_to_the_word_before_it() -> None:
+    from pipeline.asr.whisper.plan import attach_punctuation
+
+    assert attach_punctuation([(0.0, 0.2, " Um"), (0.2, 0.9, "..."), (0.9, 1.2, " so"), (1.2, 1.3, ",")]) == [
+        (0.0, 0.9, " Um..."), (0.9, 1.3, " so,")]
+    assert attach_punctuation([(0.0, 0.1, "\u00bf"), (0.1, 0.5, "Qu\u00e9")]) == [(0.1, 0.5, "Qu\u00e9")]

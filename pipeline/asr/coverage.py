@@ -160,9 +160,16 @@ def longest_word_s(word: str, language: str | None) -> float:
     return WORD_BASE_S + letters(word) / (SLOW_SHARE * expected_rate(language))
 
 
+HELD = ("...", "…")  # Whisper's mark of a held or trailing-off sound ("Um...", "So...")
+
+
 def word_covers(words: Sequence[Word], language: str | None) -> list[Span]:
-    """The speech aligned words account for: each from at most `longest_word_s` before its end, WORD_SLACK_S wider."""
-    return [(max(a, b - longest_word_s(w, language)) - WORD_SLACK_S, b + WORD_SLACK_S) for a, b, w in words]
+    """The speech aligned words account for: each from at most `longest_word_s` before its end, WORD_SLACK_S wider;
+    a word Whisper wrote as held ("Um...", with its marks attached: whisper/plan.py) all of its aligned time (a
+    hesitation lasts as long as the speaker holds it)."""
+    def start(a: float, b: float, w: str) -> float:
+        return a if w.rstrip().endswith(HELD) else max(a, b - longest_word_s(w, language))
+    return [(start(a, b, w) - WORD_SLACK_S, b + WORD_SLACK_S) for a, b, w in words]
 
 
 def assess(text: str, language: str | None, spans: Sequence[Span],

@@ -168,6 +168,19 @@ def _coverage(d: Decode, meta: UtteranceMeta, duration: float,
     return assess(d.text, d.extra.get("language") or meta.language, spans, segments, words)
 
 
+def attach_punctuation(words: list[Word]) -> list[Word]:
+    """Aligned words with each punctuation mark's time and text given to the word before it (the warping path
+    gives "Um..." a short "Um" and a long "...": the held sound is the word's); marks before any word are dropped."""
+    out: list[Word] = []
+    for a, b, text in words:
+        if letters(text):
+            out.append((a, b, text))
+        elif out:
+            start, _, word = out[-1]
+            out[-1] = (start, b, word + text.strip())
+    return out
+
+
 def word_coverage(d: Decode, features: np.ndarray, meta: UtteranceMeta,
                   decoder: WindowDecoder) -> Generator[Request, Decode, Coverage]:
     """The coverage of a decode too short for the letter rate to judge (`Coverage.unsure`), by its words' times:
@@ -182,7 +195,7 @@ def word_coverage(d: Decode, features: np.ndarray, meta: UtteranceMeta,
         # frame) for a sixth of a full window's encoder pass.
         aligned = yield Request(features, window_s(duration), 0.0, None, language=language, audio_s=duration,
                                 align=tokens)
-        words = [(w.start, w.end, w.text) for w in aligned.words or () if letters(w.text)]
+        words = attach_punctuation([(w.start, w.end, w.text) for w in aligned.words or ()])
         d.encode_s += aligned.encode_s
         d.generate_s += aligned.generate_s
     cov = _coverage(d, meta, duration, words=words)
