@@ -184,7 +184,12 @@ class Delivery:
         """Queue an item, waiting while the queue is full; once draining, only until the deadline
         (then it is accounted undeliverable)."""
         self.ledger.closed += 1
-        if not await self._put(item):
+        try:
+            queued = await self._put(item)
+        except asyncio.CancelledError:  # the relay was cancelled while the queue was full: not in the queue
+            self._undeliverable(item, CANCELLED_REASON)
+            raise
+        if not queued:
             self._undeliverable(item, self._drain_reason())
         self._set_depth()
 
@@ -216,10 +221,21 @@ class Delivery:
         if self._deadline is None:
             self._deadline = time.monotonic() + timeout_s
 
-    async def finish(self, task: asyncio.Task[None]) -> None:
+    async def finish(self, task: asyncio.Task[None], *, cancelled: bool = False) -> None:
         """End of the run: let `task` (running `run()`) deliver what is queued until the deadline,
-        then account whatever is left as undeliverable, saying what delivery was waiting for."""
+        then account whatever is left as undeliverable, saying what delivery was waiting for.
+        `cancelled`: the relay itself was cancelled, so nothing more is delivered (a cancel asks for a stop
+        now, not after sink.drain_timeout_s)."""
         self.start_draining(self.settings.sink.drain_timeout_s)
+        if cancelled:
+            if self._queue.qsize() or self._active is not None:
+                log.error("%s; %d item(s) still queued", CANCELLED_REASON, self._queue.qsize())
+            self._abandon_queued(CANCELLED_REASON)
+            task.cancel()  # run() accounts its active item with CANCELLED_REASON (_deadline_cancel is False)
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            self._abandon_queued(CANCELLED_REASON)  # anything put while the task was stopping
+            return
         assert self._deadline is not None
         try:
             if task.done() or not await self._put(None):

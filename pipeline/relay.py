@@ -135,19 +135,35 @@ class Relay:
         deliver = asyncio.create_task(self.delivery.run(), name="deliver")
         watch = asyncio.create_task(self._watch_sink(), name="watch-sink")
         publish = asyncio.create_task(self._publish_state(), name="publish-state")
+        cancelled = False  # code outside the relay cancelled this task: stop now, not after a drain
         try:
             await self._capture_loop()
+        except asyncio.CancelledError:
+            cancelled = True
+            self._count_open_speech()
+            raise
         finally:
             watch.cancel()
             publish.cancel()
             self.speculator.discard("the run ended")
-            await self.delivery.finish(deliver)
-            await self.sink.close(self.settings.sink.drain_timeout_s)
+            await self.delivery.finish(deliver, cancelled=cancelled)
+            await self.sink.close(0.0 if cancelled else self.settings.sink.drain_timeout_s)
             await self.asr.close()
             with contextlib.suppress(Exception):
                 await self.chain.aclose()
             with contextlib.suppress(Exception):
                 await self.perception.aclose()
+
+    def _count_open_speech(self) -> None:
+        """The run was cancelled mid-capture: the utterance still open (and a speech-like run not yet judged)
+        will never be decoded; count them unheard rather than lose them silently."""
+        for event in self.vad.flush():
+            if isinstance(event, UtteranceEnded):
+                utt = event.utterance
+                self._unheard(utt.start, utt.end, sum(b - a for a, b in utt.spans()),
+                              f"utterance {utt.id} was open when the relay was cancelled")
+            elif isinstance(event, Unheard | Discarded):
+                self._not_relayed(event)
 
     async def abandon(self) -> None:
         """After a failed start(): release what it may have opened (the room and a conversation it created,
@@ -259,10 +275,14 @@ class Relay:
             self._speculate_perception(None)
         elif isinstance(event, UtteranceEnded):
             await self._utterance_closed(event.utterance)
-        elif isinstance(event, Unheard):
+        elif isinstance(event, Unheard | Discarded):
+            self._not_relayed(event)
+
+    def _not_relayed(self, event: Unheard | Discarded) -> None:
+        if isinstance(event, Unheard):
             self._unheard(event.start, event.end, event.speech_samples,
                           f"no utterance opened, peak VAD probability {event.peak_prob:.2f}")
-        elif isinstance(event, Discarded):  # opened, but shorter than vad.min_utterance_ms
+        else:  # opened, but shorter than vad.min_utterance_ms
             self.metrics.drop("vad", event.reason)
             self._unheard(event.speech_start, event.speech_end, event.speech_end - event.speech_start,
                           f"utterance {event.utterance_id} discarded: {event.reason}")

@@ -571,6 +571,7 @@ class StallingSource(Source):
         self.name = f"stalling({inner.name})"
         self.stalls = sorted(stalls.items())
         self.stalled: list[tuple[float, float]] = []  # (position, wall seconds actually stalled)
+        self.pending_stall = False  # a stall is under way: no frame is coming now
 
     async def frames(self) -> AsyncIterator[AudioFrame]:
         pending = list(self.stalls)
@@ -578,7 +579,11 @@ class StallingSource(Source):
             while pending and frame.start / SAMPLE_RATE >= pending[0][0]:
                 pos, seconds = pending.pop(0)
                 t0 = time.monotonic()
-                await asyncio.sleep(seconds)
+                self.pending_stall = True
+                try:
+                    await asyncio.sleep(seconds)
+                finally:
+                    self.pending_stall = False
                 self.stalled.append((pos, time.monotonic() - t0))
             yield frame
 

@@ -40,6 +40,7 @@ from faults import (
     SHORT_CLIPS,
     RecordingSink,
     ReferenceAsr,
+    StallingSource,
     Track,
     check_invariants,
     make_track,
@@ -63,6 +64,7 @@ from pipeline.delivery import CANCELLED_REASON
 from pipeline.loop import RelayEventLoop
 from pipeline.loop import run as run_guarded
 from pipeline.metrics import Metrics
+from pipeline.source.file import FileSource
 from tests.conftest import REPO
 
 TESTS = Path(__file__).resolve().parent
@@ -368,9 +370,13 @@ def catches(pid: int, sig: int) -> bool:
 NO_MODEL = ["--config", str(TESTS / "data" / "no_model.yaml")]  # tests.faults:NumberedAsr: nothing to load
 
 
-def test_cancelling_the_relay_accounts_every_message_with_its_reason(track: Track) -> None:
-    """User code cancelling the task that runs the relay (here: mid-run, while a slow step holds u1): the
-    message in hand and the queued ones are undeliverable because delivery was cancelled; nothing in flight."""
+STALL_S = 60.0  # a source that goes quiet for longer than any test waits: the relay is mid-capture
+
+
+def cancel_mid_capture(track: Track, stall_at_s: float, closed: int) -> Any:
+    """Run the relay on `track` (a slow step holds each message 4 s, less than sink.drain_timeout_s), its
+    source stalling at `stall_at_s`; once `closed` utterances are closed, cancel the task running the relay
+    from outside. Returns the relay."""
     seen: list[Any] = []
 
     async def keep(relay: Any) -> None:
@@ -379,19 +385,41 @@ def test_cancelling_the_relay_accounts_every_message_with_its_reason(track: Trac
     async def main() -> None:
         settings = relay_settings(f"file:{track.path}", transform__steps=[
             {"step": "tests.faults:SlowStep", "seconds": 4.0, "timeout_s": 8.0}])  # u1 held past the cancel
+        source = StallingSource(FileSource(track.path, settings.source), {stall_at_s: STALL_S})
         runner = asyncio.ensure_future(run_relay(settings, sink=RecordingSink(), asr=ReferenceAsr(track),
-                                                 metrics=Metrics(), during=keep, timeout_s=WAIT_S))
-        while not seen or seen[0].ledger.closed < 3:
+                                                 source=source, metrics=Metrics(), during=keep, timeout_s=WAIT_S))
+        while not seen or seen[0].ledger.closed < closed or not source.pending_stall:
             await asyncio.sleep(0.01)
         runner.cancel()
         with pytest.raises(asyncio.CancelledError):
             await runner
 
     asyncio.run(main())
-    ledger = seen[0].ledger
+    return seen[0]
+
+
+def test_cancelling_the_relay_accounts_every_message_with_its_reason(track: Track) -> None:
+    """User code cancelling the task that runs the relay while it captures (the source quiet after the last
+    utterance) stops it now: the message in hand and the queued ones are undeliverable because delivery was
+    cancelled (not delivered during a drain the cancel did not ask for); nothing in flight."""
+    relay = cancel_mid_capture(track, track.segments[-1].end_s + 1.0, closed=3)
+    ledger = relay.ledger
     assert ledger.closed == 3 and ledger.closed == ledger.settled, ledger.as_dict()
-    statuses = [r["status"] for r in seen[0].delivery.recent]
+    statuses = [r["status"] for r in relay.delivery.recent]
     assert statuses == [f"undeliverable: {CANCELLED_REASON}"] * 3, statuses
+
+
+def test_cancelling_the_relay_mid_utterance_counts_the_open_speech_unheard(track: Track) -> None:
+    """Cancelled while the last utterance is still open: the two closed ones are undeliverable (cancelled)
+    and the open one, never decoded, is counted unheard with its speech, not lost silently."""
+    last = track.segments[-1]
+    relay = cancel_mid_capture(track, (last.start_s + last.end_s) / 2, closed=2)
+    ledger = relay.ledger
+    assert ledger.closed == 2 and ledger.closed == ledger.settled, ledger.as_dict()
+    assert [r["status"] for r in relay.delivery.recent] == [f"undeliverable: {CANCELLED_REASON}"] * 2
+    assert ledger.unheard == 1, ledger.as_dict()
+    spoken = (last.end_s - last.start_s) / 2  # up to the stall, give or take the VAD's frame and pre-roll
+    assert 0.5 * spoken <= ledger.unheard_s <= spoken + 0.5, (ledger.unheard_s, spoken)
 
 
 def run_cli(tmp_path: Path, *args: str, before: float | None = None, then: float | None = None,
