@@ -14,7 +14,15 @@ from pipeline.asr.whisper.decoder import (
     degenerate_reason,
     timestamp_segments,
 )
-from pipeline.asr.whisper.plan import PART_PAD_S, doubtful, looks_like_silence, utterance_plan, window_plan
+from pipeline.asr.whisper.plan import (
+    PART_PAD_S,
+    _coverage,
+    doubtful,
+    looks_like_silence,
+    second_pass,
+    utterance_plan,
+    window_plan,
+)
 from pipeline.asr.whisper.prompts import CONTEXT_TOKENS
 from pipeline.asr.whisper.window import (
     FULL_WINDOW_S,
@@ -116,6 +124,24 @@ def test_a_clean_short_window_decode_is_the_only_one() -> None:
     asked, d = _drive(window_plan(FEATS, 3.0, AsrSettings()), [_decode()])
     assert [(r.window_s, r.temperature, r.budget) for r in asked] == [(MIN_WINDOW_S, 0.0, token_budget(3.0))]
     assert d.text == "Fine." and d.extra["attempts"] == 1
+
+
+@pytest.mark.parametrize("first_stands", [True, False])
+def test_the_second_pass_time_is_every_decode_it_took(first_stands: bool) -> None:
+    """The decode that stands after the second pass carries the time of both decodes, whichever stands."""
+    from types import SimpleNamespace
+
+    meta = UtteranceMeta(utterance_id="u1", audio_start_s=0.0, audio_end_s=3.0)
+    d = _decode("Fine, thank you very much." if first_stands else "Fine.")
+    ts = _decode("Fine." if first_stands else "Fine, thank you very much.")
+    ts.encode_s, ts.generate_s = 0.05, 0.07
+    decoder = SimpleNamespace(settings=AsrSettings(), features=lambda audio: FEATS)
+    plan = second_pass(d, _coverage(d, meta, 3.0), np.zeros(3 * SAMPLE_RATE, np.float32), FEATS, meta,
+                       decoder, -20.0, ())  # type: ignore[arg-type]
+    asked, (best, _) = _drive(plan, [ts])
+    assert len(asked) == 1 and asked[0].timestamps
+    assert best is (d if first_stands else ts)
+    assert best.encode_s == pytest.approx(0.06) and best.generate_s == pytest.approx(0.09)
 
 
 def test_a_looping_short_window_falls_back_to_the_full_window_then_to_sampling() -> None:

@@ -223,6 +223,7 @@ def second_pass(d: Decode, cov: Coverage, samples: np.ndarray, features: np.ndar
                                 language=spoken, timestamps=True)
     ts_cov = _coverage(ts, meta, duration)
     passes = ["timestamps"]
+    spent = [d, ts]  # every decode this took, for the time figures of the one that stands
     # A tie goes to the timestamped decode: its segment times say where the speech it left out is.
     if kept(ts) and not ts.degenerate_reason and distinct_letters(ts.text) >= distinct_letters(d.text):
         best, best_cov = ts, ts_cov
@@ -237,6 +238,7 @@ def second_pass(d: Decode, cov: Coverage, samples: np.ndarray, features: np.ndar
             part = yield from window_plan(decoder.features(samples[int(lo * SAMPLE_RATE):int(hi * SAMPLE_RATE)]),
                                           hi - lo, s, language=spoken)
             passes.append(f"part {lo:.1f}-{hi:.1f} s")
+            spent.append(part)
             if kept(part) and not part.degenerate_reason and part.text and not repeats(part.text, best.text):
                 pieces.append((a, part.text))
                 covered.append((a, b))
@@ -245,8 +247,8 @@ def second_pass(d: Decode, cov: Coverage, samples: np.ndarray, features: np.ndar
         best.text = " ".join(t for _, t in sorted(pieces, key=lambda p: p[0]))
         best_cov = _coverage(best, meta, duration, covered)
     best.extra["second_pass"] = passes
-    best.encode_s += d.encode_s
-    best.generate_s += d.generate_s
+    best.encode_s = sum(x.encode_s for x in spent)
+    best.generate_s = sum(x.generate_s for x in spent)
     log.debug("%s: decode covered %.0f%% of %.1f s of speech; after the second pass (%s) %.0f%%: %r",
               meta.utterance_id, 100 * cov.ratio, cov.speech_s, ", ".join(passes), 100 * best_cov.ratio,
               best.text[:80])
