@@ -4,7 +4,9 @@
     .venv/bin/python scripts/prefix_cost.py
 
 For three clips of the clean benchmark stream (the first 15 s: one short window, as the relay decodes a turn), with
-the relay's own decoder (tiny.en, int8, greedy, 2 threads): the encoder pass, the generation, and the generation
+the relay's loaded model, prompt and suppressed tokens (tiny.en, int8, asr.cpu_threads 2), `generate` called as
+WindowDecoder.decode calls it for a greedy decode (without its token budget and no-speech probability; a forced
+prefix is not something a Request can ask for): the encoder pass, the generation, and the generation
 again with the first 70 % of the words given as a forced prefix after the start-of-transcript sequence (what a
 decode at the turn end could take from the decode at the clause pause before it). Each timing is the best of
 three. CTranslate2 runs a forced prefix through the decoder step by step, as it generates, so the prefix saves
@@ -15,7 +17,10 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import ctranslate2
 
@@ -33,13 +38,22 @@ PREFIX_SHARE = 0.7
 REPEATS = 3
 
 
-def best_of(fn: object, n: int = REPEATS) -> tuple[float, object]:
+def best_of(fn: Callable[[], Any], n: int = REPEATS) -> tuple[float, Any]:
     best, out = float("inf"), None
     for _ in range(n):
         t0 = time.perf_counter()
-        out = fn()  # type: ignore[operator]
+        out = fn()
         best = min(best, time.perf_counter() - t0)
     return best, out
+
+
+def encode(model: Any, features: Any) -> Any:
+    return model.encode(ctranslate2.StorageView.from_array(features))
+
+
+def generate(model: Any, encoded: Any, prompt: list[int], suppress: list[int]) -> Any:
+    return model.generate(encoded, [prompt], beam_size=1, max_length=448, return_scores=True,
+                          return_logits_vocab=True, suppress_blank=True, suppress_tokens=suppress)[0]
 
 
 def main() -> None:
@@ -58,17 +72,12 @@ def main() -> None:
         seconds = len(pcm) / SAMPLE_RATE
         window = window_s(seconds)
         feats = pad_features([dec.features(to_float(pcm))], window)
-        enc_s, encoded = best_of(lambda f=feats: model.encode(ctranslate2.StorageView.from_array(f)))
-
-        def generate(p: list[int], e: object = encoded) -> object:
-            return model.generate(e, [p], beam_size=1, max_length=448, return_scores=True,
-                                  return_logits_vocab=True, suppress_blank=True, suppress_tokens=suppress)[0]
-
-        gen_s, result = best_of(lambda: generate(prompt))
-        tokens = result.sequences_ids[0]  # type: ignore[attr-defined]
+        enc_s, encoded = best_of(partial(encode, model, feats))
+        gen_s, result = best_of(partial(generate, model, encoded, prompt, suppress))
+        tokens = result.sequences_ids[0]
         words = tok.decode(tokens).split()
         prefix = tok.encode(" " + " ".join(words[:int(len(words) * PREFIX_SHARE)]).rstrip(".,"))
-        pre_s, _ = best_of(lambda p=prompt + prefix: generate(p))
+        pre_s, _ = best_of(partial(generate, model, encoded, prompt + prefix, suppress))
         print(f"| {clip} | {seconds:.1f} s | {window} s | {enc_s:.3f} s | {gen_s:.3f} s ({len(tokens)}) | "
               f"{pre_s:.3f} s ({len(prefix)} forced) |")
 
