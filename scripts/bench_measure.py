@@ -10,6 +10,7 @@ import csv
 import difflib
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,9 +72,18 @@ def load_clips(which: str) -> list[Clip]:
     return clips
 
 
-def normalizer():  # type: ignore[no-untyped-def]
+def normalizer() -> Callable[[str], str]:
+    """whisper_normalizer's EnglishTextNormalizer, white space collapsed, and without the tokens it leaves that
+    hold no letter or digit: it turns a closing ellipsis ("Align...", Whisper's drawn-out word) into "align ." and
+    jiwer would score that "." as an inserted word."""
     from whisper_normalizer.english import EnglishTextNormalizer
-    return EnglishTextNormalizer()
+
+    english = EnglishTextNormalizer()
+
+    def norm(text: str) -> str:
+        return " ".join(w for w in english(text).split() if any(c.isalnum() for c in w))
+
+    return norm
 
 
 def wer(norm, ref: str, hyp: str) -> float:  # type: ignore[no-untyped-def]

@@ -29,7 +29,7 @@ for p in (REPO, REPO / "scripts", REPO / "tests"):
 
 import hard_audio  # noqa: E402
 import jiwer  # noqa: E402
-from whisper_normalizer.english import EnglishTextNormalizer  # noqa: E402
+from bench_measure import normalizer  # noqa: E402
 
 from pipeline.asr.models import bundled_model_dir  # noqa: E402
 from pipeline.asr.whisper import FasterWhisperEngine  # noqa: E402
@@ -68,7 +68,7 @@ def main() -> int:
                                                                         "short_window": False}))}
     for e in engines.values():
         e.load_sync()
-    norm = EnglishTextNormalizer()
+    norm = normalizer()
     src = hard_audio.load_sources()
     clips = [k for k in sorted(src.clips)
              if k.startswith(hard_audio.LIBRI) and 2.5 < len(src.clips[k]) / SAMPLE_RATE < 12]

@@ -69,9 +69,9 @@ def main() -> int:
                 times.setdefault((clip.stem, ts), []).append(seconds)
                 last[clip.stem, ts] = d
     print(f"model {model}; {args.reps} repetitions, interleaved; median decode seconds\n")
-    from whisper_normalizer.english import EnglishTextNormalizer
+    from bench_measure import normalizer
 
-    norm = EnglishTextNormalizer()
+    norm = normalizer()
     print("| clip | audio | without timestamps | with timestamps | ratio | tokens without / with "
           "| WER without / with |")
     print("|---|---|---|---|---|---|---|")

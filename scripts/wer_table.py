@@ -37,8 +37,8 @@ def main() -> int:
     ap.add_argument("--config", type=Path, default=REPO / "config.yaml")
     args = ap.parse_args()
     import jiwer
-    from whisper_normalizer.english import EnglishTextNormalizer
-    norm = EnglishTextNormalizer()
+    from bench_measure import normalizer
+    norm = normalizer()
 
     def wer(ref: str, hyp: str, drop_fillers: bool = False) -> float:
         ref = re.sub(r"<[^>]*>|\[[^\]]*\]", " ", ref)

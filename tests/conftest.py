@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 
+# English text is normalised as scripts/bench_measure.py does it, for the same reason.
 # ml_error (CER for ja/zh, WER with Whisper's basic normaliser otherwise) is scripts/lang_scoring.py's, so that the
 # benchmark (scripts/bench.py --stream multilingual) and the tests measure the same thing (pytest's pythonpath: ".").
+from scripts.bench_measure import normalizer as english_normalizer
 from scripts.lang_scoring import CHARACTER_SCORED
 from scripts.lang_scoring import error_rate as ml_error
 
@@ -53,13 +55,11 @@ def reference(name: str) -> str:
 
 @cache
 def _normalizer() -> Callable[[str], str]:
-    from whisper_normalizer.english import EnglishTextNormalizer
-    normalizer: Callable[[str], str] = EnglishTextNormalizer()
-    return normalizer
+    return english_normalizer()
 
 
 def normalize(text: str) -> str:
-    return " ".join(_normalizer()(text).split())
+    return _normalizer()(text)
 
 
 def wer(ref: str, hyp: str) -> float:
