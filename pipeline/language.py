@@ -3,7 +3,8 @@
 One tracker per relay (a conversation); `serve`'s relays share one engine, so the language travels with each
 request (`UtteranceMeta.language` -> the decoder's `Request.language`), never as engine state::
 
-    FIXED(L)     asr.language is a code: decoded in L, never changes
+    FIXED(L)     asr.language is a code: decoded in L, never changes; also entered from any state by `fix(L)`
+                 when the loaded model writes only L (an English-only model: AsrEngine.only_language)
 
     DETECTING ──── one language reaches detect.lock_speech_s of confident speech ───▶ LOCKED(L)   reason "locked"
         (an utterance is confident when its detection is >= detect.lock_probability; short confident
@@ -72,6 +73,15 @@ class LanguageTracker:
     @property
     def locked(self) -> bool:
         return self.state is not LanguageState.DETECTING
+
+    def fix(self, language: str) -> None:
+        """The model can write nothing but `language`: asr.language (auto, or another code) cannot apply.
+        Without this an English-only model left an auto conversation detecting for ever (its decodes carry
+        no detection probability)."""
+        self.state, self.language, self.probability = LanguageState.FIXED, language, None
+        self._seconds.clear()
+        self._best.clear()
+        self._run = None
 
     def observe(self, heard: Heard) -> LanguageChanged | None:
         if self.state is LanguageState.FIXED or heard.language is None or heard.probability is None:

@@ -111,6 +111,9 @@ class Relay:
         t0 = time.perf_counter()
         await self.asr.load()
         self._model_loaded = True
+        only = self.asr.only_language
+        if only is not None and self.language.language != only:
+            self.language.fix(only)  # an English-only model: "en" whatever asr.language says (engine's warning)
         self.metrics.model_loaded.set(1)
         self.metrics.process.describe_asr(self.asr.name, self.asr.model_name)
         log.info("ASR ready: %s %s in %.2fs", self.asr.name, self.asr.model_name, time.perf_counter() - t0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.asr import BUILTIN_ENGINES as ASR_BUILTINS
 from pipeline.asr import make_asr_engine
@@ -30,6 +30,9 @@ from pipeline.transform import build_chain
 from pipeline.transform.chain import instantiate_step
 from pipeline.vad import BUILTIN_ENGINES as VAD_BUILTINS
 from pipeline.vad import make_vad_stage
+
+if TYPE_CHECKING:
+    from pipeline.sink.daily import DailySink
 
 
 def register_settings_secrets(settings: Settings) -> None:
@@ -139,6 +142,16 @@ def _user_engine_error(name: str, key: str, exc: Exception) -> ConfigError:
     return ConfigError(f"{name!r} could not be created: {type(exc).__name__}: {exc}", key)
 
 
+def _room_sink(sink: Sink) -> DailySink | None:
+    """The sink's Daily room, when it has one (with sink.also the room is the fan-out's primary)."""
+    if sink.name != "daily":
+        return None
+    from pipeline.sink.daily import DailySink
+    from pipeline.sink.fanout import FanoutSink
+    room_sink = sink.primary if isinstance(sink, FanoutSink) else sink
+    return room_sink if isinstance(room_sink, DailySink) else None
+
+
 def build_relay(settings: Settings, *, metrics: Metrics | None = None, source: Any = None,
                 sink: Sink | None = None, asr: AsrEngine | None = None) -> Relay:
     """Construct every stage (nothing is started). Raises ConfigError/SourceError/SinkError/AsrError."""
@@ -154,12 +167,10 @@ def build_relay(settings: Settings, *, metrics: Metrics | None = None, source: A
         raise _user_engine_error(settings.vad.engine, "vad.engine", exc) from None
     source = source or make_source(settings, metrics)
     sink = sink or make_sink(settings, metrics)
-    if source.name == "daily" and sink.name == "daily":  # listen in the sink's room, do not join twice
-        from pipeline.sink.daily import DailySink
-        from pipeline.sink.fanout import FanoutSink
+    room_sink = _room_sink(sink)
+    if source.name == "daily" and room_sink is not None:  # listen in the sink's room, do not join twice
         from pipeline.source.daily import DailySource
-        room_sink = sink.primary if isinstance(sink, FanoutSink) else sink  # sink.also: the room is the primary
-        if isinstance(source, DailySource) and isinstance(room_sink, DailySink):
+        if isinstance(source, DailySource):
             daily_sink = room_sink
             source.room_from = lambda: daily_sink.connection
     if asr is None:
@@ -173,6 +184,9 @@ def build_relay(settings: Settings, *, metrics: Metrics | None = None, source: A
             if settings.asr.engine in ASR_BUILTINS:
                 raise
             raise _user_engine_error(settings.asr.engine, "asr.engine", exc) from None
+    if room_sink is not None:  # Tavus is told the language an English-only model writes (read after its load)
+        engine = asr
+        room_sink.model_language = lambda: engine.only_language
     perception = build_perception(settings.perception, metrics, source.now_s)
     if perception.video is not None and not source.has_video:
         raise ConfigError(f"video analyzers need a source with a camera (daily); source {source.name!r} has none",

@@ -41,6 +41,16 @@ def test_a_fixed_language_never_changes() -> None:
     assert t.language == "es"
 
 
+def test_a_model_that_writes_one_language_fixes_it_from_any_state() -> None:
+    for configured, heard in ((None, ()), (None, (("es", 0.99, 5.0),)), ("de", ())):
+        t = LanguageTracker(DETECT, configured)
+        feed(t, *heard)
+        t.fix("en")
+        assert (t.state, t.language, t.probability, t.locked) == (LanguageState.FIXED, "en", None, True)
+        assert feed(t, ("es", 0.99, 9.0), ("es", 0.99, 9.0), ("es", 0.99, 9.0)) == [None, None, None]
+        assert t.language == "en"
+
+
 def test_locks_on_the_first_confident_speech_and_not_before() -> None:
     t = LanguageTracker(DETECT, None)
     assert t.state is LanguageState.DETECTING and t.language is None and not t.locked

@@ -9,8 +9,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import clip
 
 from pipeline.config import load_settings
+from pipeline.language import LanguageState
 from pipeline.metrics import Metrics
 from pipeline.sink.daily import DailySink
 from pipeline.testing.fake_daily import FakeRoom
@@ -83,3 +85,34 @@ def test_tavus_cli_create_sends_the_configured_language(tavus: FakeTavusServer,
         assert code == 0
         (conversation,) = tavus.conversations.values()
         assert conversation["request"]["properties"]["language"] == expected
+
+
+@pytest.mark.parametrize("asr_language", ["auto", "de"])
+def test_an_english_only_model_relays_english_and_tavus_is_told_english(
+        tavus: FakeTavusServer, clean_fake_daily: None, asr_language: str) -> None:
+    """tiny.en (the default model) can write English only: with asr.language auto the conversation used to stay
+    "detecting" for ever (its decodes carry no detection) and Tavus was told `multilingual`; with a code it
+    cannot write, the utterances said that language while the words were English."""
+    from pipeline.wiring import build_relay
+
+    tavus.reset()
+    FakeRoom.set_autocreate(lambda room: room.add_replica(PERSONA, delay_s=0.0))
+    settings = load_settings(None, {
+        "source.spec": f"file:{clip('deepspeech-examples/2830-3980-0043.wav')}", "source.file.speed": 4.0,
+        "sink.spec": "daily", "sink.daily.module": "pipeline.testing.fake_daily", "sink.daily.join_timeout_s": 10.0,
+        "tavus.api_url": tavus.url, "tavus.api_key": API_KEY, "tavus.replica_id": FAKE_REPLICA_ID,
+        "tavus.persona_name": PERSONA, "tavus.retries": 0, "asr.download": False, "asr.language": asr_language,
+        "control.enabled": False}, env={})
+    relay = build_relay(settings, metrics=Metrics())
+    assert relay.language.language == (None if asr_language == "auto" else "de")
+
+    async def go() -> None:
+        await relay.start()
+        await relay.run()
+
+    asyncio.run(go())
+    (conversation,) = tavus.conversations.values()
+    assert conversation["request"]["properties"]["language"] == "english"
+    assert relay.ledger.delivered >= 1
+    assert relay.delivery.language_status()["code"] == "en" and relay.language.locked
+    assert relay.language.state is LanguageState.FIXED

@@ -32,6 +32,13 @@ class AsrEngine(ABC):
     async def load(self) -> None:  # noqa: B027 - optional hook
         """Load and warm up once, before the first utterance (no-op by default)."""
 
+    @property
+    def only_language(self) -> str | None:
+        """After `load`: the one language the loaded model can write, whatever asr.language says (an
+        English-only Whisper model: "en"); None when it writes any. The relay fixes the conversation's language
+        to it (pipeline/language.py) and Tavus is told it (pipeline/tavus/provision.py)."""
+        return None
+
     def readiness(self) -> dict[str, bool]:
         """The engine's own checks for `/readyz`, beside the relay's (e.g. a remote server's reachability)."""
         return {}

@@ -160,6 +160,12 @@ class AsrScheduler:
         """Whether the engine takes speculative and interim decodes (`AsrEngine.speculative`)."""
         return bool(getattr(self.engine, "speculative", True))
 
+    @property
+    def only_language(self) -> str | None:
+        """The one language the loaded engine writes (`AsrEngine.only_language`)."""
+        value = getattr(self.engine, "only_language", None)
+        return value if isinstance(value, str) else None
+
     def readiness(self) -> dict[str, bool]:
         """The engine's own readiness checks (`AsrEngine.readiness`; none for engines without it)."""
         checks = getattr(self.engine, "readiness", None)
@@ -433,6 +439,10 @@ class ScheduledAsr(AsrEngine):
 
     async def load(self) -> None:
         await self.scheduler.load()
+
+    @property
+    def only_language(self) -> str | None:
+        return self.scheduler.only_language
 
     def readiness(self) -> dict[str, bool]:
         return self.scheduler.readiness()

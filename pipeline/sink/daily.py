@@ -119,6 +119,9 @@ class DailySink(Sink):
         self._subscribers: list[Callable[[RoomEvent], Any]] = []
         self._retrying: str | None = None  # the last send error while a message is being retried
         self._room_released = asyncio.Event()  # close() left and released the room: no completion will come
+        # The one language the relay's loaded model writes (AsrEngine.only_language), read at start, after the
+        # model loads (Relay.start): Tavus is told it. Wired by pipeline/wiring.py; None: asr settings decide.
+        self.model_language: Callable[[], str | None] = lambda: None
 
     # ------------------------------------------------------------------------------ properties
     @property
@@ -189,7 +192,8 @@ class DailySink(Sink):
             conversation = await provision(self.settings.tavus, replica_name=sd.replica_name,
                                            client_factory=self._tavus_factory,
                                            language=conversation_language(self.settings.tavus, self.settings.asr,
-                                                                          self.settings.transform.output_language))
+                                                                          self.settings.transform.output_language,
+                                                                          self.model_language()))
         except ProvisionError as exc:
             raise SinkError(str(exc)) from None
         self.conversation_id = conversation.conversation_id

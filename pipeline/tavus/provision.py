@@ -108,18 +108,23 @@ def _api_key(tavus: TavusSettings) -> str | None:
     return tavus.api_key.get_secret_value() if tavus.api_key is not None else None
 
 
-def conversation_language(tavus: TavusSettings, asr: AsrSettings, written: str | None = None) -> str:
+def conversation_language(tavus: TavusSettings, asr: AsrSettings, written: str | None = None,
+                          model_only: str | None = None) -> str:
     """Tavus's `properties.language` for a conversation the relay creates (shared/reference B.4: a full name or
     `multilingual`): `tavus.language` when set, else the language the transform chain writes (`written`: the
     last `transform.steps[i].output_language`), else `english` under asr.task translate (the echoes are
-    English), the configured asr.language's name, the one name of a one-language asr.languages, or
-    `multilingual` for auto (the lock comes later than the conversation, which cannot be changed then)."""
+    English), the one language the loaded model writes (`model_only`, AsrEngine.only_language: an English-only
+    model, whatever asr.language says), the configured asr.language's name, the one name of a one-language
+    asr.languages, or `multilingual` for auto (the lock comes later than the conversation, which cannot be
+    changed then)."""
     if tavus.language:
         return tavus.language
     if written is not None:
         return langcodes.name(written)
     if asr.task == "translate":
         return langcodes.name("en")
+    if model_only is not None:
+        return langcodes.name(model_only)
     if asr.language is not None:
         return langcodes.name(asr.language)
     if asr.languages is not None and len(asr.languages) == 1:

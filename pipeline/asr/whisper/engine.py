@@ -72,11 +72,16 @@ class FasterWhisperEngine(SyncAsrEngine):
         self.load_s: float | None = None  # resolve + load + warm-up time of the last load
         self._hf_cache_dir = hf_cache_dir
         self._decoder: WindowDecoder | None = None
+        self._only_language: str | None = None  # "en" once an English-only model is loaded
 
     # ------------------------------------------------------------------------------- loading
     @property
     def loaded(self) -> bool:
         return self._decoder is not None
+
+    @property
+    def only_language(self) -> str | None:
+        return self._only_language
 
     @property
     def decoder(self) -> WindowDecoder:
@@ -97,10 +102,12 @@ class FasterWhisperEngine(SyncAsrEngine):
             raise AsrError(f"asr.task translate needs a multilingual model; {s.model} is English-only "
                            f"(asr.model: base is packaged: README \"Languages\")")
         if not model.model.is_multilingual:
-            if language not in (None, "en"):
-                log.warning("model %s is English-only; asr.language=%r ignored, using 'en'", s.model,
-                            language)
+            if language not in (None, "en") or (s.languages and s.languages != ["en"]):
+                log.warning("model %s is English-only; asr.language=%r, asr.languages=%r ignored, using 'en' "
+                            "(asr.model: base is multilingual: README \"Languages\")", s.model, language,
+                            s.languages)
             language = "en"
+        self._only_language = None if model.model.is_multilingual else language
         prompts = PromptBook(model, s)
         if language is not None:
             prompts.setup(language)  # an unsupported asr.language fails the load, not the first utterance
