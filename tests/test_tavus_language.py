@@ -87,6 +87,25 @@ def test_tavus_cli_create_sends_the_configured_language(tavus: FakeTavusServer,
         assert conversation["request"]["properties"]["language"] == expected
 
 
+def test_tavus_cli_create_says_english_for_an_english_only_model(tavus: FakeTavusServer,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """No model is loaded by `echo-relay tavus`: a `*.en` name says English-only; a multilingual one stays auto."""
+    from pipeline.tavus.cli import main
+
+    for model, expected in (("tiny.en", "english"), ("Systran/faster-whisper-small.en", "english"),
+                            ("base", "multilingual")):
+        settings = load_settings(None, {"tavus.api_url": tavus.url, "tavus.api_key": API_KEY, "asr.model": model,
+                                        "asr.language": "auto"}, env={})
+        tavus.reset()
+        pid = tavus.add_persona("Echo")["persona_id"]
+        code = main(["tavus", "conversations", "create", "--persona", pid, "--replica", FAKE_REPLICA_ID],
+                    settings=settings)
+        capsys.readouterr()
+        assert code == 0
+        (conversation,) = tavus.conversations.values()
+        assert conversation["request"]["properties"]["language"] == expected, model
+
+
 @pytest.mark.parametrize("asr_language", ["auto", "de"])
 def test_an_english_only_model_relays_english_and_tavus_is_told_english(
         tavus: FakeTavusServer, clean_fake_daily: None, asr_language: str) -> None:

@@ -213,6 +213,13 @@ def known_models() -> dict[str, str]:
     return dict(_MODELS)
 
 
+def english_only_by_name(name: str) -> bool:
+    """Whether the model's name alone says it writes English only: faster-whisper's `*.en` names (tiny.en,
+    distil-small.en, ...) and Hugging Face ids ending in `.en`. A directory says nothing until it is loaded
+    (AsrEngine.only_language); this is for what runs without loading a model (`echo-relay tavus`)."""
+    return not _looks_like_path(name) and (repo_id_for(name) or "").lower().endswith(".en")
+
+
 def repo_id_for(name: str) -> str | None:
     """The Hugging Face repo of a model name (or the name itself when it is an ``org/name`` id)."""
     models = known_models()

@@ -26,6 +26,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from pipeline.asr.models import english_only_by_name
 from pipeline.tavus.client import (
     TavusAuthError,
     TavusClient,
@@ -160,7 +161,8 @@ def run_tavus(args: argparse.Namespace, settings: Any, *, out: TextIO | None = N
         return 2
     try:
         if (args.tavus_resource, args.tavus_action) == ("conversations", "create") and args.language is None:
-            args.language = conversation_language(tavus, settings.asr, settings.transform.output_language)
+            args.language = conversation_language(tavus, settings.asr, settings.transform.output_language,
+                                                  "en" if english_only_by_name(settings.asr.model) else None)
         return asyncio.run(_dispatch(client, args, tavus, out, err))
     except TavusAuthError as exc:
         if exc.status == 401:
