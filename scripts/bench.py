@@ -455,7 +455,7 @@ def main() -> int:
             hres = hard_audio.analyse_hard(label, pieces, run[0], lambda ref, hyp: wer(norm, ref, hyp),
                                            asr_margins(overrides))
             hard_audio.count_heard_offline(pieces, hres, functools.partial(decode_lost, list(asr_key(overrides))),
-                                           lambda t: " ".join(norm(t).split()))
+                                           norm)
             hres.peak_rss_mb = run[1]
             hres.lost_lines = hard_audio.lost_lines(run[2].read_text(errors="replace"))
             hard_results.append(hres)

@@ -86,9 +86,10 @@ def normalizer() -> Callable[[str], str]:
     return norm
 
 
-def wer(norm, ref: str, hyp: str) -> float:  # type: ignore[no-untyped-def]
+def wer(norm: Callable[[str], str], ref: str, hyp: str) -> float:
+    """`norm`: `normalizer()`'s function (it collapses white space itself)."""
     import jiwer
-    r, h = " ".join(norm(ref).split()), " ".join(norm(hyp).split())
+    r, h = norm(ref), norm(hyp)
     return float(jiwer.wer(r, h)) if r else float(bool(h))
 
 
@@ -156,16 +157,16 @@ def analyse(label: str, clips: list[Clip], records: list[dict[str, object]], nor
     return res
 
 
-def count_mid_sentence_splits(parts: list[str], offline: str, norm) -> int:  # type: ignore[no-untyped-def]
+def count_mid_sentence_splits(parts: list[str], offline: str, norm: Callable[[str], str]) -> int:
     """Splits whose position in the offline transcript is not right after a . ? !"""
     off_words = offline.split()
-    off_norm = [" ".join(norm(w).split()) for w in off_words]
+    off_norm = [norm(w) for w in off_words]
     streamed: list[str] = []
     boundaries: list[int] = []
     for p in parts[:-1]:
-        streamed += [" ".join(norm(w).split()) for w in p.split()]
+        streamed += [norm(w) for w in p.split()]
         boundaries.append(len(streamed))
-    streamed += [" ".join(norm(w).split()) for w in parts[-1].split()] if parts else []
+    streamed += [norm(w) for w in parts[-1].split()] if parts else []
     sm = difflib.SequenceMatcher(a=streamed, b=off_norm, autojunk=False)
     mapping: dict[int, int] = {}
     for a, b, size in sm.get_matching_blocks():

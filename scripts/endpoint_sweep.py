@@ -58,8 +58,8 @@ class Pause:
 
 def is_sentence_end(prefix_text: str, offline: str, norm) -> bool:  # type: ignore[no-untyped-def]
     off_words = offline.split()
-    a = [" ".join(norm(w).split()) for w in prefix_text.split()]
-    b = [" ".join(norm(w).split()) for w in off_words]
+    a = [norm(w) for w in prefix_text.split()]
+    b = [norm(w) for w in off_words]
     sm = difflib.SequenceMatcher(a=a, b=b, autojunk=False)
     mapping = {i + k: j + k for i, j, n in sm.get_matching_blocks() for k in range(n)}
     j = next((mapping[i] for i in range(len(a) - 1, -1, -1) if i in mapping), None)

@@ -18,6 +18,7 @@ import pytest
 # ml_error (CER for ja/zh, WER with Whisper's basic normaliser otherwise) is scripts/lang_scoring.py's, so that the
 # benchmark (scripts/bench.py --stream multilingual) and the tests measure the same thing (pytest's pythonpath: ".").
 from scripts.bench_measure import normalizer as english_normalizer
+from scripts.bench_measure import wer as english_wer
 from scripts.lang_scoring import CHARACTER_SCORED
 from scripts.lang_scoring import error_rate as ml_error
 
@@ -63,11 +64,7 @@ def normalize(text: str) -> str:
 
 
 def wer(ref: str, hyp: str) -> float:
-    import jiwer
-    r, h = normalize(ref), normalize(hyp)
-    if not r:
-        return 0.0 if not h else 1.0
-    return float(jiwer.wer(r, h))
+    return english_wer(_normalizer(), ref, hyp)
 
 
 # ------------------------------------------------------------------ other languages (tests/data/speech/multilingual)
